@@ -1,0 +1,302 @@
+"""``mixlora_ffn``: the MixLoRA FFN block as one function, for trainers that keep their
+own modules. It validates its inputs, routes, runs the caller's base projections once,
+and hands the sparse part to the selected backend.
+
+The data path (SPEC section 3):
+
+    route                 logits -> (weights, experts) per token
+    base projections      G = gate(x), U = up(x), once for all tokens
+    fused expert pass     H = sum_j w_tj h_tj, Y = sum_j w_tj s drop(h_tj) A2^T B2^T
+    down                  y = down(H) + Y, the base down projection run once
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from . import expert_pass_torch
+from .expert_pass_torch import PassConfig
+from .activations import activation_kind
+from .noise import Noise, draw_noise, new_seed
+from .routing import Routing, route_switch, route_topk, router_logits
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class ExpertLoRA(NamedTuple):
+    """Stacked expert LoRA weights; any pair may be None (no LoRA on that projection).
+
+    Passing the same tensor as ``gate_A`` and ``up_A`` (Phi3's fused gate_up_proj,
+    whose one LoRA feeds both halves) makes the two share one shrink and one dropout draw.
+    """
+
+    gate_A: torch.Tensor | None = None  # (E, r, d)
+    gate_B: torch.Tensor | None = None  # (E, f, r)
+    up_A: torch.Tensor | None = None  # (E, r, d)
+    up_B: torch.Tensor | None = None  # (E, f, r)
+    down_A: torch.Tensor | None = None  # (E, r, f)
+    down_B: torch.Tensor | None = None  # (E, d, r)
+
+    def pair(self, name: str, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(A_e, B_e) of projection ``name`` ("gate", "up", "down"), or (None, None)."""
+        a, b = getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
+        return (None, None) if a is None else (a[e], b[e])
+
+
+class MixLoraOutput(NamedTuple):
+    out: torch.Tensor  # x's shape and dtype
+    router_logits: torch.Tensor  # (T, E)
+    experts: torch.Tensor  # (T, k); num_experts marks a token dropped by capacity
+    weights: torch.Tensor  # (T, k) routing weights (switch: p_max, 0 where dropped)
+    kept: torch.Tensor  # (T,) bool
+
+
+class ExpertPassFunction(torch.autograd.Function):
+    """The fused expert pass as one autograd node: (x, G, U, routing, LoRA) -> (H, Y).
+
+    Saves x, G, U, the routing, the dropout masks and the (small) expert weights:
+    nothing of length f per (token, slot) pair. The backward recomputes h.
+    """
+
+    @staticmethod
+    def forward(ctx, x, G, U, weights, experts, *rest):
+        *lora_tensors, keep_gate, keep_up, keep_down, cfg = rest
+        lora = ExpertLoRA(*lora_tensors)
+        keep = (keep_gate, keep_up, keep_down)
+        if cfg.backend == "triton":
+            from .kernels.launch import expert_pass_fwd_triton
+
+            H, Y = expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg)
+        else:
+            H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, keep, cfg)
+        ctx.save_for_backward(x, G, U, weights, experts, *lora_tensors, *keep)
+        ctx.cfg = cfg
+        return H, Y
+
+    @staticmethod
+    def backward(ctx, dH, dY):
+        cfg = ctx.cfg
+        if cfg.backend == "triton":
+            _warn_torch_backward_once()
+        x, G, U, weights, experts, *rest = ctx.saved_tensors
+        lora, keep = ExpertLoRA(*rest[:6]), tuple(rest[6:])
+        if dH is None:
+            dH = torch.zeros_like(G)
+        if dY is None and lora.down_A is not None:
+            dY = torch.zeros_like(x)
+        dx, dG, dU, dweights, dlora = expert_pass_torch.expert_pass_bwd(
+            dH, dY, x, G, U, weights, experts, lora, keep, cfg
+        )
+        return (dx, dG, dU, dweights, None, *dlora.values(), None, None, None, None)
+
+
+_warned_torch_backward = False
+
+
+def _warn_torch_backward_once() -> None:
+    global _warned_torch_backward
+    if not _warned_torch_backward:
+        _warned_torch_backward = True
+        warnings.warn(
+            "mixlora_kernels: the Triton backend has forward kernels only; the backward "
+            "pass of the expert stage runs the torch backend (same gradients, slower).",
+            stacklevel=3,
+        )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" (or MIXLORA_BACKEND) to "torch" or "triton" and check availability."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
+    if backend == "auto":
+        backend = os.environ.get("MIXLORA_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"MIXLORA_BACKEND={backend!r}: must be one of {BACKENDS}")
+        if backend == "auto":
+            return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        _check_triton(device)
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_triton(device: torch.device) -> None:
+    if not _triton_available():
+        raise RuntimeError('backend="triton" needs the triton package; pip install triton')
+    from .kernels.launch import check_triton_device
+
+    check_triton_device(device)
+
+
+def _shape_error(name: str, tensor: torch.Tensor, expected: tuple) -> None:
+    raise ValueError(f"mixlora_ffn: {name} has shape {tuple(tensor.shape)}, expected {expected}")
+
+
+def _validate(x, router_weight, experts: ExpertLoRA, top_k, routing_strategy, expert_capacity):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("mixlora_ffn: x must be a floating-point tensor")
+    if x.dim() < 2:
+        raise ValueError(f"mixlora_ffn: x must have at least 2 dimensions, got shape {tuple(x.shape)}")
+    if router_weight.dim() != 2:
+        _shape_error("router_weight", router_weight, ("E", "d"))
+    num_experts, d = router_weight.shape
+    if x.shape[-1] != d:
+        raise ValueError(
+            f"mixlora_ffn: x has last dimension {x.shape[-1]}, but the router expects "
+            f"hidden size {d} (router_weight is {tuple(router_weight.shape)})"
+        )
+    if routing_strategy == "mixlora":
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"mixlora_ffn: top_k={top_k} must be in [1, num_experts={num_experts}]")
+    elif routing_strategy == "mixlora-switch":
+        if expert_capacity is None or expert_capacity < 1:
+            raise ValueError("mixlora_ffn: switch routing needs expert_capacity >= 1")
+    else:
+        raise ValueError(f"mixlora_ffn: unknown routing_strategy {routing_strategy!r}")
+    tensors = {"router_weight": router_weight}
+    for name in ("gate", "up", "down"):
+        a, b = getattr(experts, f"{name}_A"), getattr(experts, f"{name}_B")
+        if (a is None) != (b is None):
+            raise ValueError(f"mixlora_ffn: experts.{name}_A and experts.{name}_B must both be given or both None")
+        if a is None:
+            continue
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != num_experts or b.shape[0] != num_experts:
+            raise ValueError(
+                f"mixlora_ffn: experts.{name}_A {tuple(a.shape)} / {name}_B {tuple(b.shape)} must be "
+                f"(E, r, in) / (E, out, r) with E={num_experts}"
+            )
+        if b.shape[2] != a.shape[1]:
+            raise ValueError(f"mixlora_ffn: experts.{name}_B rank {b.shape[2]} != {name}_A rank {a.shape[1]}")
+        if name != "down" and a.shape[2] != d:
+            _shape_error(f"experts.{name}_A", a, (num_experts, a.shape[1], d))
+        if name == "down" and b.shape[1] != d:
+            _shape_error("experts.down_B", b, (num_experts, d, b.shape[2]))
+        tensors[f"experts.{name}_A"], tensors[f"experts.{name}_B"] = a, b
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"mixlora_ffn: {name} is on {t.device} but x is on {x.device}")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in tensors.items():
+            if name != "router_weight" and t.dtype != x.dtype:
+                raise ValueError(f"mixlora_ffn: {name} is {t.dtype} but x is {x.dtype}; cast one of them")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def mixlora_ffn(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    experts: ExpertLoRA,
+    *,
+    gate_proj=None,
+    up_proj=None,
+    down_proj,
+    gate_up_proj=None,
+    top_k: int = 2,
+    routing_strategy: str = "mixlora",
+    expert_capacity: int | None = None,
+    activation: str = "silu",
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    jitter_noise: float = 0.0,
+    training: bool = False,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> MixLoraOutput:
+    """The MixLoRA FFN block: ``out_t = sum_j w_tj * y_{e_tj}(x_t)`` (SPEC section 2).
+
+    Args:
+        x: (..., d) input; any leading shape, contiguous or not.
+        router_weight: (E, d) router, applied in fp32.
+        experts: stacked expert LoRA weights (``ExpertLoRA``).
+        gate_proj, up_proj, down_proj: the frozen base projections, any callables (an
+            ``nn.Linear``, a quantised linear, ...). ``up_proj=None`` means an fc1/fc2
+            MLP (h = sigma(gate)); ``gate_up_proj`` replaces gate/up with one projection
+            whose output halves are (gate, up), as in Phi3.
+        top_k: experts per token for "mixlora" routing.
+        routing_strategy: "mixlora" (top-k) or "mixlora-switch" (top-1 with per-sequence
+            ``expert_capacity``; a 2-D x is one sequence).
+        activation: the FFN activation name ("silu", "gelu_pytorch_tanh", "gelu", ...).
+        scaling: LoRA scale s (alpha / r, or alpha / sqrt(r) with rslora).
+        dropout, jitter_noise: LoRA dropout and router jitter, applied when ``training``.
+        seed: seed of the training-time randomness (see ``noise.draw_noise``); drawn from
+            torch's default generator when None.
+        backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
+
+    Returns:
+        ``MixLoraOutput(out, router_logits, experts, weights, kept)``.
+    """
+    _validate(x, router_weight, experts, top_k, routing_strategy, expert_capacity)
+    if (gate_proj is None) == (gate_up_proj is None):
+        raise ValueError("mixlora_ffn: pass exactly one of gate_proj and gate_up_proj")
+    backend = resolve_backend(backend, x.device)
+    kind = activation_kind(activation)
+    num_experts, d = router_weight.shape
+    shape = x.shape
+    xf = x.reshape(-1, d).to(_compute_dtype(x))
+    T = xf.shape[0]
+
+    gate_up = gate_up_proj(xf) if gate_up_proj is not None else None
+    if gate_up is not None:
+        G, U = gate_up.chunk(2, dim=-1)
+    else:
+        G = gate_proj(xf)
+        U = up_proj(xf) if up_proj is not None else None
+    f = G.shape[-1]
+
+    noise = Noise(None, None, None, None, 1.0)
+    if training and (dropout > 0 or jitter_noise > 0):
+        shared_a = experts.up_A is None or experts.up_A is experts.gate_A
+        noise = draw_noise(
+            new_seed() if seed is None else seed,
+            tokens=T, hidden=d, intermediate=f, dropout=dropout, jitter=jitter_noise,
+            has_up_mask=not shared_a, device=x.device, dtype=xf.dtype,
+        )  # fmt: skip
+
+    router_in = xf if noise.jitter is None else xf * noise.jitter
+    logits = router_logits(router_in, router_weight)
+    if routing_strategy == "mixlora":
+        routing = route_topk(logits, top_k)
+    else:
+        seq_len = shape[-2] if x.dim() > 2 else T
+        routing = route_switch(logits, seq_len, expert_capacity)
+
+    lora = [None if t is None else t.to(xf.dtype) for t in experts]
+    if experts.up_A is not None and experts.up_A is experts.gate_A:
+        lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
+    cfg = PassConfig(num_experts, kind, scaling * noise.keep_scale, backend)
+    H, Y = ExpertPassFunction.apply(
+        xf, G, U, routing.weights.to(xf.dtype), routing.experts, *lora,
+        noise.gate, noise.up, noise.down, cfg,
+    )  # fmt: skip
+    y = down_proj(H)
+    if Y is not None:
+        y = y + Y
+    if routing_strategy == "mixlora-switch":
+        y = _switch_epilogue(y, xf, routing, down_proj)
+    return MixLoraOutput(y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept)
+
+
+def _switch_epilogue(y, xf, routing: Routing, down_proj):
+    """Switch output: p_max * y_e(x) for kept tokens, p_max * x for dropped ones."""
+    w = routing.weights[:, 0].to(y.dtype)
+    bias = getattr(down_proj, "bias", None)
+    if bias is not None:
+        # down(H) added the bias once per token; the block owes it w times.
+        y = y + (w - 1.0).unsqueeze(1) * bias.to(y.dtype)
+    return torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)

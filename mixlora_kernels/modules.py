@@ -1,0 +1,259 @@
+"""``FusedMixLoraFFN``: a Hugging Face MLP turned into a MixLoRA block.
+
+The wrapped MLP's projections stay children under their own names (so the base model's
+state-dict keys do not change) and stay frozen. The adapter is the router ``moe_gate``
+and, per targeted projection, the stacked expert LoRA weights ``lora_A[name]`` (E, r, in)
+and ``lora_B[name]`` (E, out, r).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .activations import activation_kind, activation_name_of
+from .config import MixLoraConfig
+from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
+
+# MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
+MLP_STYLES = {
+    "gate_up_down": {"gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",)},
+    "fused_gate_up": {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)},
+    "fc": {"fc1": ("gate",), "fc2": ("down",)},
+}
+
+
+def _mlp_style(mlp: nn.Module) -> str:
+    for style, projections in MLP_STYLES.items():
+        if all(isinstance(getattr(mlp, name, None), nn.Module) for name in projections):
+            return style
+    raise TypeError(
+        f"FusedMixLoraFFN.from_mlp: {type(mlp).__name__} has none of the supported MLP layouts "
+        "(gate_proj/up_proj/down_proj, gate_up_proj/down_proj, fc1/fc2)"
+    )
+
+
+def _features(linear: nn.Module) -> tuple[int, int]:
+    if hasattr(linear, "in_features") and hasattr(linear, "out_features"):
+        return int(linear.in_features), int(linear.out_features)
+    weight = getattr(linear, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[1]), int(weight.shape[0])
+    raise TypeError(f"cannot tell the in/out features of {type(linear).__name__}")
+
+
+def _mlp_activation(mlp: nn.Module, config: MixLoraConfig) -> str:
+    if config.act_fn is not None:
+        return config.act_fn
+    for attr in ("act_fn", "activation_fn", "act"):
+        module = getattr(mlp, attr, None)
+        if isinstance(module, nn.Module):
+            name = activation_name_of(module)
+            if name is not None:
+                return name
+    hf_config = getattr(mlp, "config", None)
+    for attr in ("hidden_act", "hidden_activation"):
+        name = getattr(hf_config, attr, None)
+        if isinstance(name, str):
+            return name
+    raise ValueError(
+        f"cannot tell the activation of {type(mlp).__name__}; set act_fn in the MixLoraConfig"
+    )
+
+
+class FusedMixLoraFFN(nn.Module):
+    """MixLoRA FFN block over a frozen base MLP (see ``from_mlp``)."""
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        config: MixLoraConfig,
+        *,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
+        if config.use_dora:
+            raise NotImplementedError("MixLoraConfig.use_dora=True: DoRA experts are not supported")
+        self.config = config
+        self.backend = backend
+        self.style = _mlp_style(mlp)
+        self.activation = _mlp_activation(mlp, config)
+        activation_kind(self.activation)  # fail early on an unsupported activation
+        projections = MLP_STYLES[self.style]
+        for name in projections:
+            base = getattr(mlp, name)
+            base.requires_grad_(False)
+            self.add_module(name, base)
+
+        first, last = list(projections)[0], list(projections)[-1]
+        self.hidden_size, first_out = _features(getattr(self, first))
+        self.intermediate_size = first_out // 2 if self.style == "fused_gate_up" else first_out
+        self.num_experts = config.num_experts
+        self.top_k = config.experts_per_token
+        self.scaling = config.expert_scaling
+
+        targeted = [name for name in projections if name in config.target_module_names]
+        if not targeted:
+            raise ValueError(
+                f"MixLoraConfig.target_modules={sorted(config.target_module_names)} names none of "
+                f"this MLP's projections {list(projections)}; experts need at least one"
+            )
+        ref = getattr(self, last).weight if hasattr(getattr(self, last), "weight") else None
+        device = ref.device if ref is not None else None
+        if dtype is None:
+            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        self.moe_gate = nn.Linear(self.hidden_size, self.num_experts, bias=False, device=device, dtype=torch.float32)
+        nn.init.normal_(self.moe_gate.weight, mean=0.0, std=config.router_init_range)
+        r = config.expert_r
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in targeted:
+            fan_in, fan_out = _features(getattr(self, name))
+            a = torch.empty(self.num_experts, r, fan_in, device=device, dtype=dtype)
+            for e in range(self.num_experts):
+                nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(self.num_experts, fan_out, r, device=device, dtype=dtype))
+
+        self.row_mask: torch.Tensor | None = None
+        self.last_router_logits: torch.Tensor | None = None
+        self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("expert_load_total", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False)
+
+    @classmethod
+    def from_mlp(
+        cls,
+        mlp: nn.Module,
+        config: MixLoraConfig,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> FusedMixLoraFFN:
+        """Wrap a Hugging Face MLP (gate/up/down, Phi3's gate_up_proj, or Phi's fc1/fc2).
+
+        The MLP's weights are frozen and shared; only the router and the expert LoRA
+        weights (created in ``dtype``, default the MLP's) require grad. ``backend`` is
+        "triton", "torch" or "auto" (triton on CUDA; env MIXLORA_BACKEND overrides).
+        """
+        return cls(mlp, config, backend=backend, dtype=dtype)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(iter(self.lora_A.values())).dtype
+
+    def expert_lora(self) -> ExpertLoRA:
+        """The expert weights as (gate, up, down) roles for ``mixlora_ffn``."""
+        roles: dict[str, torch.Tensor] = {}
+        f = self.intermediate_size
+        for name, a in self.lora_A.items():
+            b = self.lora_B[name]
+            fed = MLP_STYLES[self.style][name]
+            if fed == ("gate", "up"):
+                roles.update(gate_A=a, gate_B=b[:, :f], up_A=a, up_B=b[:, f:])
+            else:
+                roles.update({f"{fed[0]}_A": a, f"{fed[0]}_B": b})
+        return ExpertLoRA(**roles)
+
+    def _base_kwargs(self) -> dict:
+        if self.style == "gate_up_down":
+            return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
+        if self.style == "fused_gate_up":
+            return {"gate_up_proj": self.gate_up_proj, "down_proj": self.down_proj}
+        return {"gate_proj": self.fc1, "down_proj": self.fc2}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"FusedMixLoraFFN: input has shape {shape}, expected (..., {self.hidden_size})")
+        router = self.moe_gate.weight
+        if x.device != router.device:
+            raise ValueError(f"FusedMixLoraFFN: input is on {x.device} but the module is on {router.device}")
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.adapter_dtype:
+            raise ValueError(
+                f"FusedMixLoraFFN: input is {x.dtype} but the adapter weights are {self.adapter_dtype}; "
+                "cast the input or the module, or run under torch.autocast"
+            )
+        cfg = self.config
+        result = mixlora_ffn(
+            x,
+            router,
+            self.expert_lora(),
+            **self._base_kwargs(),
+            top_k=self.top_k,
+            routing_strategy=cfg.routing_strategy,
+            expert_capacity=cfg.expert_capacity,
+            activation=self.activation,
+            scaling=self.scaling,
+            dropout=cfg.expert_dropout,
+            jitter_noise=cfg.jitter_noise,
+            training=self.training,
+            backend=self.backend,
+        )
+        self.last_router_logits = result.router_logits
+        with torch.no_grad():
+            load = torch.bincount(result.experts.reshape(-1), minlength=self.num_experts + 1)[: self.num_experts]
+            self.expert_load.copy_(load)
+            self.expert_load_total.add_(load)
+        return result.out
+
+    def extra_repr(self) -> str:
+        return (
+            f"style={self.style}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+            f"experts={self.num_experts}, k={self.top_k}, r={self.config.expert_r}, "
+            f"routing={self.config.routing_strategy}, activation={self.activation}, backend={self.backend}"
+        )
+
+    def router_loss(self) -> torch.Tensor:
+        """The scaled router loss of the last forward (0 when disabled or none ran)."""
+        return _router_loss_over([self])
+
+
+def _router_loss_over(blocks: list[FusedMixLoraFFN]) -> torch.Tensor:
+    from .routing import router_loss
+
+    blocks = [b for b in blocks if b.last_router_logits is not None]
+    if not blocks or not blocks[0].config.router_loss:
+        device = blocks[0].moe_gate.weight.device if blocks else None
+        return torch.zeros((), device=device)
+    cfg = blocks[0].config
+    logits = torch.cat([b.last_router_logits for b in blocks], dim=0)
+    masks = [b.row_mask for b in blocks]
+    row_mask = None
+    if any(m is not None for m in masks):
+        row_mask = torch.cat(
+            [
+                torch.ones(b.last_router_logits.shape[0], dtype=torch.bool, device=logits.device)
+                if m is None
+                else m.reshape(-1).to(device=logits.device, dtype=torch.bool)
+                for b, m in zip(blocks, masks)
+            ]
+        )
+    return router_loss(
+        logits,
+        top_k=cfg.experts_per_token,
+        routing_strategy=cfg.routing_strategy,
+        aux_loss_coef=cfg.router_aux_loss_coef,
+        z_loss_coef=cfg.router_z_loss_coef,
+        row_mask=row_mask,
+    )
+
+
+def mixlora_blocks(model_or_module: nn.Module) -> list[FusedMixLoraFFN]:
+    """Every FusedMixLoraFFN in a model (or the module itself), in module order."""
+    return [m for m in model_or_module.modules() if isinstance(m, FusedMixLoraFFN)]
+
+
+def router_aux_loss(model_or_module: nn.Module) -> torch.Tensor:
+    """Router loss of the last forward, scaled by the config's coefficients, with grad.
+
+    Over a model it is computed once over the rows of all MixLoRA layers together, as
+    MoE-PEFT and HF Mixtral do; it is 0 when ``router_loss`` is off or nothing ran.
+    """
+    blocks = mixlora_blocks(model_or_module)
+    if not blocks:
+        raise ValueError(f"router_aux_loss: {type(model_or_module).__name__} holds no FusedMixLoraFFN")
+    return _router_loss_over(blocks)

@@ -1,0 +1,62 @@
+"""Training-time randomness of a MixLoRA block, drawn from one seed.
+
+Router jitter and the three LoRA dropout masks come from a single generator seeded per
+forward, so that a test (or a debugger) can redraw exactly what a forward used. A
+token's dropout mask is the same for each of the k experts it visits: the experts of one
+projection share its dropout draw, as a dense LoRA on that projection would.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Noise(NamedTuple):
+    jitter: torch.Tensor | None  # (T, d) factors in [1 - eps, 1 + eps], x dtype
+    gate: torch.Tensor | None  # (T, d) bool keep-mask of the gate (or fused gate_up) LoRA input
+    up: torch.Tensor | None  # (T, d) bool keep-mask of the up LoRA input
+    down: torch.Tensor | None  # (T, f) bool keep-mask of the down LoRA input
+    keep_scale: float  # 1 / (1 - p)
+
+    def multiplicative(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask of ``name`` as a 0 / (1/(1-p)) multiplier (the reference's form)."""
+        mask = getattr(self, name)
+        return None if mask is None else mask.to(dtype) * self.keep_scale
+
+
+def new_seed() -> int:
+    """A fresh seed from torch's default CPU generator (no device synchronisation)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def draw_noise(
+    seed: int,
+    *,
+    tokens: int,
+    hidden: int,
+    intermediate: int,
+    dropout: float,
+    jitter: float,
+    has_up_mask: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Noise:
+    """Draw jitter factors and dropout masks in a fixed order from ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def keep(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, device=device) >= dropout
+
+    factors = None
+    if jitter > 0:
+        factors = torch.empty(tokens, hidden, device=device, dtype=dtype)
+        factors.uniform_(1.0 - jitter, 1.0 + jitter, generator=gen)
+    if dropout <= 0:
+        return Noise(factors, None, None, None, 1.0)
+    gate = keep(tokens, hidden)
+    up = keep(tokens, hidden) if has_up_mask else None
+    down = keep(tokens, intermediate)
+    return Noise(factors, gate, up, down, 1.0 / (1.0 - dropout))

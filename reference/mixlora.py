@@ -1,0 +1,233 @@
+"""Pure-PyTorch reference of MixLoRA (SPEC section 2), written for clarity, not speed.
+
+``mixlora_ffn`` is figure (a) of the paper: a loop over experts, each expert a full FFN
+(base projections plus its own LoRA pairs) on the tokens routed to it. It takes the same
+arguments as ``mixlora_kernels.mixlora_ffn``, except that randomness (LoRA dropout masks,
+router jitter) is passed in explicitly so that a test can hand both the same draws.
+
+Beside it are the baselines the benchmarks compare against:
+``shared_w13_mixlora_ffn`` (gate/up projections once for all tokens, the down projection
+per expert: what the ``mixlora`` package runs) and ``dense_lora_ffn`` (one LoRA on each
+FFN projection: what PEFT users run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mixlora_kernels.activations import act_fwd, activation_kind
+from mixlora_kernels.functional import ExpertLoRA, MixLoraOutput
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+def route(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    *,
+    top_k: int,
+    routing_strategy: str = "mixlora",
+    expert_capacity: int | None = None,
+    jitter_factors: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route tokens. x is (B, S, d) or (T, d) (one sequence).
+
+    Returns (logits (T, E), weights (T, k), experts (T, k), kept (T,) bool). For top-k
+    routing every token is kept and k = top_k; for switch routing k = 1, the weight is
+    p_max and ``kept`` marks the tokens within their expert's per-sequence capacity.
+    """
+    seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
+    router_in = seqs if jitter_factors is None else seqs * jitter_factors.reshape(seqs.shape)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    logits = router_in.to(compute) @ router_weight.to(compute).t()
+    probs = logits.softmax(dim=-1)
+    if routing_strategy == "mixlora":
+        weights, experts = probs.topk(top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        kept = torch.ones(weights.shape[:-1], dtype=torch.bool, device=x.device)
+    elif routing_strategy == "mixlora-switch":
+        weights, experts = probs.max(dim=-1, keepdim=True)
+        one_hot = F.one_hot(experts[..., 0], probs.shape[-1])
+        position_in_expert = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1)
+        kept = position_in_expert <= expert_capacity
+    else:
+        raise ValueError(f"unknown routing_strategy {routing_strategy!r}")
+    num_experts = router_weight.shape[0]
+    return (
+        logits.reshape(-1, num_experts),
+        weights.reshape(-1, weights.shape[-1]),
+        experts.reshape(-1, experts.shape[-1]),
+        kept.reshape(-1),
+    )
+
+
+def _lora(inp: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, s: float) -> torch.Tensor:
+    if a is None:
+        return torch.zeros((), dtype=inp.dtype, device=inp.device)
+    return s * (inp @ a.t()) @ b.t()
+
+
+def _mask(masks: dict | None, name: str, rows: torch.Tensor) -> torch.Tensor | float:
+    if masks is None or masks.get(name) is None:
+        return 1.0
+    return masks[name][rows]
+
+
+def mixlora_ffn(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    experts: ExpertLoRA,
+    *,
+    gate_proj: Projection | None = None,
+    up_proj: Projection | None = None,
+    down_proj: Projection,
+    gate_up_proj: Projection | None = None,
+    top_k: int = 2,
+    routing_strategy: str = "mixlora",
+    expert_capacity: int | None = None,
+    activation: str = "silu",
+    scaling: float = 1.0,
+    dropout_masks: dict[str, torch.Tensor] | None = None,
+    jitter_factors: torch.Tensor | None = None,
+) -> MixLoraOutput:
+    """Vanilla MixLoRA: every expert runs the whole FFN on its own tokens.
+
+    ``dropout_masks`` holds multiplicative masks {"gate": (T, d), "up": (T, d),
+    "down": (T, f)}; a token's mask is the same for each expert it visits.
+    """
+    kind = activation_kind(activation)
+    shape = x.shape
+    logits, weights, selected, kept = route(
+        x,
+        router_weight,
+        top_k=top_k,
+        routing_strategy=routing_strategy,
+        expert_capacity=expert_capacity,
+        jitter_factors=jitter_factors,
+    )
+    xf = x.reshape(-1, shape[-1])
+    out = torch.zeros_like(xf)
+    s = scaling
+    for e in range(router_weight.shape[0]):
+        rows, slots = torch.where((selected == e) & kept[:, None])
+        xe = xf[rows]
+        if gate_up_proj is not None:
+            gate_base, up_base = gate_up_proj(xe).chunk(2, dim=-1)
+        else:
+            gate_base = gate_proj(xe)
+            up_base = up_proj(xe) if up_proj is not None else None
+        g = gate_base + _lora(xe * _mask(dropout_masks, "gate", rows), *experts.pair("gate", e), s)
+        h = act_fwd(kind, g)
+        if up_base is not None:
+            u = up_base + _lora(xe * _mask(dropout_masks, "up", rows), *experts.pair("up", e), s)
+            h = h * u
+        y = down_proj(h) + _lora(h * _mask(dropout_masks, "down", rows), *experts.pair("down", e), s)
+        out.index_add_(0, rows, weights[rows, slots, None].to(y.dtype) * y)
+    if routing_strategy == "mixlora-switch":
+        dropped = ~kept
+        out[dropped] = weights[dropped].to(xf.dtype) * xf[dropped]
+    return MixLoraOutput(out.reshape(shape), logits, selected, weights, kept)
+
+
+def shared_w13_mixlora_ffn(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    experts: ExpertLoRA,
+    *,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
+    top_k: int = 2,
+    activation: str = "silu",
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """The ``mixlora`` package's loop: W1/W3 once for all tokens, W2 once per expert."""
+    kind = activation_kind(activation)
+    shape = x.shape
+    _, weights, selected, _ = route(x, router_weight, top_k=top_k)
+    xf = x.reshape(-1, shape[-1])
+    common_gate = gate_proj(xf)
+    common_up = up_proj(xf)
+    out = torch.zeros_like(xf)
+    s = scaling
+    for e in range(router_weight.shape[0]):
+        rows, slots = torch.where(selected == e)
+        xe = xf[rows]
+        g = common_gate[rows] + _lora(xe, *experts.pair("gate", e), s)
+        u = common_up[rows] + _lora(xe, *experts.pair("up", e), s)
+        h = act_fwd(kind, g) * u
+        y = down_proj(h) + _lora(h, *experts.pair("down", e), s)
+        out.index_add_(0, rows, weights[rows, slots, None].to(y.dtype) * y)
+    return out.reshape(shape)
+
+
+def dense_lora_ffn(
+    x: torch.Tensor,
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
+    activation: str = "silu",
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """A gated FFN with one plain LoRA (A, B) on each of "gate", "up" and "down"."""
+    kind = activation_kind(activation)
+    g = gate_proj(x) + _lora(x, *lora["gate"], scaling)
+    u = up_proj(x) + _lora(x, *lora["up"], scaling)
+    h = act_fwd(kind, g) * u
+    return down_proj(h) + _lora(h, *lora["down"], scaling)
+
+
+def dense_ffn(
+    x: torch.Tensor, *, gate_proj: Projection, up_proj: Projection, down_proj: Projection, activation: str = "silu"
+) -> torch.Tensor:
+    """The frozen dense FFN that MixLoRA wraps (the performance floor)."""
+    return down_proj(act_fwd(activation_kind(activation), gate_proj(x)) * up_proj(x))
+
+
+def load_balance_loss(
+    logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """E * sum_e f_e * P_e over the rows of ``logits`` (R, E).
+
+    f_e is the fraction of (row, slot) assignments that go to expert e, P_e the mean
+    router probability of e; padding rows (row_mask False) are left out.
+    """
+    if row_mask is not None:
+        logits = logits[row_mask.reshape(-1).bool()]
+    num_experts = logits.shape[-1]
+    probs = logits.softmax(dim=-1)
+    selected = probs.topk(top_k, dim=-1).indices
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+    for e in range(num_experts):
+        counts[e] = (selected == e).sum()
+    fraction = counts / selected.numel()
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of logsumexp(logits)^2."""
+    if row_mask is not None:
+        logits = logits[row_mask.reshape(-1).bool()]
+    return (torch.logsumexp(logits, dim=-1) ** 2).mean()
+
+
+def router_loss(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    routing_strategy: str,
+    aux_loss_coef: float,
+    z_loss_coef: float,
+    row_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scaled router loss of SPEC section 2 (z-loss for switch routing only)."""
+    k = 1 if routing_strategy == "mixlora-switch" else top_k
+    loss = aux_loss_coef * load_balance_loss(logits, k, row_mask)
+    if routing_strategy == "mixlora-switch":
+        loss = loss + z_loss_coef * z_loss(logits, row_mask)
+    return loss

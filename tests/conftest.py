@@ -1,0 +1,48 @@
+"""Shared test setup: the tolerance table, problem builders, device selection.
+
+Without a GPU the Triton kernels run in the interpreter, which must be chosen before
+triton is first imported: that happens here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One tolerance table: (atol, rtol) per compute dtype, against an fp64 reference. The
+# atol scales with sqrt of the longest reduction (FlagGems' convention) via `tolerance`.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1.6e-2, 3e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, reduction: int = 1) -> dict:
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol * max(1.0, reduction**0.5 / 8), "rtol": rtol}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, reduction: int = 1, name=""):
+    """Compare to an fp64 reference after casting; NaN never passes."""
+    assert not torch.isnan(actual).any(), f"{name}: NaN in result"
+    torch.testing.assert_close(
+        actual.double(), expected.double(), **tolerance(dtype, reduction), msg=lambda m: f"{name}: {m}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def pytest_report_header(config):
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return f"torch {torch.__version__}; CUDA device: {cuda}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"

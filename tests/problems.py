@@ -1,0 +1,127 @@
+"""Random MixLoRA problems for the tests: base projections, router and expert LoRA
+weights with non-zero B (the default B = 0 would hide most bugs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mixlora_kernels import ExpertLoRA
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    router: torch.Tensor
+    experts: ExpertLoRA
+    base: dict = field(default_factory=dict)  # gate_proj / up_proj / down_proj / gate_up_proj
+    top_k: int = 2
+    routing_strategy: str = "mixlora"
+    expert_capacity: int | None = None
+    activation: str = "silu"
+    scaling: float = 0.5
+
+    def kwargs(self) -> dict:
+        return dict(
+            **self.base,
+            top_k=self.top_k,
+            routing_strategy=self.routing_strategy,
+            expert_capacity=self.expert_capacity,
+            activation=self.activation,
+            scaling=self.scaling,
+        )
+
+    def leaves(self) -> list[torch.Tensor]:
+        """Every tensor a gradient is checked for: x, the router, each LoRA weight."""
+        seen, out = set(), []
+        for t in [self.x, self.router, *self.experts]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
+    def to(self, dtype: torch.dtype) -> Problem:
+        """A copy in ``dtype`` with fresh leaves (router stays as is: it runs in fp32+)."""
+        cast = lambda t: None if t is None else t.detach().to(dtype).requires_grad_()
+        casted = {id(t): cast(t) for t in self.experts if t is not None}
+        experts = ExpertLoRA(*(None if t is None else casted[id(t)] for t in self.experts))
+        base = {}
+        for name, lin in self.base.items():
+            new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+            new.load_state_dict(lin.state_dict())
+            base[name] = new.to(dtype).requires_grad_(False)
+        return Problem(
+            x=cast(self.x),
+            router=self.router.detach().clone().requires_grad_(),
+            experts=experts,
+            base=base,
+            top_k=self.top_k,
+            routing_strategy=self.routing_strategy,
+            expert_capacity=self.expert_capacity,
+            activation=self.activation,
+            scaling=self.scaling,
+        )
+
+
+def _linear(i: int, o: int, bias: bool, dtype) -> nn.Linear:
+    lin = nn.Linear(i, o, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, i**-0.5)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin.requires_grad_(False)
+
+
+def make_problem(
+    *,
+    T: int = 16,
+    d: int = 24,
+    f: int = 40,
+    E: int = 4,
+    r: int = 4,
+    top_k: int = 2,
+    shape: tuple | None = None,
+    style: str = "gate_up_down",
+    lora: tuple = ("gate", "up", "down"),
+    bias: bool = False,
+    routing_strategy: str = "mixlora",
+    expert_capacity: int | None = None,
+    activation: str = "silu",
+    dtype=torch.float64,
+    router_scale: float = 1.0,
+) -> Problem:
+    """A problem of T tokens (or ``shape`` + (d,)) with the given MLP style."""
+    x = torch.randn(*(shape or (T,)), d, dtype=dtype, requires_grad=True)
+    router = (torch.randn(E, d, dtype=dtype) * router_scale).requires_grad_()
+    rand = lambda *s: (torch.randn(*s, dtype=dtype) * 0.3).requires_grad_()
+    if style == "gate_up_down":
+        base = {"gate_proj": _linear(d, f, bias, dtype), "up_proj": _linear(d, f, bias, dtype)}
+    elif style == "fused_gate_up":
+        base = {"gate_up_proj": _linear(d, 2 * f, bias, dtype)}
+    elif style == "fc":
+        base = {"gate_proj": _linear(d, f, bias, dtype)}
+    else:
+        raise ValueError(style)
+    base["down_proj"] = _linear(f, d, bias, dtype)
+    roles = {}
+    if "gate" in lora:
+        roles.update(gate_A=rand(E, r, d), gate_B=rand(E, f, r))
+    if "up" in lora and style == "gate_up_down":
+        roles.update(up_A=rand(E, r, d), up_B=rand(E, f, r))
+    if style == "fused_gate_up" and "gate" in lora:
+        b = rand(E, 2 * f, r)
+        roles.update(gate_B=b[:, :f], up_A=roles["gate_A"], up_B=b[:, f:])
+    if "down" in lora:
+        roles.update(down_A=rand(E, r, f), down_B=rand(E, d, r))
+    return Problem(
+        x=x,
+        router=router,
+        experts=ExpertLoRA(**roles),
+        base=base,
+        top_k=top_k,
+        routing_strategy=routing_strategy,
+        expert_capacity=expert_capacity,
+        activation=activation,
+    )
