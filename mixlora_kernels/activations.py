@@ -28,9 +28,7 @@ def activation_kind(name: str) -> str:
     try:
         return ACTIVATION_KINDS[name]
     except KeyError:
-        raise ValueError(
-            f"activation {name!r} is not supported; use one of {sorted(SUPPORTED_ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(SUPPORTED_ACTIVATIONS)}") from None
 
 
 def activation_name_of(module: torch.nn.Module) -> str | None:

@@ -63,9 +63,7 @@ class MixLoraConfig:
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    target_modules: list[str] | dict[str, bool] = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES)
-    )
+    target_modules: list[str] | dict[str, bool] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     routing_strategy: str = "mixlora"
     num_experts: int = 8
     top_k: int = 2

@@ -15,16 +15,30 @@ slot) pair outlives a group: the backward recomputes h from x, G, U and the weig
 Within a group the tokens are distinct, so a row is written by one index_copy_ (slot 0,
 which every token has) or index_add_ per group, and the sum over slots runs in slot
 order on every device: the result is deterministic and no buffer is zero-filled.
+
+Per-group temporaries live in one workspace sized by the largest group and are written
+with out= / in-place ops: fresh multi-megabyte allocations per group cost more than the
+arithmetic on CPU, where the allocator returns them to the OS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-from .activations import act_bwd, act_fwd
+_ACT_OUT = {
+    "silu": lambda g, out: torch.ops.aten.silu.out(g, out=out),
+    "gelu_tanh": lambda g, out: torch.ops.aten.gelu.out(g, approximate="tanh", out=out),
+    "gelu": lambda g, out: torch.ops.aten.gelu.out(g, out=out),
+    "relu": lambda g, out: torch.clamp_min(g, 0, out=out),
+}
+_ACT_BWD_OUT = {
+    "silu": lambda dy, g, out: torch.ops.aten.silu_backward.grad_input(dy, g, grad_input=out),
+    "gelu_tanh": lambda dy, g, out: torch.ops.aten.gelu_backward.grad_input(dy, g, approximate="tanh", grad_input=out),
+    "gelu": lambda dy, g, out: torch.ops.aten.gelu_backward.grad_input(dy, g, grad_input=out),
+    "relu": lambda dy, g, out: torch.ops.aten.threshold_backward.grad_input(dy, g, 0, grad_input=out),
+}
 
 
 class PassConfig(NamedTuple):
@@ -34,23 +48,44 @@ class PassConfig(NamedTuple):
     backend: str
 
 
-def pair_groups(experts: torch.Tensor, num_experts: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (slot, expert, tokens) for every non-empty (slot, expert) group, slot-major.
+class PairGroups(NamedTuple):
+    groups: list[tuple[int, int, torch.Tensor]]  # (slot, expert or -1 for dropped, tokens)
+    max_rows: int
 
-    Expert ids >= num_experts (tokens dropped by capacity) come back with expert -1.
+
+def pair_groups(experts: torch.Tensor, num_experts: int) -> PairGroups:
+    """The non-empty (slot, expert) groups, slot-major, each with ascending tokens.
+
+    Expert ids >= num_experts (tokens dropped by capacity) form groups with expert -1.
     """
     T, k = experts.shape
     groups = num_experts + 1
     key = experts.clamp(max=num_experts) + groups * torch.arange(k, device=experts.device)
-    flat = key.t().reshape(-1)  # slot-major, so each group's tokens come out ascending
+    flat = key.t().reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=k * groups).tolist()
-    start = 0
+    out, start = [], 0
     for g, n in enumerate(counts):
         if n:
             slot, expert = divmod(g, groups)
-            yield slot, (expert if expert < num_experts else -1), order[start : start + n] - slot * T
+            out.append((slot, expert if expert < num_experts else -1, order[start : start + n] - slot * T))
         start += n
+    valid = [n for g, n in enumerate(counts) if g % groups != num_experts]
+    return PairGroups(out, max(valid, default=0))
+
+
+class _Workspace:
+    """Row buffers of the largest group; ``take(name, n)`` is a view of the first n rows."""
+
+    def __init__(self, rows: int, widths: dict[str, tuple[int, torch.dtype]], device: torch.device):
+        self._bufs = {name: torch.empty(rows, w, dtype=dt, device=device) for name, (w, dt) in widths.items()}
+
+    def take(self, name: str, n: int) -> torch.Tensor:
+        return self._bufs[name][:n]
+
+
+def _gather(src: torch.Tensor, tok: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.index_select(src, 0, tok, out=out)
 
 
 def _combine(out: torch.Tensor | None, slot: int, tok: torch.Tensor, rows: torch.Tensor) -> None:
@@ -63,35 +98,37 @@ def _combine(out: torch.Tensor | None, slot: int, tok: torch.Tensor, rows: torch
         out.index_add_(0, tok, rows)
 
 
-def _masked(rows: torch.Tensor, keep: torch.Tensor | None, tok: torch.Tensor) -> torch.Tensor:
-    return rows if keep is None else rows * keep[tok]
+def _fill_dropped(tok: torch.Tensor, *outs: torch.Tensor | None) -> None:
+    for out in outs:
+        if out is not None:
+            out.index_fill_(0, tok, 0.0)
 
 
-class _Group:
-    """The recomputable forward quantities of one (slot, expert) group."""
+class _Inputs:
+    """The LoRA inputs of one group: drop(x) rows and their rank-r shrinks."""
 
-    def __init__(self, x, G, U, lora, keep_gate, keep_up, tok, e, scale, kind):
-        self.xg = self.xu = None
-        self.ag = self.au = None
-        g = G[tok]
+    def __init__(self, x, lora, keep_gate, keep_up, tok, e, scale, ws, n):
+        self.xg = self.xu = self.ag = self.au = None
+        if lora.gate_A is None and lora.up_A is None:
+            return
+        xe = _gather(x, tok, ws.take("x", n))
         if lora.gate_A is not None:
-            xe = x[tok]
-            self.xg = _masked(xe, keep_gate, tok)
+            self.xg = xe if keep_gate is None else xe * keep_gate[tok]
             self.ag = (self.xg @ lora.gate_A[e].t()).mul_(scale)
-            g.addmm_(self.ag, lora.gate_B[e].t())
-        self.g = g
-        self.act = act_fwd(kind, g)
-        self.u = None
-        if U is not None:
-            u = U[tok]
-            if lora.up_A is not None:
-                if lora.up_A is lora.gate_A:
-                    self.xu, self.au = self.xg, self.ag
-                else:
-                    self.xu = _masked(x[tok], keep_up, tok)
-                    self.au = (self.xu @ lora.up_A[e].t()).mul_(scale)
-                u.addmm_(self.au, lora.up_B[e].t())
-            self.u = u
+        if lora.up_A is not None:
+            if lora.up_A is lora.gate_A:
+                self.xu, self.au = self.xg, self.ag
+            else:
+                self.xu = xe if keep_up is None else xe * keep_up[tok]
+                self.au = (self.xu @ lora.up_A[e].t()).mul_(scale)
+
+
+def _expand(base, tok, a, b, e, out):
+    """base[tok] + a @ b[e]^T into ``out``."""
+    rows = _gather(base, tok, out)
+    if b is not None:
+        rows.addmm_(a, b[e].t())
+    return rows
 
 
 def expert_pass_fwd(
@@ -105,20 +142,28 @@ def expert_pass_fwd(
     cfg: PassConfig,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     keep_gate, keep_up, keep_down = keep
+    d, f = x.shape[1], G.shape[1]
     H = torch.empty_like(G)
     Y = None if lora.down_A is None else x.new_empty(x.shape[0], lora.down_B.shape[1])
-    for slot, e, tok in pair_groups(experts, cfg.num_experts):
+    plan = pair_groups(experts, cfg.num_experts)
+    ws = _Workspace(plan.max_rows, {"g": (f, G.dtype), "u": (f, G.dtype), "h": (f, G.dtype), "x": (d, x.dtype),
+                                    "y": (Y.shape[1] if Y is not None else 0, x.dtype)}, x.device)  # fmt: skip
+    act_out = _ACT_OUT[cfg.kind]
+    for slot, e, tok in plan.groups:
         if e < 0:
-            for out in (H, Y):
-                if out is not None:
-                    out.index_fill_(0, tok, 0.0)
+            _fill_dropped(tok, H, Y)
             continue
+        n = tok.numel()
         w = weights[tok, slot].unsqueeze(1)
-        grp = _Group(x, G, U, lora, keep_gate, keep_up, tok, e, cfg.scale, cfg.kind)
-        h = grp.act if grp.u is None else grp.act.mul_(grp.u)
+        ins = _Inputs(x, lora, keep_gate, keep_up, tok, e, cfg.scale, ws, n)
+        g = _expand(G, tok, ins.ag, lora.gate_B, e, ws.take("g", n))
+        h = act_out(g, ws.take("h", n))
+        if U is not None:
+            h.mul_(_expand(U, tok, ins.au, lora.up_B, e, ws.take("u", n)))
         if Y is not None:
-            z = (_masked(h, keep_down, tok) @ lora.down_A[e].t()).mul_(w * cfg.scale)
-            _combine(Y, slot, tok, z @ lora.down_B[e].t())
+            hd = h if keep_down is None else h * keep_down[tok]
+            z = (hd @ lora.down_A[e].t()).mul_(w * cfg.scale)
+            _combine(Y, slot, tok, torch.mm(z, lora.down_B[e].t(), out=ws.take("y", n)))
         _combine(H, slot, tok, h.mul_(w))
     return H, Y
 
@@ -135,59 +180,75 @@ def expert_pass_bwd(
     keep: tuple,
     cfg: PassConfig,
 ) -> tuple:
-    """Gradients (dx_lora, dG, dU, dweights, ExpertLoRA of weight gradients).
+    """Gradients (dx_lora, dG, dU, dweights, {name: grad} of the ExpertLoRA tensors).
 
     dx_lora is only the LoRA shrinks' share of dx (None without gate/up LoRA); the base
     projections' share flows through autograd from dG and dU.
     """
     keep_gate, keep_up, keep_down = keep
+    d, f = x.shape[1], G.shape[1]
     has_in_lora = lora.gate_A is not None or lora.up_A is not None
     dx = torch.empty_like(x) if has_in_lora else None
     dG = torch.empty_like(G)
     dU = None if U is None else torch.empty_like(U)
     dweights = torch.zeros_like(weights)
     dlora = {name: None if t is None else torch.zeros_like(t) for name, t in lora._asdict().items()}
+    plan = pair_groups(experts, cfg.num_experts)
+    widths = {name: (f, G.dtype) for name in ("g", "u", "act", "h", "dh", "tmp")}
+    widths.update({name: (d, x.dtype) for name in ("x", "dy", "dx")})
+    ws = _Workspace(plan.max_rows, widths, x.device)
+    act_out, act_bwd_out = _ACT_OUT[cfg.kind], _ACT_BWD_OUT[cfg.kind]
     s = cfg.scale
-    for slot, e, tok in pair_groups(experts, cfg.num_experts):
+    for slot, e, tok in plan.groups:
         if e < 0:
-            for grad in (dx, dG, dU):
-                if grad is not None:
-                    grad.index_fill_(0, tok, 0.0)
+            _fill_dropped(tok, dx, dG, dU)
             continue
+        n = tok.numel()
         w = weights[tok, slot].unsqueeze(1)
-        grp = _Group(x, G, U, lora, keep_gate, keep_up, tok, e, s, cfg.kind)
-        h = grp.act if grp.u is None else grp.act * grp.u
-        dh_out = dH[tok]
-        dw = torch.linalg.vecdot(dh_out, h)
-        dh = dh_out.mul_(w)
+        ins = _Inputs(x, lora, keep_gate, keep_up, tok, e, s, ws, n)
+        g = _expand(G, tok, ins.ag, lora.gate_B, e, ws.take("g", n))
+        act = act_out(g, ws.take("act", n))
+        u = None if U is None else _expand(U, tok, ins.au, lora.up_B, e, ws.take("u", n))
+        h = act if u is None else torch.mul(act, u, out=ws.take("h", n))
+        dh = _gather(dH, tok, ws.take("dh", n))
+        dw = torch.linalg.vecdot(dh, h)
+        dh.mul_(w)
         if lora.down_A is not None:
-            hd = _masked(h, keep_down, tok)
+            hd = h if keep_down is None else torch.mul(h, keep_down[tok], out=ws.take("tmp", n))
             z = (hd @ lora.down_A[e].t()).mul_(s)
-            dy = dY[tok]
+            dy = _gather(dY, tok, ws.take("dy", n))
             dz = dy @ lora.down_B[e]
             dw += torch.linalg.vecdot(dz, z)
             dlora["down_B"][e] += dy.t() @ z.mul_(w)
             dz.mul_(w * s)
             dlora["down_A"][e] += dz.t() @ hd
-            dh += _masked(dz @ lora.down_A[e], keep_down, tok)
+            back = torch.mm(dz, lora.down_A[e], out=ws.take("tmp", n))
+            dh.add_(back if keep_down is None else back.mul_(keep_down[tok]))
         dweights[tok, slot] = dw
         du = None
-        if grp.u is not None:
-            du = dh * grp.act
+        if u is not None:
+            du = torch.mul(dh, act, out=ws.take("tmp", n))
             _combine(dU, slot, tok, du)
-            dh.mul_(grp.u)
-        dg = act_bwd(cfg.kind, dh, grp.g)
+            dh.mul_(u)
+        dg = act_bwd_out(dh, g, dh)
         _combine(dG, slot, tok, dg)
-        dxe = None
-        for role, d_out, a_in, x_in in (("gate", dg, grp.ag, grp.xg), ("up", du, grp.au, grp.xu)):
+        if dx is None:
+            continue
+        dxe = ws.take("dx", n)
+        first = True
+        for role, d_out, a_in, x_in in (("gate", dg, ins.ag, ins.xg), ("up", du, ins.au, ins.xu)):
             if a_in is None:
                 continue
             dlora[f"{role}_B"][e] += d_out.t() @ a_in
             da = (d_out @ getattr(lora, f"{role}_B")[e]).mul_(s)
             dlora[f"{role}_A"][e] += da.t() @ x_in
             keep_in = keep_gate if role == "gate" or lora.up_A is lora.gate_A else keep_up
-            dxr = _masked(da @ getattr(lora, f"{role}_A")[e], keep_in, tok)
-            dxe = dxr if dxe is None else dxe.add_(dxr)
-        if dx is not None:
-            _combine(dx, slot, tok, dxe)
+            a_t = getattr(lora, f"{role}_A")[e]
+            part = torch.mm(da, a_t, out=dxe) if first else torch.mm(da, a_t)
+            if keep_in is not None:
+                part.mul_(keep_in[tok])
+            if not first:
+                dxe.add_(part)
+            first = False
+        _combine(dx, slot, tok, dxe)
     return dx, dG, dU, dweights, dlora

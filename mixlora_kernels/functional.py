@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 
 from . import expert_pass_torch
-from .expert_pass_torch import PassConfig
 from .activations import activation_kind
+from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise, new_seed
 from .routing import Routing, route_switch, route_topk, router_logits
 

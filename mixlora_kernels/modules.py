@@ -58,9 +58,7 @@ def _mlp_activation(mlp: nn.Module, config: MixLoraConfig) -> str:
         name = getattr(hf_config, attr, None)
         if isinstance(name, str):
             return name
-    raise ValueError(
-        f"cannot tell the activation of {type(mlp).__name__}; set act_fn in the MixLoraConfig"
-    )
+    raise ValueError(f"cannot tell the activation of {type(mlp).__name__}; set act_fn in the MixLoraConfig")
 
 
 class FusedMixLoraFFN(nn.Module):
@@ -90,7 +88,8 @@ class FusedMixLoraFFN(nn.Module):
             base.requires_grad_(False)
             self.add_module(name, base)
 
-        first, last = list(projections)[0], list(projections)[-1]
+        names = list(projections)
+        first, last = names[0], names[-1]
         self.hidden_size, first_out = _features(getattr(self, first))
         self.intermediate_size = first_out // 2 if self.style == "fused_gate_up" else first_out
         self.num_experts = config.num_experts
@@ -122,8 +121,12 @@ class FusedMixLoraFFN(nn.Module):
 
         self.row_mask: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
-        self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("expert_load_total", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "expert_load", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "expert_load_total", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False
+        )
 
     @classmethod
     def from_mlp(
@@ -199,6 +202,12 @@ class FusedMixLoraFFN(nn.Module):
             self.expert_load.copy_(load)
             self.expert_load_total.add_(load)
         return result.out
+
+    def __getstate__(self) -> dict:
+        # The last forward's logits hold the autograd graph; copies and pickles drop them.
+        state = super().__getstate__()
+        state["last_router_logits"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (

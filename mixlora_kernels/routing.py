@@ -22,7 +22,8 @@ class Routing(NamedTuple):
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """x (T, d) times router_weight (E, d) transposed, in fp32 or wider."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    return F.linear(x.to(compute), router_weight.to(compute))
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(compute), router_weight.to(compute))
 
 
 def route_topk(logits: torch.Tensor, top_k: int) -> Routing:
@@ -47,9 +48,7 @@ def route_switch(logits: torch.Tensor, seq_len: int, expert_capacity: int) -> Ro
     return Routing(logits, weights, experts, kept, p_max * ~kept)
 
 
-def load_balance_loss(
-    logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def load_balance_loss(logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """E * sum_e f_e * P_e (f_e: share of (row, slot) assignments to e; P_e: mean prob).
 
     HF Mixtral's ``load_balancing_loss_func`` equals ``top_k`` times this value.

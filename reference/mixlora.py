@@ -189,9 +189,7 @@ def dense_ffn(
     return down_proj(act_fwd(activation_kind(activation), gate_proj(x)) * up_proj(x))
 
 
-def load_balance_loss(
-    logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def load_balance_loss(logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """E * sum_e f_e * P_e over the rows of ``logits`` (R, E).
 
     f_e is the fraction of (row, slot) assignments that go to expert e, P_e the mean

@@ -125,3 +125,31 @@ def make_problem(
         expert_capacity=expert_capacity,
         activation=activation,
     )
+
+
+def run_pair(problem: Problem, dtype: torch.dtype, backend: str, **fused_kwargs):
+    """Run the fused path in ``dtype`` and the reference in fp64 on the same values.
+
+    Returns (fused MixLoraOutput, reference MixLoraOutput, fused grads, reference grads),
+    the grads taken for ``Problem.leaves`` against one random upstream gradient.
+    """
+    import reference
+    from mixlora_kernels import mixlora_ffn
+
+    low, ref = problem.to(dtype), problem.to(torch.float64)
+    ref_kwargs = {k: fused_kwargs[k] for k in ("dropout_masks", "jitter_factors") if k in fused_kwargs}
+    fused_kwargs = {k: v for k, v in fused_kwargs.items() if k not in ref_kwargs}
+    out = mixlora_ffn(low.x, low.router, low.experts, backend=backend, **low.kwargs(), **fused_kwargs)
+    expected = reference.mixlora_ffn(ref.x, ref.router, ref.experts, **ref.kwargs(), **ref_kwargs)
+    upstream = torch.randn_like(expected.out)
+    grads = torch.autograd.grad(out.out, low.leaves(), upstream.to(dtype), allow_unused=True)
+    ref_grads = torch.autograd.grad(expected.out, ref.leaves(), upstream, allow_unused=True)
+    return out, expected, grads, ref_grads
+
+
+def leaf_names(problem: Problem) -> list[str]:
+    names = {id(problem.x): "x", id(problem.router): "router"}
+    for name, t in problem.experts._asdict().items():
+        if t is not None:
+            names.setdefault(id(t), f"experts.{name}")
+    return [names[id(t)] for t in problem.leaves()]

@@ -1,0 +1,92 @@
+"""The implementations a benchmark compares, built on one shared set of weights.
+
+Every case is a callable x -> out over the same frozen base FFN, so the numbers differ
+only by algorithm:
+
+    dense        the frozen dense FFN (the floor)
+    dense_lora   one LoRA on each of gate/up/down (what PEFT users run)
+    vanilla      the reference loop, every expert a full FFN (figure (a) of the paper)
+    shared_w13   gate/up once, the down projection per expert (the ``mixlora`` package)
+    fused        ``mixlora_ffn`` with the selected backend
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import reference
+from mixlora_kernels import ExpertLoRA, mixlora_ffn
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    d: int
+    f: int
+    T: int
+    E: int = 8
+    k: int = 2
+    r: int = 16
+
+    def label(self) -> str:
+        return f"{self.name} d={self.d} f={self.f} T={self.T} E={self.E} k={self.k} r={self.r}"
+
+
+class Weights:
+    """Frozen base FFN, router and expert LoRA weights (non-zero B) for one shape."""
+
+    def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        d, f, E, r = shape.d, shape.f, shape.E, shape.r
+
+        def rand(*s, std):
+            return (torch.randn(*s, generator=gen) * std).to(device=device, dtype=dtype)
+
+        def linear(i, o):
+            lin = nn.Linear(i, o, bias=False, device=device, dtype=dtype)
+            with torch.no_grad():
+                lin.weight.copy_(rand(o, i, std=i**-0.5))
+            return lin.requires_grad_(False)
+
+        self.shape = shape
+        self.gate_proj, self.up_proj, self.down_proj = linear(d, f), linear(d, f), linear(f, d)
+        self.router = rand(E, d, std=0.02).float().requires_grad_()
+        self.experts = ExpertLoRA(
+            *(
+                rand(*s, std=0.02).requires_grad_()
+                for s in [(E, r, d), (E, f, r), (E, r, d), (E, f, r), (E, r, f), (E, d, r)]
+            )
+        )
+        self.dense_lora = {
+            name: (rand(r, i, std=0.02).requires_grad_(), rand(o, r, std=0.02).requires_grad_())
+            for name, i, o in (("gate", d, f), ("up", d, f), ("down", f, d))
+        }
+        self.scaling = 2.0
+
+    @property
+    def base(self) -> dict:
+        return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
+
+    def parameters(self) -> list[torch.Tensor]:
+        tensors = [self.router, *self.experts]
+        for a, b in self.dense_lora.values():
+            tensors += [a, b]
+        return tensors + [m.weight for m in self.base.values()]
+
+
+def make_cases(w: Weights, backend: str) -> dict:
+    s = w.shape
+    return {
+        "dense": lambda x: reference.dense_ffn(x, **w.base),
+        "dense_lora": lambda x: reference.dense_lora_ffn(x, w.dense_lora, **w.base, scaling=w.scaling),
+        "vanilla": lambda x: reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling).out,
+        "shared_w13": lambda x: reference.shared_w13_mixlora_ffn(
+            x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling
+        ),
+        "fused": lambda x: (
+            mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend).out
+        ),
+    }

@@ -1,0 +1,132 @@
+"""Timing, memory and result rows for the benchmarks.
+
+On CUDA, times are ``triton.testing.do_bench`` medians (with 20/80 % quantiles), autotune
+warmed by the first call. On CPU, where do_bench cannot run, the cases are timed in
+interleaved rounds with ``time.perf_counter`` (so drift of the machine hits every case
+alike) and the median and quantiles are taken the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+MODES = ("fwd", "fwd_bwd")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = None
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"torch": torch.__version__, "triton": triton_version, "commit": commit}
+
+
+def make_step(case: Callable, x: torch.Tensor, params: list[torch.Tensor], mode: str) -> Callable[[], None]:
+    """A no-argument closure running one forward (with autograd) or forward+backward."""
+    inputs = [x] + [p for p in params if p.requires_grad]
+    upstream = torch.randn_like(x)
+
+    if mode == "fwd":
+
+        def step():
+            case(x)
+
+    else:
+
+        def step():
+            out = case(x)
+            torch.autograd.grad(out, inputs, upstream, allow_unused=True)
+
+    return step
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return statistics.median(samples), qs[1], qs[7]
+
+
+def time_cpu(steps: dict[str, Callable], rounds: int, warmup: int = 1) -> dict[str, tuple[float, float, float]]:
+    """Interleaved rounds of every step; (median, q20, q80) in ms per step."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _quantiles(s) for name, s in samples.items()}
+
+
+def time_cuda(steps: dict[str, Callable], rep_ms: int = 200) -> dict[str, tuple[float, float, float]]:
+    import triton
+
+    out = {}
+    for name, step in steps.items():
+        step()  # autotune and compile outside the timed region
+        torch.cuda.synchronize()
+        med, q20, q80 = triton.testing.do_bench(step, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        out[name] = (med, q20, q80)
+    return out
+
+
+def saved_bytes(case: Callable, x: torch.Tensor, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward,
+    not counting weights (anything sharing storage with ``exclude``)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = case(x)
+    del out
+    return sum(seen.values())
+
+
+def peak_memory(step: Callable, device: torch.device) -> int | None:
+    """Peak bytes allocated during one step above what was allocated before it (CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")

@@ -1,0 +1,132 @@
+"""Bad input to mixlora_ffn gets a clear error; routing and router-loss properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference
+from mixlora_kernels import ExpertLoRA, mixlora_ffn
+from mixlora_kernels.routing import load_balance_loss, route_switch, route_topk, router_loss, z_loss
+from tests.problems import make_problem
+
+
+def call(problem, **overrides):
+    kwargs = {**problem.kwargs(), "backend": "torch", **overrides}
+    x = kwargs.pop("x", problem.x)
+    router = kwargs.pop("router", problem.router)
+    experts = kwargs.pop("experts", problem.experts)
+    return mixlora_ffn(x, router, experts, **kwargs)
+
+
+@pytest.fixture
+def problem():
+    return make_problem(T=6, d=8, f=12, E=4, r=2)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (lambda p: {"x": torch.randn(6, 9, dtype=torch.float64)}, "last dimension 9.*hidden size 8"),
+        (lambda p: {"x": torch.randn(8, dtype=torch.float64)}, "at least 2 dimensions"),
+        (lambda p: {"top_k": 5}, r"top_k=5 must be in \[1, num_experts=4\]"),
+        (lambda p: {"top_k": 0}, "top_k=0"),
+        (lambda p: {"routing_strategy": "mixtral"}, "unknown routing_strategy"),
+        (lambda p: {"routing_strategy": "mixlora-switch"}, "expert_capacity"),
+        (lambda p: {"x": p.x.float().detach()}, "float64 but x is torch.float32"),
+        (lambda p: {"experts": p.experts._replace(gate_B=None)}, "gate_A and experts.gate_B"),
+        (lambda p: {"experts": p.experts._replace(up_A=p.experts.up_A[:3])}, "E=4"),
+        (lambda p: {"experts": p.experts._replace(down_B=torch.zeros(4, 9, 2, dtype=torch.float64))}, "down_B"),
+        (lambda p: {"experts": p.experts._replace(gate_B=torch.zeros(4, 12, 3, dtype=torch.float64))}, "rank 3"),
+        (lambda p: {"router": torch.zeros(4, 8, 1)}, "router_weight"),
+        (lambda p: {"x": torch.randn(6, 8, dtype=torch.float64, device="meta")}, "meta"),
+        (lambda p: {"backend": "cuda"}, "backend='cuda'"),
+        (lambda p: {"gate_up_proj": p.base["gate_proj"]}, "exactly one of gate_proj and gate_up_proj"),
+        (lambda p: {"activation": "swiglu"}, "activation 'swiglu' is not supported"),
+    ],
+    ids=[
+        "last-dim", "1d", "top_k>E", "top_k=0", "strategy", "capacity", "dtype", "half-pair",
+        "experts-count", "down_B-shape", "rank", "router-3d", "device", "backend", "two-gates", "activation",
+    ],
+)  # fmt: skip
+def test_bad_input(problem, overrides, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(problem, **overrides(problem))
+
+
+def test_integer_input_is_rejected(problem):
+    with pytest.raises(TypeError, match="floating-point"):
+        call(problem, x=torch.ones(6, 8, dtype=torch.long))
+
+
+def test_env_backend_override(monkeypatch, problem):
+    monkeypatch.setenv("MIXLORA_BACKEND", "torch")
+    assert call(problem, backend="auto").out.shape == problem.x.shape
+    monkeypatch.setenv("MIXLORA_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="MIXLORA_BACKEND='tpu'"):
+        call(problem, backend="auto")
+
+
+def test_topk_routing_invariants():
+    logits = torch.randn(50, 6, dtype=torch.float64)
+    routing = route_topk(logits, 3)
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(50, dtype=torch.float64))
+    assert (routing.experts.sort(-1).values.diff(dim=-1) > 0).all(), "experts of a token are distinct"
+    probs = logits.softmax(-1)
+    assert (probs.gather(1, routing.experts).min(-1).values >= probs.topk(3).values[:, -1]).all()
+
+
+def test_switch_capacity_is_per_sequence_and_in_order():
+    logits = torch.zeros(2 * 4, 2)
+    logits[:, 1] = 1.0  # everyone prefers expert 1
+    routing = route_switch(logits, seq_len=4, expert_capacity=3)
+    assert routing.kept.tolist() == [True, True, True, False] * 2
+    assert routing.experts[:, 0].tolist() == [1, 1, 1, 2] * 2  # 2 = the "dropped" sentinel
+    assert torch.equal(routing.bypass > 0, ~routing.kept)
+
+
+def test_load_balance_loss_matches_reference_and_formula():
+    logits = torch.randn(40, 5, dtype=torch.float64)
+    mask = torch.rand(40) > 0.3
+    for k in (1, 2, 5):
+        torch.testing.assert_close(load_balance_loss(logits, k, mask), reference.load_balance_loss(logits, k, mask))
+    # Perfectly uniform router probabilities give E * sum_e f_e / E = 1.
+    assert float(load_balance_loss(torch.zeros(8, 4), 2)) == pytest.approx(1.0)
+    # HF Mixtral's value is top_k times ours.
+    probs = logits.softmax(-1)
+    sel = probs.topk(2, -1).indices
+    mixtral = (torch.nn.functional.one_hot(sel, 5).double().mean(0) * probs.mean(0)).sum() * 5
+    torch.testing.assert_close(2 * load_balance_loss(logits, 2), mixtral)
+
+
+def test_z_loss_and_combined_router_loss():
+    logits = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
+    for strategy in ("mixlora", "mixlora-switch"):
+        ours = router_loss(logits, top_k=2, routing_strategy=strategy, aux_loss_coef=0.3, z_loss_coef=0.7)
+        ref = reference.router_loss(logits, top_k=2, routing_strategy=strategy, aux_loss_coef=0.3, z_loss_coef=0.7)
+        torch.testing.assert_close(ours, ref)
+        assert torch.autograd.grad(ours, logits)[0].abs().sum() > 0
+
+
+def test_reference_baselines_agree_with_vanilla():
+    problem = make_problem(T=20, d=10, f=16, E=4, r=3)
+    vanilla = reference.mixlora_ffn(problem.x, problem.router, problem.experts, **problem.kwargs()).out
+    base = {k: problem.base[k] for k in ("gate_proj", "up_proj", "down_proj")}
+    shared = reference.shared_w13_mixlora_ffn(
+        problem.x, problem.router, problem.experts, **base, top_k=2, scaling=problem.scaling
+    )
+    torch.testing.assert_close(shared, vanilla)
+    # One expert with k = 1 is a dense LoRA FFN.
+    one = make_problem(T=20, d=10, f=16, E=1, r=3, top_k=1)
+    e = one.experts
+    lora = {name: (getattr(e, f"{name}_A")[0], getattr(e, f"{name}_B")[0]) for name in ("gate", "up", "down")}
+    dense = reference.dense_lora_ffn(one.x, lora, **{k: one.base[k] for k in base}, scaling=one.scaling)
+    torch.testing.assert_close(reference.mixlora_ffn(one.x, one.router, one.experts, **one.kwargs()).out, dense)
+
+
+def test_expert_lora_pair_accessor():
+    e = ExpertLoRA(gate_A=torch.zeros(2, 3, 4), gate_B=torch.ones(2, 5, 3))
+    a, b = e.pair("gate", 1)
+    assert a.shape == (3, 4) and b.shape == (5, 3)
+    assert e.pair("down", 0) == (None, None)
