@@ -1,8 +1,20 @@
 """Triton kernels and a drop-in module for MixLoRA (arXiv 2404.15159): LoRA experts that
 share one frozen FFN, at about the cost of that FFN."""
 
+from typing import Any
+
 from .config import MixLoraConfig
 from .functional import ExpertLoRA, MixLoraOutput, mixlora_ffn
+from .integrations import (
+    ExpertLoad,
+    MixLoraTrainerMixin,
+    expert_load_stats,
+    inject_mixlora,
+    load_adapter,
+    reset_expert_load,
+    save_adapter,
+)
+from .lora import LoraLinear
 from .modules import FusedMixLoraFFN, router_aux_loss
 from .state import adapter_state_dict, load_adapter_state_dict
 
@@ -10,11 +22,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExpertLoRA",
+    "ExpertLoad",
     "FusedMixLoraFFN",
+    "LoraLinear",
     "MixLoraConfig",
     "MixLoraOutput",
+    "MixLoraTrainer",
+    "MixLoraTrainerMixin",
     "adapter_state_dict",
+    "expert_load_stats",
+    "inject_mixlora",
+    "load_adapter",
     "load_adapter_state_dict",
     "mixlora_ffn",
+    "reset_expert_load",
     "router_aux_loss",
+    "save_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # MixLoraTrainer subclasses transformers.Trainer, whose import takes seconds: build it on use.
+    if name == "MixLoraTrainer":
+        from .integrations import training
+
+        return training.MixLoraTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

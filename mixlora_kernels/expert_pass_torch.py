@@ -45,7 +45,8 @@ class PassConfig(NamedTuple):
     num_experts: int
     kind: str  # activation kind (activations.ACTIVATION_KINDS)
     scale: float  # s / (1 - p): LoRA scale times the dropout keep scale
-    backend: str
+    backend: str  # "torch" or "triton"
+    can_drop: bool = False  # routing may drop pairs (switch capacity): sentinel experts possible
 
 
 class PairGroups(NamedTuple):

@@ -13,99 +13,16 @@ The data path (SPEC section 3):
 from __future__ import annotations
 
 import os
-import warnings
-from typing import NamedTuple
-
 import torch
 
-from . import expert_pass_torch
+from .autograd import ExpertPassFunction, route
 from .activations import activation_kind
 from .expert_pass_torch import PassConfig
+from .containers import ExpertLoRA, MixLoraOutput
 from .noise import Noise, draw_noise, new_seed
-from .routing import Routing, route_switch, route_topk, router_logits
+from .routing import Routing, router_logits
 
 BACKENDS = ("auto", "torch", "triton")
-
-
-class ExpertLoRA(NamedTuple):
-    """Stacked expert LoRA weights; any pair may be None (no LoRA on that projection).
-
-    Passing the same tensor as ``gate_A`` and ``up_A`` (Phi3's fused gate_up_proj,
-    whose one LoRA feeds both halves) makes the two share one shrink and one dropout draw.
-    """
-
-    gate_A: torch.Tensor | None = None  # (E, r, d)
-    gate_B: torch.Tensor | None = None  # (E, f, r)
-    up_A: torch.Tensor | None = None  # (E, r, d)
-    up_B: torch.Tensor | None = None  # (E, f, r)
-    down_A: torch.Tensor | None = None  # (E, r, f)
-    down_B: torch.Tensor | None = None  # (E, d, r)
-
-    def pair(self, name: str, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(A_e, B_e) of projection ``name`` ("gate", "up", "down"), or (None, None)."""
-        a, b = getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
-        return (None, None) if a is None else (a[e], b[e])
-
-
-class MixLoraOutput(NamedTuple):
-    out: torch.Tensor  # x's shape and dtype
-    router_logits: torch.Tensor  # (T, E)
-    experts: torch.Tensor  # (T, k); num_experts marks a token dropped by capacity
-    weights: torch.Tensor  # (T, k) routing weights (switch: p_max, 0 where dropped)
-    kept: torch.Tensor  # (T,) bool
-
-
-class ExpertPassFunction(torch.autograd.Function):
-    """The fused expert pass as one autograd node: (x, G, U, routing, LoRA) -> (H, Y).
-
-    Saves x, G, U, the routing, the dropout masks and the (small) expert weights:
-    nothing of length f per (token, slot) pair. The backward recomputes h.
-    """
-
-    @staticmethod
-    def forward(ctx, x, G, U, weights, experts, *rest):
-        *lora_tensors, keep_gate, keep_up, keep_down, cfg = rest
-        lora = ExpertLoRA(*lora_tensors)
-        keep = (keep_gate, keep_up, keep_down)
-        if cfg.backend == "triton":
-            from .kernels.launch import expert_pass_fwd_triton
-
-            H, Y = expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg)
-        else:
-            H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, keep, cfg)
-        ctx.save_for_backward(x, G, U, weights, experts, *lora_tensors, *keep)
-        ctx.cfg = cfg
-        return H, Y
-
-    @staticmethod
-    def backward(ctx, dH, dY):
-        cfg = ctx.cfg
-        if cfg.backend == "triton":
-            _warn_torch_backward_once()
-        x, G, U, weights, experts, *rest = ctx.saved_tensors
-        lora, keep = ExpertLoRA(*rest[:6]), tuple(rest[6:])
-        if dH is None:
-            dH = torch.zeros_like(G)
-        if dY is None and lora.down_A is not None:
-            dY = torch.zeros_like(x)
-        dx, dG, dU, dweights, dlora = expert_pass_torch.expert_pass_bwd(
-            dH, dY, x, G, U, weights, experts, lora, keep, cfg
-        )
-        return (dx, dG, dU, dweights, None, *dlora.values(), None, None, None, None)
-
-
-_warned_torch_backward = False
-
-
-def _warn_torch_backward_once() -> None:
-    global _warned_torch_backward
-    if not _warned_torch_backward:
-        _warned_torch_backward = True
-        warnings.warn(
-            "mixlora_kernels: the Triton backend has forward kernels only; the backward "
-            "pass of the expert stage runs the torch backend (same gradients, slower).",
-            stacklevel=3,
-        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -270,16 +187,13 @@ def mixlora_ffn(
 
     router_in = xf if noise.jitter is None else xf * noise.jitter
     logits = router_logits(router_in, router_weight)
-    if routing_strategy == "mixlora":
-        routing = route_topk(logits, top_k)
-    else:
-        seq_len = shape[-2] if x.dim() > 2 else T
-        routing = route_switch(logits, seq_len, expert_capacity)
+    seq_len = shape[-2] if x.dim() > 2 else T
+    routing = route(logits, routing_strategy, top_k, seq_len, expert_capacity, backend)
 
     lora = [None if t is None else t.to(xf.dtype) for t in experts]
     if experts.up_A is not None and experts.up_A is experts.gate_A:
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
-    cfg = PassConfig(num_experts, kind, scaling * noise.keep_scale, backend)
+    cfg = PassConfig(num_experts, kind, scaling * noise.keep_scale, backend, routing_strategy == "mixlora-switch")
     H, Y = ExpertPassFunction.apply(
         xf, G, U, routing.weights.to(xf.dtype), routing.experts, *lora,
         noise.gate, noise.up, noise.down, cfg,
@@ -289,7 +203,9 @@ def mixlora_ffn(
         y = y + Y
     if routing_strategy == "mixlora-switch":
         y = _switch_epilogue(y, xf, routing, down_proj)
-    return MixLoraOutput(y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept)
+    return MixLoraOutput(
+        y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept, routing.counts
+    )
 
 
 def _switch_epilogue(y, xf, routing: Routing, down_proj):

@@ -198,9 +198,8 @@ class FusedMixLoraFFN(nn.Module):
         )
         self.last_router_logits = result.router_logits
         with torch.no_grad():
-            load = torch.bincount(result.experts.reshape(-1), minlength=self.num_experts + 1)[: self.num_experts]
-            self.expert_load.copy_(load)
-            self.expert_load_total.add_(load)
+            self.expert_load.copy_(result.expert_counts)
+            self.expert_load_total.add_(result.expert_counts)
         return result.out
 
     def __getstate__(self) -> dict:

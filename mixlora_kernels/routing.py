@@ -17,6 +17,14 @@ class Routing(NamedTuple):
     experts: torch.Tensor  # (T, k) int64; num_experts marks a token dropped by capacity
     kept: torch.Tensor  # (T,) bool; False where switch capacity dropped the token
     bypass: torch.Tensor | None  # (T,) switch only: p_max where dropped (x passes through), else 0
+    counts: torch.Tensor  # (E,) pairs routed to each expert (dropped ones excluded)
+
+
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert, sentinel ids (>= num_experts) left out; no host synchronisation."""
+    flat = experts.reshape(-1).clamp(max=num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=experts.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
@@ -31,7 +39,7 @@ def route_topk(logits: torch.Tensor, top_k: int) -> Routing:
     weights, experts = probs.topk(top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return Routing(logits, weights, experts, kept, None)
+    return Routing(logits, weights, experts, kept, None, expert_counts(experts, logits.shape[-1]))
 
 
 def route_switch(logits: torch.Tensor, seq_len: int, expert_capacity: int) -> Routing:
@@ -45,7 +53,7 @@ def route_switch(logits: torch.Tensor, seq_len: int, expert_capacity: int) -> Ro
     kept = position <= expert_capacity
     weights = (p_max * kept).unsqueeze(-1)
     experts = torch.where(kept, expert, num_experts).unsqueeze(-1)
-    return Routing(logits, weights, experts, kept, p_max * ~kept)
+    return Routing(logits, weights, experts, kept, p_max * ~kept, expert_counts(experts, num_experts))
 
 
 def load_balance_loss(logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mixlora_kernels.activations import act_fwd, activation_kind
-from mixlora_kernels.functional import ExpertLoRA, MixLoraOutput
+from mixlora_kernels.containers import ExpertLoRA, MixLoraOutput
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 

@@ -1,0 +1,138 @@
+"""Autograd nodes that compose the stages: routing and the fused expert pass.
+
+The backward passes run in PyTorch ops (the torch backend's); with backend="triton" the
+forward runs the Triton kernels and saves exactly what the torch backward needs, so the
+gradients are the same whichever forward ran.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import expert_pass_torch
+from .containers import ExpertLoRA
+from .routing import Routing, route_switch, route_topk
+
+
+class ExpertPassFunction(torch.autograd.Function):
+    """The fused expert pass as one autograd node: (x, G, U, routing, LoRA) -> (H, Y).
+
+    Saves x, G, U, the routing, the dropout masks and the (small) expert weights:
+    nothing of length f per (token, slot) pair. The backward recomputes h.
+    """
+
+    @staticmethod
+    def forward(ctx, x, G, U, weights, experts, *rest):
+        *lora_tensors, keep_gate, keep_up, keep_down, cfg = rest
+        lora = ExpertLoRA(*lora_tensors)
+        keep = (keep_gate, keep_up, keep_down)
+        if cfg.backend == "triton":
+            from .kernels.launch import expert_pass_fwd_triton
+
+            H, Y = expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg)
+        else:
+            H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, keep, cfg)
+        ctx.save_for_backward(x, G, U, weights, experts, *lora_tensors, *keep)
+        ctx.cfg = cfg
+        return H, Y
+
+    @staticmethod
+    def backward(ctx, dH, dY):
+        cfg = ctx.cfg
+        if cfg.backend == "triton":
+            _warn_torch_backward_once()
+        x, G, U, weights, experts, *rest = ctx.saved_tensors
+        lora, keep = ExpertLoRA(*rest[:6]), tuple(rest[6:])
+        if dH is None:
+            dH = torch.zeros_like(G)
+        if dY is None and lora.down_A is not None:
+            dY = torch.zeros_like(x)
+        dx, dG, dU, dweights, dlora = expert_pass_torch.expert_pass_bwd(
+            dH, dY, x, G, U, weights, experts, lora, keep, cfg
+        )
+        return (dx, dG, dU, dweights, None, *dlora.values(), None, None, None, None)
+
+
+_warned_torch_backward = False
+
+
+def _warn_torch_backward_once() -> None:
+    global _warned_torch_backward
+    if not _warned_torch_backward:
+        _warned_torch_backward = True
+        warnings.warn(
+            "mixlora_kernels: the Triton backend has forward kernels only; the backward "
+            "pass of the expert stage runs the torch backend (same gradients, slower).",
+            stacklevel=3,
+        )
+
+
+def _softmax_backward(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
+    return p * (dp - (dp * p).sum(-1, keepdim=True))
+
+
+class RouteTopkFunction(torch.autograd.Function):
+    """Triton top-k routing: logits -> (weights, experts, counts); backward in torch ops."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k):
+        from .kernels.route import route_topk_fwd
+
+        weights, experts, counts = route_topk_fwd(logits.contiguous(), top_k)
+        ctx.save_for_backward(logits, experts)
+        ctx.mark_non_differentiable(experts, counts)
+        return weights, experts, counts
+
+    @staticmethod
+    def backward(ctx, dweights, _dexperts, _dcounts):
+        logits, experts = ctx.saved_tensors
+        p = logits.softmax(-1)
+        chosen = p.gather(1, experts)
+        total = chosen.sum(-1, keepdim=True)
+        w = chosen / total
+        dchosen = (dweights - (dweights * w).sum(-1, keepdim=True)) / total
+        return _softmax_backward(p, torch.zeros_like(p).scatter_(1, experts, dchosen)), None
+
+
+class RouteSwitchFunction(torch.autograd.Function):
+    """Triton switch routing: logits -> (weights, experts, bypass, counts)."""
+
+    @staticmethod
+    def forward(ctx, logits, seq_len, capacity):
+        from .kernels.route import route_switch_fwd
+
+        weights, experts, bypass, counts = route_switch_fwd(logits.contiguous(), seq_len, capacity)
+        ctx.save_for_backward(logits, experts)
+        ctx.mark_non_differentiable(experts, counts)
+        return weights, experts, bypass, counts
+
+    @staticmethod
+    def backward(ctx, dweights, _dexperts, dbypass, _dcounts):
+        logits, experts = ctx.saved_tensors
+        p = logits.softmax(-1)
+        kept = experts[:, 0] < logits.shape[-1]
+        dp_max = torch.zeros_like(p[:, 0])
+        if dweights is not None:
+            dp_max = torch.where(kept, dweights[:, 0], dp_max)
+        if dbypass is not None:
+            dp_max = torch.where(kept, dp_max, dbypass)
+        dp = torch.zeros_like(p).scatter_(1, p.argmax(-1, keepdim=True), dp_max.unsqueeze(1))
+        return _softmax_backward(p, dp), None, None
+
+
+def route(logits, routing_strategy, top_k, seq_len, expert_capacity, backend) -> Routing:
+    """Route with the Triton kernels (backend "triton") or PyTorch ops."""
+    E = logits.shape[-1]
+    if backend != "triton":
+        if routing_strategy == "mixlora":
+            return route_topk(logits, top_k)
+        return route_switch(logits, seq_len, expert_capacity)
+    if routing_strategy == "mixlora":
+        weights, experts, counts = RouteTopkFunction.apply(logits, top_k)
+        kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        return Routing(logits, weights.to(logits.dtype), experts, kept, None, counts.sum(0).long())
+    weights, experts, bypass, counts = RouteSwitchFunction.apply(logits, seq_len, expert_capacity)
+    kept = experts[:, 0] < E
+    return Routing(logits, weights.to(logits.dtype), experts, kept, bypass.to(logits.dtype), counts.sum(0).long())

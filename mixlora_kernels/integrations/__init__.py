@@ -1,0 +1,29 @@
+"""MixLoRA in Hugging Face models: injection, the adapter format, training helpers."""
+
+from typing import Any
+
+from .adapter import load_adapter, save_adapter
+from .training import ExpertLoad, MixLoraTrainerMixin, expert_load_stats, reset_expert_load
+from .transformers import SUPPORTED_MODEL_TYPES, inject_mixlora, model_adapter_targets
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ExpertLoad",
+    "MixLoraTrainer",
+    "MixLoraTrainerMixin",
+    "expert_load_stats",
+    "inject_mixlora",
+    "load_adapter",
+    "model_adapter_targets",
+    "reset_expert_load",
+    "save_adapter",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # MixLoraTrainer subclasses transformers.Trainer, whose import takes seconds: build it on use.
+    if name == "MixLoraTrainer":
+        from . import training
+
+        return training.MixLoraTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,278 @@
+"""The MixLoRA adapter directory (SPEC section 5), both ways.
+
+A directory holds ``adapter_config.json`` and the weights, ``adapter_model.safetensors``
+(what we write) or ``adapter_model.bin`` (the fp32 pickles the ``mixlora`` package and
+MoE-PEFT publish, read with ``weights_only=True``). Keys of the older ``mixlora`` layout
+(``mixlora.layers.{i}.gate.weight``, ``mixlora.layers.{i}.experts.{e}.{proj}.lora_A.weight``,
+with w1/w2/w3 projection names) are renamed on load.
+
+Loading is all-or-nothing: the files are read and every key is checked before a weight is
+copied, and an injection done for the load is undone if the load fails, so a bad file
+leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import zipfile
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import CONFIG_NAME, MixLoraConfig
+from ..modules import mixlora_blocks
+from ..state import adapter_state_dict, load_adapter_state_dict
+from .transformers import _inject, mixlora_config_of, model_adapter_targets, unwrap_model
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# The older mixlora layout: projection names of the first releases, and its key patterns.
+_LEGACY_PROJECTIONS = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
+_LEGACY_GATE = re.compile(r"mixlora\.layers\.(\d+)\.gate\.weight")
+_LEGACY_EXPERT = re.compile(r"mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lora_[AB])\.weight")
+
+# What decides an adapter's computation, by config field name; a file loaded into a model
+# that already holds MixLoRA must agree with it on each.
+_STRUCTURAL_FIELDS = {
+    "routing_strategy": lambda c: c.routing_strategy,
+    "num_experts": lambda c: c.num_experts,
+    "top_k": lambda c: c.experts_per_token,
+    "expert_capacity": lambda c: c.expert_capacity if c.routing_strategy == "mixlora-switch" else None,
+    "r": lambda c: c.r,
+    "lora_alpha": lambda c: c.lora_alpha,
+    "use_rslora": lambda c: c.use_rslora,
+    "expert_lora.r": lambda c: c.expert_r,
+    "expert_lora.lora_alpha": lambda c: c.expert_alpha,
+    "target_modules": lambda c: sorted(c.target_module_names),
+}
+
+
+def read_adapter_config(path: str | os.PathLike) -> MixLoraConfig:
+    """Read ``adapter_config.json`` of an adapter directory; errors name the file."""
+    file = os.path.join(os.fspath(path), CONFIG_NAME)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: no adapter config here") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: holds a JSON {type(data).__name__}, expected an object")
+    if data.get("routing_strategy") == "mixtral":
+        data["routing_strategy"] = "mixlora"  # the first mixlora releases' name for top-k
+    targets = data.get("target_modules")
+    if isinstance(targets, list):
+        data["target_modules"] = [_LEGACY_PROJECTIONS.get(name, name) for name in targets]
+    elif isinstance(targets, dict):
+        data["target_modules"] = {_LEGACY_PROJECTIONS.get(name, name): on for name, on in targets.items()}
+    try:
+        return MixLoraConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from None
+
+
+def _safetensors_problem(file: str) -> str | None:
+    """Why a safetensors file cannot be read, naming the first key whose data is cut off."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"the file has {size} bytes, fewer than its 8-byte header length"
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return f"the header claims {header_len} bytes but only {size - 8} follow (truncated or not safetensors)"
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "the header is not valid JSON (corrupt or not safetensors)"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    data_len = size - 8 - header_len
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"key {key!r} has a malformed header entry {info!r}"
+        entries.append((offsets[1], key))
+    for end, key in sorted(entries):
+        if end > data_len:
+            return f"key {key!r}: its data ends at byte {end} but the file holds {data_len} bytes of data (truncated)"
+    return None
+
+
+def _read_safetensors(file: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        problem = _safetensors_problem(file) or str(err)
+        raise ValueError(f"{file}: cannot read the safetensors file: {problem}") from None
+
+
+def _read_bin(file: str) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        with open(file, "rb") as fh:
+            zipped = fh.read(2) == b"PK"
+        # A truncated zip has lost its directory, so which key is damaged cannot be told.
+        problem = "the zip archive is incomplete (truncated)" if zipped and not zipfile.is_zipfile(file) else err
+        raise ValueError(
+            f"{file}: cannot be read as a torch weights file (torch.load, weights_only=True): {problem}"
+        ) from None
+
+
+def _renamed_legacy_keys(state: dict[str, torch.Tensor], file: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = key
+        if m := _LEGACY_GATE.fullmatch(key):
+            new = f"mixlora.layers.{m[1]}.mlp.moe_gate.weight"
+        elif m := _LEGACY_EXPERT.fullmatch(key):
+            proj = _LEGACY_PROJECTIONS.get(m[3], m[3])
+            new = f"mixlora.layers.{m[1]}.mlp.{proj}.experts.{m[2]}.{m[4]}.weight"
+        if new in out:
+            raise KeyError(f"{file}: key {key!r} and another key both name {new!r}")
+        out[new] = value
+    return out
+
+
+def read_adapter_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of an adapter directory (safetensors preferred) and the file they came from.
+
+    Keys of the older mixlora layout are renamed to SPEC section 5's. A file that cannot
+    be read, is not a dict of tensors, or holds non-finite values raises an error naming
+    the file (and the key, where one is to blame).
+    """
+    path = os.fspath(path)
+    file = os.path.join(path, SAFETENSORS_NAME)
+    if os.path.isfile(file):
+        state = _read_safetensors(file)
+    else:
+        file = os.path.join(path, BIN_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: holds neither {SAFETENSORS_NAME} nor {BIN_NAME}")
+        state = _read_bin(file)
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: holds a {type(state).__name__}, expected a dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise KeyError(f"{file}: key {key!r} is not a string")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{file}: key {key!r} holds {kind}, expected a floating-point tensor")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{file}: key {key!r} holds non-finite values (corrupt file?)")
+    return _renamed_legacy_keys(state, file), file
+
+
+def _check_compatible(model: nn.Module, have: MixLoraConfig, want: MixLoraConfig, file: str) -> None:
+    for name, get in _STRUCTURAL_FIELDS.items():
+        if get(have) != get(want):
+            raise ValueError(
+                f"{file}: {name}={get(want)!r} but the model's MixLoRA has {name}={get(have)!r}; "
+                "load into a model without MixLoRA to inject the file's configuration"
+            )
+    if want.act_fn is not None:
+        for block in mixlora_blocks(model):
+            if block.activation != want.act_fn:
+                raise ValueError(f"{file}: act_fn={want.act_fn!r} but the model's MixLoRA uses {block.activation!r}")
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, *, backend: str = "auto", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load a MixLoRA adapter directory into ``model`` and return the model.
+
+    A model without MixLoRA gets it injected from the file's config first (``backend``
+    and ``dtype`` as in ``inject_mixlora``); a model that has it must agree with the
+    file's config on everything that shapes the computation. Weights are cast to the
+    model's adapter dtype. Any error (missing, corrupt, truncated or mismatched file,
+    missing, unexpected or mis-shaped key) names the file and the key, and leaves the
+    model unchanged.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not an adapter directory")
+    config = read_adapter_config(path)
+    state, file = read_adapter_weights(path)
+    existing = mixlora_config_of(model)
+    undo = None
+    if existing is None:
+        undo = _inject(unwrap_model(model), config, backend, dtype)
+    else:
+        _check_compatible(unwrap_model(model), existing, config, os.path.join(path, CONFIG_NAME))
+        if any(_is_dtensor(t) for t in model_adapter_targets(model).values()):
+            raise NotImplementedError(
+                "load_adapter: the model's adapter is sharded (FSDP2); load the adapter before fully_shard"
+            )
+    try:
+        load_adapter_state_dict(model, state, source=file)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    return model
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    hf_config = getattr(unwrap_model(model), "config", None)
+    name = getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return callable(getattr(t, "full_tensor", None))
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, safe_serialization: bool = True) -> None:
+    """Write the adapter of ``model`` to directory ``path`` (created if needed).
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` under the key names
+    of SPEC section 5, in the adapter's dtype; ``safe_serialization=False`` writes
+    ``adapter_model.bin`` instead (a plain ``torch.save`` dict, which is the only weights
+    file the ``mixlora`` package itself opens). ``base_model_name_or_path`` is taken from
+    the model's config when the adapter config lacks it. The weights file is written
+    under a temporary name and renamed, so a crash never leaves a truncated adapter; a
+    weights file of the other format already in ``path`` is removed.
+
+    In a distributed run only rank 0 writes. A model sharded with FSDP2 has its weights
+    gathered first, which is a collective: call this on every rank then.
+    """
+    config = mixlora_config_of(model)
+    if config is None:
+        raise ValueError(f"save_adapter: {type(unwrap_model(model)).__name__} holds no MixLoRA adapter")
+    if not config.base_model_name_or_path:
+        config = dataclasses.replace(config, base_model_name_or_path=_base_model_name(model))
+    state = {}
+    for key, value in adapter_state_dict(model).items():
+        if _is_dtensor(value):
+            value = value.full_tensor()
+        # Slices of one stacked parameter share storage, which safetensors refuses: copy each.
+        state[key] = value.to("cpu", copy=True, memory_format=torch.contiguous_format)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, SAFETENSORS_NAME if safe_serialization else BIN_NAME)
+    partial = file + ".partial"
+    if safe_serialization:
+        save_file(state, partial, metadata={"format": "pt"})
+    else:
+        torch.save(state, partial)
+    os.replace(partial, file)
+    # A weights file of the other format left from an earlier save would shadow this one
+    # (loading prefers safetensors) or be read in its place: remove it.
+    stale = os.path.join(path, BIN_NAME if safe_serialization else SAFETENSORS_NAME)
+    if os.path.isfile(stale):
+        os.remove(stale)
+    config.save_pretrained(path)

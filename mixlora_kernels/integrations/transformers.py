@@ -1,0 +1,237 @@
+"""``inject_mixlora``: MixLoRA inside a Hugging Face causal LM.
+
+Every decoder layer's MLP becomes a ``FusedMixLoraFFN`` (its projections stay frozen
+children under their own names) and the attention projections named in
+``target_modules`` get a ``LoraLinear``. Afterwards only adapter parameters require
+grad. A forward pre-hook on the decoder reads the ``attention_mask`` of each call and
+hands every MixLoRA block the matching row mask, so padding stays out of the router loss.
+
+``model_adapter_targets`` maps the MixLoRA key names of SPEC section 5 to the tensors
+that hold them; ``adapter_state_dict`` / ``load_adapter_state_dict`` build on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import MLP_PROJECTIONS, MixLoraConfig
+from ..lora import LoraLinear
+from ..modules import FusedMixLoraFFN, mixlora_blocks
+from ..state import _block_targets
+
+_LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# model_type -> the attention projections that may get LoRA. The MLP layouts (gate/up/down,
+# Phi3's gate_up_proj, Phi's fc1/fc2) are recognised by FusedMixLoraFFN itself.
+SUPPORTED_MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_ATTENTION,
+    "mistral": _LLAMA_ATTENTION,
+    "qwen2": _LLAMA_ATTENTION,
+    "gemma": _LLAMA_ATTENTION,
+    "gemma2": _LLAMA_ATTENTION,
+    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
+    "phi3": ("qkv_proj", "o_proj"),
+}
+_KNOWN_PROJECTIONS = frozenset(MLP_PROJECTIONS).union(*SUPPORTED_MODEL_TYPES.values())
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (any other model as is)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _model_type(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        raise TypeError(
+            f"inject_mixlora: {type(model).__name__} is not a Hugging Face model (it has no config.model_type)"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"inject_mixlora: model type {model_type!r} is not supported; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers: ``model.model`` of a causal LM, or the model."""
+    model = unwrap_model(model)
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner
+    if isinstance(getattr(model, "layers", None), nn.ModuleList):
+        return model
+    raise TypeError(f"{type(model).__name__} has no decoder layers (model.model.layers or model.layers)")
+
+
+def _call_argument(names: tuple[str, ...], args: tuple, kwargs: dict, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    index = names.index(name) if name in names else len(args)
+    return args[index] if index < len(args) else None
+
+
+def _set_row_masks(decoder: nn.Module, args: tuple, kwargs: dict, *, names: tuple[str, ...]) -> None:
+    """Forward pre-hook of the decoder: give each MixLoRA block the rows that are not padding.
+
+    The MLP sees (batch, new tokens) rows while a 2-D attention mask also covers the
+    cached tokens, so the new tokens are its last columns. Without a 2-D mask every row
+    counts (row_mask None).
+    """
+    mask = _call_argument(names, args, kwargs, "attention_mask")
+    tokens = _call_argument(names, args, kwargs, "input_ids")
+    if tokens is None:
+        tokens = _call_argument(names, args, kwargs, "inputs_embeds")
+    rows = None
+    if (
+        isinstance(mask, torch.Tensor)
+        and isinstance(tokens, torch.Tensor)
+        and mask.dim() == 2
+        and tokens.dim() >= 2
+        and mask.shape[0] == tokens.shape[0]
+        and mask.shape[1] >= tokens.shape[1]
+    ):
+        rows = mask[:, mask.shape[1] - tokens.shape[1] :].reshape(-1).to(torch.bool)
+    for block in mixlora_blocks(decoder):
+        block.row_mask = rows
+
+
+def _forward_argument_names(module: nn.Module) -> tuple[str, ...]:
+    params = inspect.signature(type(module).forward).parameters.values()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in positional)[1:]  # drop self
+
+
+def _attention_targets(model_type: str, config: MixLoraConfig) -> list[str]:
+    unknown = sorted(config.target_module_names - _KNOWN_PROJECTIONS)
+    if unknown:
+        raise ValueError(
+            f"MixLoraConfig.target_modules names {unknown}, which no supported model has; "
+            f"known projections: {sorted(_KNOWN_PROJECTIONS)}"
+        )
+    return [name for name in SUPPORTED_MODEL_TYPES[model_type] if name in config.target_module_names]
+
+
+def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, FusedMixLoraFFN):
+            params += [module.moe_gate.weight, *module.lora_A.values(), *module.lora_B.values()]
+        elif isinstance(module, LoraLinear):
+            params += [module.lora_A.weight, module.lora_B.weight]
+    return params
+
+
+def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.dtype | None) -> Callable[[], None]:
+    """Inject MixLoRA and return a function that puts the model back as it was."""
+    if not isinstance(config, MixLoraConfig):
+        raise TypeError(f"inject_mixlora: config must be a MixLoraConfig, got {type(config).__name__}")
+    model_type = _model_type(model)
+    decoder = decoder_of(model)
+    if mixlora_blocks(model):
+        raise ValueError("inject_mixlora: the model already holds MixLoRA blocks; load weights with load_adapter")
+    attention = _attention_targets(model_type, config)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def undo() -> None:
+        for parent, name, original in reversed(replaced):
+            setattr(parent, name, original)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        if "mixlora_config" in model.__dict__:
+            del model.mixlora_config
+
+    try:
+        for layer in decoder.layers:
+            mlp = layer.mlp
+            layer.mlp = FusedMixLoraFFN.from_mlp(mlp, config, backend=backend, dtype=dtype)
+            replaced.append((layer, "mlp", mlp))
+            for name in attention:
+                base = getattr(layer.self_attn, name)
+                setattr(layer.self_attn, name, LoraLinear.from_config(base, config, dtype=dtype))
+                replaced.append((layer.self_attn, name, base))
+        model.requires_grad_(False)
+        for param in _adapter_parameters(model):
+            param.requires_grad_(True)
+        hook = decoder.register_forward_pre_hook(
+            functools.partial(_set_row_masks, names=_forward_argument_names(decoder)), with_kwargs=True
+        )
+    except BaseException:
+        undo()
+        raise
+    model.mixlora_config = config
+
+    def undo_with_hook() -> None:
+        hook.remove()
+        undo()
+
+    return undo_with_hook
+
+
+def inject_mixlora(
+    model: nn.Module, config: MixLoraConfig, *, backend: str = "auto", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Turn a Hugging Face causal LM into a MixLoRA model, in place, and return it.
+
+    Every decoder layer's MLP becomes a ``FusedMixLoraFFN`` (``backend``: "auto",
+    "torch" or "triton") and the attention projections in ``config.target_modules`` get a
+    plain ``LoraLinear``; names the model lacks are skipped, as the ``mixlora`` package
+    does. Only the adapter parameters require grad afterwards (embeddings, lm_head and the
+    base weights are frozen). Adapter weights are created in ``dtype`` (default: each base
+    layer's own). The config is kept as ``model.mixlora_config``.
+
+    Supported model types: llama, mistral, qwen2, gemma, gemma2, phi, phi3; any other
+    raises ValueError naming it.
+    """
+    _inject(model, config, backend, dtype)
+    return model
+
+
+def _layer_targets(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+    targets: dict[str, torch.Tensor] = {}
+    prefix = f"mixlora.layers.{index}"
+    mlp = getattr(layer, "mlp", None)
+    if isinstance(mlp, FusedMixLoraFFN):
+        targets.update({f"{prefix}.mlp.{key}": t for key, t in _block_targets(mlp).items()})
+    attention = getattr(layer, "self_attn", None)
+    if isinstance(attention, nn.Module):
+        for name, child in attention.named_children():
+            if isinstance(child, LoraLinear):
+                targets[f"{prefix}.self_attn.{name}.lora_A.weight"] = child.lora_A.weight
+                targets[f"{prefix}.self_attn.{name}.lora_B.weight"] = child.lora_B.weight
+    return targets
+
+
+def model_adapter_targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every MixLoRA key of SPEC section 5 -> the parameter (or slice) that holds it.
+
+    Keys: ``mixlora.layers.{i}.mlp.moe_gate.weight``,
+    ``mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{A,B}.weight`` and
+    ``mixlora.layers.{i}.self_attn.{proj}.lora_{A,B}.weight``. Raises ValueError if the
+    model holds no MixLoRA.
+    """
+    targets: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(decoder_of(model).layers):
+        targets.update(_layer_targets(index, layer))
+    if not targets:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} holds no MixLoRA adapter; call inject_mixlora first")
+    return targets
+
+
+def mixlora_config_of(model: nn.Module) -> MixLoraConfig | None:
+    """The MixLoraConfig a model was injected with, or None if it holds no MixLoRA."""
+    model = unwrap_model(model)
+    config = getattr(model, "mixlora_config", None)
+    if isinstance(config, MixLoraConfig):
+        return config
+    blocks = mixlora_blocks(model)
+    return blocks[0].config if blocks else None

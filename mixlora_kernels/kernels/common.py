@@ -1,0 +1,82 @@
+"""Pieces every kernel file shares: activations in Triton, size helpers, and the
+switches that pick how a kernel is configured (autotuned, pinned, or interpreted)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation kinds (see activations.py) as kernel constexprs.
+ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+
+PIN_ENV = "MIXLORA_TRITON_CONFIG"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def rank_pad(r: int) -> int:
+    """A LoRA rank padded to a tl.dot operand size: a power of two, at least 16."""
+    return max(16, next_pow2(r))
+
+
+def token_bucket(T: int) -> int:
+    """Autotune key for the token count: its power-of-two bucket, so the tuner does not
+    re-run at every new batch size."""
+    return min(next_pow2(T), 1 << 16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands keep full precision (tl.dot would use tf32); half types ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def pinned_config() -> dict | None:
+    """The config pinned by MIXLORA_TRITON_CONFIG, e.g. "BLOCK_T=32,BLOCK_F=64,num_warps=4"."""
+    spec = os.environ.get(PIN_ENV, "").strip()
+    if not spec:
+        return None
+    out = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{PIN_ENV}={spec!r}: expected comma-separated NAME=INT items")
+        out[key.strip()] = int(value)
+    return out
+
+
+def launch(kernel, autotuned, configs, grid, args: dict) -> None:
+    """Launch with the pinned config, the first config under the interpreter (autotuning
+    there would only run every config slowly), or through the autotuner."""
+    pinned = pinned_config()
+    if pinned is not None or interpreting():
+        chosen = dict(configs[0].kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+        if pinned is not None:
+            chosen.update({k: v for k, v in pinned.items() if k in chosen})
+        kernel[grid](**args, **chosen)
+    else:
+        autotuned[grid](**args)
+
+
+@triton.jit
+def activation(g, ACT: tl.constexpr):
+    """sigma(g) in fp32 for the codes of ACT_CODES."""
+    if ACT == 0:
+        return g * tl.sigmoid(g)
+    elif ACT == 1:
+        # 0.5 g (1 + tanh(a)) = g sigmoid(2a), a = sqrt(2/pi) (g + 0.044715 g^3): no tanh
+        # needed, which tl lacks in the interpreter.
+        return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    elif ACT == 2:
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:
+        return tl.maximum(g, 0.0)

@@ -1,0 +1,167 @@
+"""Fused expert pass, token-major organisation.
+
+A program owns BLOCK_T tokens and a range of f (one of SPLIT_F chunks). Per f tile it
+reads the G and U tiles once and, for each routing slot, adds the rank-r expands of the
+slot's expert densely over all experts under the routing mask: the activations are the
+(BLOCK_T, E*R) shrinks with every column outside the token's expert zeroed, so one
+tl.dot with inner dimension E*R against the stacked B tile applies each token's own
+expert (no gather of B, tensor cores on every row). sigma, the product and the gated
+combine follow in registers, and H = sum_j w_tj h_tj is written once. The down LoRA's A
+shrink runs the other way, with outer dimension E*R (h_j @ A2_cat), masked to the
+token's expert and accumulated across the chunk's tiles; each chunk writes its partial
+sums to its own slice of Z, which the caller adds up. Every output element has one
+writer: no atomics, bitwise reproducible. The cost is E times the rank-r FLOPs of the
+expert-sorted organisation, which pays when E*R is small (MixLoRA's usual 8 * 16).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
+from .common import activation, launch, token_bucket
+
+
+@triton.jit
+def _expert_pass_tm_fwd_kernel(
+    g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
+    u_ptr,  # (T, F) up projection (HAS_U)
+    xag_ptr,  # (T, E, R) contiguous: s * drop(x) A_gate^T (HAS_GATE)
+    xau_ptr,  # (T, E, R) contiguous: s * drop(x) A_up^T (HAS_UP)
+    bg_ptr,  # (E, F, R) contiguous gate B
+    bu_ptr,  # (E, F, R) contiguous up B
+    ad_ptr,  # (E, R, F) contiguous down A (HAS_DOWN)
+    w_ptr,  # (T, K) contiguous routing weights, fp32
+    ex_ptr,  # (T, K) contiguous int64 experts; E marks a dropped pair
+    keep_ptr,  # (T, F) bool keep-mask of the down LoRA input (HAS_KEEP)
+    h_ptr,  # (T, F) out: sum_j w_tj h_tj, x dtype
+    z_ptr,  # (SPLIT_F, T, E, R) out fp32: sum_j w_tj * scale * drop(h_tj) A_e^T at e = e_tj
+    T,
+    F,
+    E,
+    R,
+    scale,
+    stride_gt,
+    stride_ut,
+    stride_kt,
+    stride_ht,
+    T_BUCKET,
+    K: tl.constexpr,
+    ER: tl.constexpr,  # E_PAD * R_PAD, >= 16
+    R_PAD: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_U: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_UP: tl.constexpr,
+    HAS_DOWN: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    rows64 = rows.to(tl.int64)  # widened before any stride: T * F may pass 2**31
+    c = tl.arange(0, ER)
+    ce = c // R_PAD
+    cr = c % R_PAD
+    cmask = (ce < E) & (cr < R)
+    dt = g_ptr.dtype.element_ty
+
+    tiles = tl.cdiv(F, BLOCK_F)
+    per_split = tl.cdiv(tiles, num_splits)
+    z = tl.zeros((BLOCK_T, ER), dtype=tl.float32)
+    for tile in range(split * per_split, tl.minimum(tiles, (split + 1) * per_split)):
+        cols = tile * BLOCK_F + tl.arange(0, BLOCK_F)
+        fmask = cols < F
+        tmask = rmask[:, None] & fmask[None, :]
+        # B tiles of every expert, stacked along E*R: (ER, BLOCK_F); A2 tile: (BLOCK_F, ER).
+        b_off = ce[:, None] * F * R + cols[None, :] * R + cr[:, None]
+        b_mask = cmask[:, None] & fmask[None, :]
+        if HAS_GATE:
+            bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)
+        if HAS_UP:
+            bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
+        if HAS_DOWN:
+            ad = tl.load(ad_ptr + ce[None, :] * R * F + cr[None, :] * F + cols[:, None],
+                         mask=cmask[None, :] & fmask[:, None], other=0.0)  # fmt: skip
+        g_base = tl.load(g_ptr + rows64[:, None] * stride_gt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        if HAS_U:
+            u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + rows64[:, None] * stride_kt + cols[None, :], mask=tmask, other=0).to(tl.float32)
+        h_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
+        for j in tl.static_range(K):
+            ex = tl.load(ex_ptr + rows64 * K + j, mask=rmask, other=E)
+            w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0)
+            sel = (ce[None, :] == ex[:, None]) & cmask[None, :] & rmask[:, None]
+            xa_off = rows64[:, None] * E * R + ce[None, :] * R + cr[None, :]
+            g = g_base
+            if HAS_GATE:
+                xag = tl.load(xag_ptr + xa_off, mask=sel, other=0.0)
+                g = g + tl.dot(xag, bg, input_precision=PRECISION)
+            h = activation(g, ACT)
+            if HAS_U:
+                u = u_base
+                if HAS_UP:
+                    xau = tl.load(xau_ptr + xa_off, mask=sel, other=0.0)
+                    u = u + tl.dot(xau, bu, input_precision=PRECISION)
+                h = h * u
+            h_sum += w[:, None] * h
+            if HAS_DOWN:
+                hd = h
+                if HAS_KEEP:
+                    hd = h * keep
+                zj = tl.dot(hd.to(dt), ad, input_precision=PRECISION)
+                z += tl.where(sel, zj * w[:, None], 0.0)
+        tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :], h_sum.to(dt), mask=tmask)
+    if HAS_DOWN:
+        z_off = (split * T + rows64)[:, None] * E * R + ce[None, :] * R + cr[None, :]
+        tl.store(z_ptr + z_off, z * scale, mask=rmask[:, None] & cmask[None, :])
+
+
+def _smem(cfg, args):
+    return token_major_smem(cfg, args["ER"], args["g_ptr"].element_size())
+
+
+_expert_pass_tm_fwd_autotuned = triton.autotune(
+    configs=TOKEN_MAJOR,
+    key=["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN", "HAS_KEEP"],
+    prune_configs_by={"early_config_prune": make_pruner(_smem)},
+)(_expert_pass_tm_fwd_kernel)
+
+
+def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, experts, keep_down, *,
+                       num_experts: int, rank: int, r_pad: int, act: int, scale: float, split_f: int):  # fmt: skip
+    """Launch the token-major pass. Returns H (T, F) and Z (split_f, T, E, R) fp32 or None."""
+    T, F = G.shape
+    E, R = num_experts, rank
+    er = max(16, triton.next_power_of_2(E) * r_pad)
+    H = torch.empty_like(G)
+    Z = torch.empty(split_f, T, E, R, device=G.device, dtype=torch.float32) if A_down is not None else None
+    dummy = G
+    args = dict(
+        g_ptr=G, u_ptr=U if U is not None else dummy,
+        xag_ptr=xa_gate if xa_gate is not None else dummy, xau_ptr=xa_up if xa_up is not None else dummy,
+        bg_ptr=B_gate if B_gate is not None else dummy, bu_ptr=B_up if B_up is not None else dummy,
+        ad_ptr=A_down if A_down is not None else dummy, w_ptr=weights, ex_ptr=experts,
+        keep_ptr=keep_down if keep_down is not None else dummy, h_ptr=H, z_ptr=Z if Z is not None else dummy,
+        T=T, F=F, E=E, R=R, scale=scale,
+        stride_gt=G.stride(0), stride_ut=U.stride(0) if U is not None else 0,
+        stride_kt=keep_down.stride(0) if keep_down is not None else 0, stride_ht=H.stride(0),
+        T_BUCKET=token_bucket(T), K=experts.shape[1], ER=er, R_PAD=er // triton.next_power_of_2(E), ACT=act,
+        HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
+        HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None,
+        PRECISION="ieee" if G.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_T"]), split_f)
+
+    launch(_expert_pass_tm_fwd_kernel, _expert_pass_tm_fwd_autotuned, TOKEN_MAJOR, grid, args)
+    return H, Z

@@ -1,0 +1,146 @@
+"""The Triton forward composed from its stages, and the choice between the two
+organisations of the fused expert pass.
+
+    shrinks      xa = s * drop(x) A^T for every expert at once (one cuBLAS GEMM, E*R wide)
+    expert pass  token-major or expert-sorted kernel -> H (T, F), Z partial sums
+    down         Y = Z B2^T (one GEMM, E*R deep); the caller runs down(H) through the
+                 base module and adds Y
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..expert_pass_torch import PassConfig
+from .common import ACT_CODES, interpreting, next_pow2, rank_pad
+from .expert_pass_es import expert_pass_es_fwd
+from .expert_pass_tm import expert_pass_tm_fwd
+from .permute import permute_fwd
+
+ORGANISATIONS = ("token_major", "expert_sorted")
+ORGANISATION_ENV = "MIXLORA_EXPERT_PASS"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Effective rates of the fused pass on a current GPU: what matters is their ratio, the
+# FLOPs of small tl.dot tiles per byte of HBM traffic.
+_BYTES_PER_S = 3.0e12
+_FLOPS_PER_S = 4.0e14
+
+
+def check_triton_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError(
+                'backend="triton" got CPU tensors: Triton kernels run on CPU only in the interpreter '
+                '(set TRITON_INTERPRET=1 before triton is imported); use backend="torch" on CPU'
+            )
+        return
+    raise RuntimeError(f'backend="triton" does not support {device.type} tensors')
+
+
+def pass_costs(T: int, F: int, E: int, R: int, K: int, elem: int) -> dict[str, float]:
+    """Modelled seconds of each organisation: max of memory time and dot time."""
+    er = max(16, next_pow2(E) * next_pow2(R))
+    tm_bytes = 3 * T * F * elem
+    tm_flops = K * 3 * 2 * T * F * er
+    es_bytes = (2 * K + 2 * K - 1) * T * F * elem
+    es_flops = K * 3 * 2 * T * F * rank_pad(R)
+    return {
+        "token_major": max(tm_bytes / _BYTES_PER_S, tm_flops / _FLOPS_PER_S),
+        "expert_sorted": max(es_bytes / _BYTES_PER_S, es_flops / _FLOPS_PER_S),
+    }
+
+
+def choose_organisation(T: int, F: int, E: int, R: int, K: int, elem: int) -> str:
+    forced = os.environ.get(ORGANISATION_ENV, "").strip()
+    if forced:
+        if forced not in ORGANISATIONS:
+            raise ValueError(f"{ORGANISATION_ENV}={forced!r}: must be one of {ORGANISATIONS}")
+        return forced
+    costs = pass_costs(T, F, E, R, K, elem)
+    return min(costs, key=costs.get)
+
+
+def _split_f(row_programs: int, F: int, device: torch.device) -> int:
+    """Chunks of f per row block: enough programs to fill the GPU, never more than tiles."""
+    if device.type != "cuda":
+        return min(2, triton.cdiv(F, 64))  # the interpreter: exercise the split, stay small
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, max(row_programs, 1)), triton.cdiv(F, 128)))
+
+
+def _shrinks(x, lora, keep, scale):
+    """s * drop(x) A^T for all experts, (T, E, R) contiguous per projection."""
+    keep_gate, keep_up, _ = keep
+
+    def shrink(a, keep_in):
+        inp = x if keep_in is None else x * keep_in
+        E, R, d = a.shape
+        return (inp @ a.reshape(E * R, d).t()).mul_(scale).view(-1, E, R)
+
+    xa_gate = None if lora.gate_A is None else shrink(lora.gate_A, keep_gate)
+    if lora.up_A is None:
+        xa_up = None
+    elif lora.up_A is lora.gate_A:
+        xa_up = xa_gate
+    else:
+        xa_up = shrink(lora.up_A, keep_up)
+    return xa_gate, xa_up
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 2-D tensor whose rows may be strided but whose columns are contiguous."""
+    return t if t is None or t.stride(1) == 1 else t.contiguous()
+
+
+def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfig):
+    """The fused expert pass on the Triton kernels: (H (T, F), Y (T, d) or None)."""
+    if G.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f'backend="triton" supports {SUPPORTED_DTYPES}, got {G.dtype}; use backend="torch"')
+    T, F = G.shape
+    E = cfg.num_experts
+    K = experts.shape[1]
+    ranks = {t.shape[1] for t in (lora.gate_A, lora.up_A, lora.down_A) if t is not None}
+    if len(ranks) > 1:
+        raise ValueError(f'backend="triton" needs one LoRA rank for all expert projections, got {sorted(ranks)}')
+    R = ranks.pop() if ranks else 1
+    xa_gate, xa_up = _shrinks(x, lora, keep, cfg.scale)
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    B_gate, B_up, A_down = contiguous(lora.gate_B), contiguous(lora.up_B), contiguous(lora.down_A)
+    if lora.gate_A is None:
+        B_gate = None
+    if lora.up_A is None:
+        B_up = None
+    keep_down = _rows(keep[2])
+    G, U = _rows(G), _rows(U)
+    w = weights.float().contiguous()
+    experts = experts.contiguous()
+    act = ACT_CODES[cfg.kind]
+    organisation = choose_organisation(T, F, E, R, K, G.element_size())
+    common = dict(num_experts=E, rank=R, act=act, scale=cfg.scale)
+    if organisation == "token_major":
+        split = _split_f(triton.cdiv(T, 64), F, G.device)
+        H, Z = expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, experts, keep_down,
+                                  r_pad=next_pow2(R), split_f=split, **common)  # fmt: skip
+        Zd = None if Z is None else Z.sum(0).view(T, E * R)
+    else:
+        block_m = 16 if T * K <= 16 * E else 64
+        perm = permute_fwd(experts, E, block_m)
+        split = _split_f(perm.max_blocks_per_slot, F, G.device)
+        H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, keep_down,
+                                  r_pad=rank_pad(R), split_f=split, can_drop=cfg.can_drop, **common)  # fmt: skip
+        Zd = None
+        if Z is not None:
+            per_pair = Z.sum(0).view(T, K, R)
+            Zd = per_pair.new_zeros(T, E + 1, R).scatter_(1, experts.unsqueeze(-1).expand(T, K, R), per_pair)
+            Zd = Zd[:, :E].reshape(T, E * R)
+    Y = None
+    if Zd is not None:
+        B_down = lora.down_B.transpose(1, 2).reshape(E * R, -1)
+        Y = Zd.to(x.dtype) @ B_down
+    return H, Y

@@ -1,0 +1,72 @@
+"""``LoraLinear``: a plain LoRA on a frozen linear layer, for the attention projections.
+
+``y = base(x) + s * drop(x) A^T B^T`` with A (r, in) and B (out, r), as PEFT does it:
+A starts Kaiming-uniform, B at zero (so the wrapped layer starts out unchanged), and the
+dropout acts only in training mode. The adapter keys ``lora_A.weight`` / ``lora_B.weight``
+are those of the MixLoRA format (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import MixLoraConfig
+
+
+def _features(base: nn.Module) -> tuple[int, int]:
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):
+        return int(base.in_features), int(base.out_features)
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[1]), int(weight.shape[0])
+    raise TypeError(f"LoraLinear: cannot tell the in/out features of {type(base).__name__}")
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear (kept as ``base_layer``) plus a trainable rank-r update."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoraLinear: r={r!r} must be a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoraLinear: dropout={dropout!r} must be in [0, 1)")
+        self.in_features, self.out_features = _features(base)
+        self.r = r
+        self.scaling = scaling
+        base.requires_grad_(False)
+        self.base_layer = base
+        weight = getattr(base, "weight", None)
+        device = weight.device if isinstance(weight, torch.Tensor) else None
+        if dtype is None:
+            floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            dtype = weight.dtype if floating else torch.float32
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def from_config(cls, base: nn.Module, config: MixLoraConfig, dtype: torch.dtype | None = None) -> LoraLinear:
+        """The attention LoRA of a MixLoRA config: rank ``r``, scale ``config.scaling``."""
+        return cls(base, r=config.r, scaling=config.scaling, dropout=config.lora_dropout, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (self.scaling * update).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
