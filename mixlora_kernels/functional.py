@@ -13,12 +13,13 @@ The data path (SPEC section 3):
 from __future__ import annotations
 
 import os
+
 import torch
 
-from .autograd import ExpertPassFunction, route
 from .activations import activation_kind
-from .expert_pass_torch import PassConfig
+from .autograd import ExpertPassFunction, route
 from .containers import ExpertLoRA, MixLoraOutput
+from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise, new_seed
 from .routing import Routing, router_logits
 

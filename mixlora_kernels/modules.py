@@ -16,6 +16,7 @@ from torch import nn
 from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
+from .routing import expert_counts
 
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
 MLP_STYLES = {
@@ -198,8 +199,14 @@ class FusedMixLoraFFN(nn.Module):
         )
         self.last_router_logits = result.router_logits
         with torch.no_grad():
-            self.expert_load.copy_(result.expert_counts)
-            self.expert_load_total.add_(result.expert_counts)
+            counts = result.expert_counts
+            mask = self.row_mask
+            if mask is not None and mask.numel() == result.experts.shape[0]:
+                # Padding rows are routed too, but are not load: count real rows only.
+                padded = ~mask.reshape(-1, 1).to(device=result.experts.device, dtype=torch.bool)
+                counts = expert_counts(result.experts.masked_fill(padded, self.num_experts), self.num_experts)
+            self.expert_load.copy_(counts)
+            self.expert_load_total.add_(counts)
         return result.out
 
     def __getstate__(self) -> dict:

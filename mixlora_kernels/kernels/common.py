@@ -54,17 +54,35 @@ def pinned_config() -> dict | None:
     return out
 
 
-def launch(kernel, autotuned, configs, grid, args: dict) -> None:
-    """Launch with the pinned config, the first config under the interpreter (autotuning
-    there would only run every config slowly), or through the autotuner."""
+def fixed_config(configs) -> dict | None:
+    """The config a launch runs without autotuning: the pinned one (MIXLORA_TRITON_CONFIG
+    over the first config), or the first config under the interpreter, where autotuning
+    would only run every config slowly. None means the autotuner chooses."""
     pinned = pinned_config()
-    if pinned is not None or interpreting():
-        chosen = dict(configs[0].kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
-        if pinned is not None:
-            chosen.update({k: v for k, v in pinned.items() if k in chosen})
+    if pinned is None and not interpreting():
+        return None
+    chosen = dict(configs[0].kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+    if pinned is not None:
+        chosen.update({k: v for k, v in pinned.items() if k in chosen})
+    return chosen
+
+
+def launch(kernel, autotuned, configs, grid, args: dict) -> None:
+    """Launch with the fixed config if there is one, else through the autotuner."""
+    chosen = fixed_config(configs)
+    if chosen is not None:
         kernel[grid](**args, **chosen)
     else:
         autotuned[grid](**args)
+
+
+def column_chunks(F: int, splits: int, configs) -> tuple[int, int]:
+    """(columns per chunk, number of chunks) cutting f into about ``splits`` chunks that
+    every BLOCK_F the launch may use tiles exactly."""
+    chosen = fixed_config(configs)
+    align = chosen["BLOCK_F"] if chosen is not None else max(c.kwargs["BLOCK_F"] for c in configs)
+    per_chunk = triton.cdiv(triton.cdiv(F, max(splits, 1)), align) * align
+    return per_chunk, triton.cdiv(F, per_chunk)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import EXPERT_SORTED, expert_sorted_smem, make_pruner
-from .common import activation, launch, token_bucket
+from .common import activation, column_chunks, launch, token_bucket
 from .permute import Permutation
 
 
@@ -51,6 +51,7 @@ def _expert_pass_es_fwd_kernel(
     stride_ut,
     stride_kt,
     stride_ht,
+    f_per_split,  # columns of f per program along axis 1, a multiple of BLOCK_F
     T_BUCKET,
     K: tl.constexpr,
     R_PAD: tl.constexpr,  # >= 16
@@ -66,7 +67,6 @@ def _expert_pass_es_fwd_kernel(
     BLOCK_F: tl.constexpr,
 ):
     split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
     block = tl.load(slot_blocks_ptr + slot) + tl.program_id(0)
     if block >= tl.load(slot_blocks_ptr + slot + 1):
         return
@@ -85,11 +85,11 @@ def _expert_pass_es_fwd_kernel(
         xau = tl.load(xau_ptr + xa_off, mask=xa_mask, other=0.0)
     dt = g_ptr.dtype.element_ty
 
-    tiles = tl.cdiv(F, BLOCK_F)
-    per_split = tl.cdiv(tiles, num_splits)
     z = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for tile in range(split * per_split, tl.minimum(tiles, (split + 1) * per_split)):
-        cols = tile * BLOCK_F + tl.arange(0, BLOCK_F)
+    # Loop bounds are kernel arguments, not values derived from program ids, so that the
+    # interpreter of every supported Triton accepts them. Columns past F are masked.
+    for col0 in range(0, f_per_split, BLOCK_F):
+        cols = split * f_per_split + col0 + tl.arange(0, BLOCK_F)
         fmask = cols < F
         tmask = valid[:, None] & fmask[None, :]
         b_off = expert * F * R + cols[None, :] * R + rr[:, None]
@@ -140,6 +140,7 @@ def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm
     T, F = G.shape
     K = weights.shape[1]
     E, R = num_experts, rank
+    f_per_split, split_f = column_chunks(F, split_f, EXPERT_SORTED)
     # Tokens dropped by capacity are in no group: their H rows must read as zero.
     H = torch.zeros_like(G) if can_drop else torch.empty_like(G)
     Z = None
@@ -157,7 +158,7 @@ def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm
         T=T, F=F, E=E, R=R, scale=scale,
         stride_gt=G.stride(0), stride_ut=U.stride(0) if U is not None else 0,
         stride_kt=keep_down.stride(0) if keep_down is not None else 0, stride_ht=H.stride(0),
-        T_BUCKET=token_bucket(T), K=K, R_PAD=r_pad, ACT=act,
+        f_per_split=f_per_split, T_BUCKET=token_bucket(T), K=K, R_PAD=r_pad, ACT=act,
         HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
         HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None,
         PRECISION="ieee" if G.dtype == torch.float32 else "tf32", BLOCK_M=perm.block_m,

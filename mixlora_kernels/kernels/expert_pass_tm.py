@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
-from .common import activation, launch, token_bucket
+from .common import activation, column_chunks, launch, token_bucket
 
 
 @triton.jit
@@ -47,6 +47,7 @@ def _expert_pass_tm_fwd_kernel(
     stride_ut,
     stride_kt,
     stride_ht,
+    f_per_split,  # columns of f per program along axis 1, a multiple of BLOCK_F
     T_BUCKET,
     K: tl.constexpr,
     ER: tl.constexpr,  # E_PAD * R_PAD, >= 16
@@ -63,7 +64,6 @@ def _expert_pass_tm_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
     rows64 = rows.to(tl.int64)  # widened before any stride: T * F may pass 2**31
@@ -73,11 +73,11 @@ def _expert_pass_tm_fwd_kernel(
     cmask = (ce < E) & (cr < R)
     dt = g_ptr.dtype.element_ty
 
-    tiles = tl.cdiv(F, BLOCK_F)
-    per_split = tl.cdiv(tiles, num_splits)
     z = tl.zeros((BLOCK_T, ER), dtype=tl.float32)
-    for tile in range(split * per_split, tl.minimum(tiles, (split + 1) * per_split)):
-        cols = tile * BLOCK_F + tl.arange(0, BLOCK_F)
+    # Loop bounds are kernel arguments, not values derived from program ids, so that the
+    # interpreter of every supported Triton accepts them. Columns past F are masked.
+    for col0 in range(0, f_per_split, BLOCK_F):
+        cols = split * f_per_split + col0 + tl.arange(0, BLOCK_F)
         fmask = cols < F
         tmask = rmask[:, None] & fmask[None, :]
         # B tiles of every expert, stacked along E*R: (ER, BLOCK_F); A2 tile: (BLOCK_F, ER).
@@ -142,6 +142,7 @@ def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, expe
     T, F = G.shape
     E, R = num_experts, rank
     er = max(16, triton.next_power_of_2(E) * r_pad)
+    f_per_split, split_f = column_chunks(F, split_f, TOKEN_MAJOR)
     H = torch.empty_like(G)
     Z = torch.empty(split_f, T, E, R, device=G.device, dtype=torch.float32) if A_down is not None else None
     dummy = G
@@ -154,7 +155,8 @@ def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, expe
         T=T, F=F, E=E, R=R, scale=scale,
         stride_gt=G.stride(0), stride_ut=U.stride(0) if U is not None else 0,
         stride_kt=keep_down.stride(0) if keep_down is not None else 0, stride_ht=H.stride(0),
-        T_BUCKET=token_bucket(T), K=experts.shape[1], ER=er, R_PAD=er // triton.next_power_of_2(E), ACT=act,
+        f_per_split=f_per_split, T_BUCKET=token_bucket(T), K=experts.shape[1], ER=er,
+        R_PAD=er // triton.next_power_of_2(E), ACT=act,
         HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
         HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None,
         PRECISION="ieee" if G.dtype == torch.float32 else "tf32",

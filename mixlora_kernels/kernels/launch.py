@@ -23,6 +23,9 @@ from .permute import permute_fwd
 ORGANISATIONS = ("token_major", "expert_sorted")
 ORGANISATION_ENV = "MIXLORA_EXPERT_PASS"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Past this E_PAD * R_PAD the token-major pass holds too wide a masked tile in registers;
+# the cost model never picks it there, and a forced choice falls back to expert-sorted.
+TOKEN_MAJOR_MAX_ER = 128
 
 # Effective rates of the fused pass on a current GPU: what matters is their ratio, the
 # FLOPs of small tl.dot tiles per byte of HBM traffic.
@@ -61,9 +64,15 @@ def choose_organisation(T: int, F: int, E: int, R: int, K: int, elem: int) -> st
     if forced:
         if forced not in ORGANISATIONS:
             raise ValueError(f"{ORGANISATION_ENV}={forced!r}: must be one of {ORGANISATIONS}")
-        return forced
+        return forced if forced == "expert_sorted" or token_major_fits(E, R) else "expert_sorted"
+    if not token_major_fits(E, R):
+        return "expert_sorted"
     costs = pass_costs(T, F, E, R, K, elem)
     return min(costs, key=costs.get)
+
+
+def token_major_fits(E: int, R: int) -> bool:
+    return max(16, next_pow2(E) * next_pow2(R)) <= TOKEN_MAJOR_MAX_ER
 
 
 def _split_f(row_programs: int, F: int, device: torch.device) -> int:
@@ -110,7 +119,7 @@ def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfi
         raise ValueError(f'backend="triton" needs one LoRA rank for all expert projections, got {sorted(ranks)}')
     R = ranks.pop() if ranks else 1
     xa_gate, xa_up = _shrinks(x, lora, keep, cfg.scale)
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    contiguous = lambda t: None if t is None else t.contiguous()
     B_gate, B_up, A_down = contiguous(lora.gate_B), contiguous(lora.up_B), contiguous(lora.down_A)
     if lora.gate_A is None:
         B_gate = None

@@ -39,18 +39,21 @@ def _configs(families, blocks: dict, warps, stages) -> list[triton.Config]:
     return out
 
 
-# Token-major expert pass: BLOCK_T tokens x BLOCK_F columns of f per step.
+# Token-major expert pass: BLOCK_T tokens x BLOCK_F columns of f per step. The masked
+# (BLOCK_T, E*R) shrink tile and its fp32 z accumulator dominate the registers, so wide
+# tiles get 8 warps.
 TOKEN_MAJOR = (
-    _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_T": [32, 64], "BLOCK_F": [64]}, [4], [2])
-    + _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_T": [16], "BLOCK_F": [64, 128]}, [4], [2])
-    + _configs({"sm_80", "sm_90"}, {"BLOCK_T": [64], "BLOCK_F": [128]}, [4, 8], [2, 3])
-    + _configs({"sm_90"}, {"BLOCK_T": [128], "BLOCK_F": [64, 128]}, [8], [2, 3])
+    _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_T": [16, 32], "BLOCK_F": [64]}, [4], [2])
+    + _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_T": [32], "BLOCK_F": [64]}, [8], [2])
+    + _configs({"sm_80", "sm_90"}, {"BLOCK_T": [64], "BLOCK_F": [64]}, [8], [3])
+    + _configs({"sm_90"}, {"BLOCK_T": [64], "BLOCK_F": [128]}, [8], [2, 3])
 )
 
 # Expert-sorted expert pass: BLOCK_M comes from the permutation, so only the f tiling,
 # warps and stages are tuned.
 EXPERT_SORTED = (
-    _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_F": [64, 128]}, [4], [2])
+    _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_F": [64]}, [4], [2])
+    + _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_F": [128]}, [8], [2])
     + _configs({"sm_80", "sm_90"}, {"BLOCK_F": [128]}, [8], [3])
     + _configs({"sm_90"}, {"BLOCK_F": [256]}, [8], [2, 3])
 )

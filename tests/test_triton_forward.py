@@ -1,0 +1,270 @@
+"""The Triton forward (route, permute, both expert-pass organisations) against the
+reference: on CPU through the interpreter in fp32 and fp16, on a GPU compiled, in bf16
+and fp16 too. Gradients are checked as well: the backward runs on what the Triton
+forward saved."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reference
+from mixlora_kernels import mixlora_ffn
+from mixlora_kernels.kernels.launch import ORGANISATION_ENV, choose_organisation, pass_costs
+from mixlora_kernels.kernels.permute import permute_fwd
+from mixlora_kernels.kernels.route import route_switch_fwd, route_topk_fwd
+from mixlora_kernels.routing import route_switch, route_topk
+from tests.problems import make_problem
+from tests.test_torch_backend import EK, check
+
+pytestmark = pytest.mark.filterwarnings("ignore:mixlora_kernels. the Triton backend has forward kernels only")
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+ORGS = ["token_major", "expert_sorted"]
+LOW = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+LOW_IDS = ["fp32", "fp16"] + (["bf16"] if GPU else [])
+
+
+@pytest.fixture(params=ORGS)
+def organisation(request, monkeypatch):
+    monkeypatch.setenv(ORGANISATION_ENV, request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def nan_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled (float) or garbage-filled (int)
+    tensors, so that any output element a kernel forgets to write shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-123456)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def on_device(problem):
+    if not GPU:
+        return problem
+    moved = problem.to(torch.float64)
+    moved.x = moved.x.detach().cuda().requires_grad_()
+    moved.router = moved.router.detach().cuda().requires_grad_()
+    moved.experts = type(moved.experts)(
+        *(None if t is None else t.detach().cuda().requires_grad_() for t in moved.experts)
+    )
+    moved.base = {k: v.cuda() for k, v in moved.base.items()}
+    return moved
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("T", [1, 7, 64], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("E,k", EK, ids=[f"E{E}k{k}" for E, k in EK])
+def test_sweep(organisation, E, k, T, dtype):
+    check(on_device(make_problem(T=T, d=13, f=29, E=E, r=3, top_k=k)), dtype, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(shape=(2, 5), d=11, f=17, E=3, r=5),
+        dict(T=20, d=16, f=24, E=4, r=4, style="fused_gate_up", bias=True),
+        dict(T=20, d=16, f=24, E=4, r=4, style="fc", bias=True, activation="gelu_new"),
+        dict(T=20, d=16, f=24, E=4, r=4, activation="gelu"),
+        dict(T=20, d=16, f=24, E=4, r=4, activation="relu"),
+        dict(T=20, d=16, f=24, E=4, r=2, lora=("down",)),
+        dict(T=20, d=16, f=24, E=4, r=2, lora=("gate", "up")),
+        dict(T=20, d=16, f=24, E=4, r=2, lora=("up", "down")),
+        dict(T=37, d=19, f=131, E=5, r=7, top_k=3),
+        dict(T=24, d=16, f=40, E=4, r=16),
+    ],
+    ids=["3d", "phi3", "phi", "gelu", "relu", "down-only", "no-down", "no-gate", "odd-sizes", "r16"],
+)
+def test_variants(organisation, kwargs, dtype):
+    check(on_device(make_problem(**kwargs)), dtype, backend="triton")
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 100])
+def test_switch_routing(organisation, capacity):
+    problem = make_problem(
+        shape=(3, 8), d=10, f=14, E=3, r=2, bias=True, routing_strategy="mixlora-switch", expert_capacity=capacity
+    )
+    out, expected = check(on_device(problem), torch.float32, backend="triton")
+    assert torch.equal(out.kept.cpu(), expected.kept.cpu())
+
+
+def test_non_contiguous_input_and_empty_experts(organisation):
+    problem = make_problem(T=32, d=12, f=20, E=6, r=3)
+    with torch.no_grad():
+        problem.router[4:] = -50.0 * problem.router[:2].abs().sum(0)
+        problem.x.abs_()
+    problem.x = torch.cat([problem.x, problem.x], 1)[:, ::2].detach().requires_grad_()
+    assert not problem.x.is_contiguous()
+    out, _ = check(on_device(problem), torch.float32, backend="triton")
+    assert not ((out.experts == 4) | (out.experts == 5)).any()
+
+
+def test_all_tokens_on_one_expert(organisation):
+    problem = make_problem(T=40, d=8, f=12, E=4, r=2, top_k=1)
+    with torch.no_grad():
+        problem.router.zero_()
+        problem.router[2, 0] = 100.0
+        problem.x[:, 0] = problem.x[:, 0].abs() + 1
+    out, _ = check(on_device(problem), torch.float32, backend="triton")
+    assert (out.experts == 2).all()
+
+
+def test_dropout_masks_reach_the_kernels(organisation):
+    from mixlora_kernels.noise import draw_noise
+
+    problem = on_device(make_problem(T=12, d=10, f=14, E=3, r=2))
+    noise = draw_noise(
+        7, tokens=12, hidden=10, intermediate=14, dropout=0.3, jitter=0.05, has_up_mask=True,
+        device=problem.x.device, dtype=torch.float32,
+    )  # fmt: skip
+    masks = {name: noise.multiplicative(name, torch.float64) for name in ("gate", "up", "down")}
+    check(
+        problem, torch.float32, backend="triton", dropout=0.3, jitter_noise=0.05, training=True, seed=7,
+        dropout_masks=masks, jitter_factors=noise.jitter,
+    )  # fmt: skip
+
+
+def test_bitwise_equal_across_runs(organisation):
+    problem = on_device(make_problem(T=64, d=16, f=40, E=8, r=4, dtype=torch.float32))
+    kwargs = dict(backend="triton", **problem.kwargs())
+    runs = [mixlora_ffn(problem.x, problem.router, problem.experts, **kwargs).out for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_route_kernels_match_torch_routing():
+    for T, E, k in [(1, 1, 1), (7, 3, 2), (100, 8, 2), (65, 5, 5)]:
+        logits = torch.randn(T, E, device=DEVICE)
+        weights, experts, counts = route_topk_fwd(logits, k)
+        ref = route_topk(logits, k)
+        torch.testing.assert_close(weights, ref.weights)
+        assert torch.equal(experts, ref.experts)
+        assert torch.equal(counts.sum(0).long(), ref.counts)
+    for seqs, seq_len, E, capacity in [(3, 8, 3, 2), (2, 200, 4, 30), (1, 1, 2, 1)]:
+        logits = torch.randn(seqs * seq_len, E, device=DEVICE)
+        weights, experts, bypass, counts = route_switch_fwd(logits, seq_len, capacity)
+        ref = route_switch(logits, seq_len, capacity)
+        torch.testing.assert_close(weights, ref.weights)
+        torch.testing.assert_close(bypass, ref.bypass)
+        assert torch.equal(experts, ref.experts)
+        assert torch.equal(counts.sum(0).long(), ref.counts)
+
+
+@pytest.mark.parametrize(
+    "T,E,K,block_m", [(1, 1, 1, 16), (7, 3, 2, 16), (300, 8, 2, 16), (50, 4, 1, 32), (33, 64, 2, 16)]
+)
+def test_permutation_invariants(T, E, K, block_m):
+    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEVICE)
+    if K == 1:
+        experts[::5] = E  # dropped by capacity
+    perm = permute_fwd(experts, E, block_m)
+    P, flat = T * K, experts.reshape(-1).long()
+    used = int(perm.slot_blocks[-1])
+    rows = perm.sorted_pairs[: used * block_m].long()
+    valid = rows < P
+    kept = (flat < E).nonzero().squeeze(1)
+    # The permutation and its inverse compose to the identity on kept pairs.
+    assert torch.equal(rows[perm.position[kept].long()], kept)
+    assert torch.equal(perm.position[flat >= E], torch.full_like(perm.position[flat >= E], -1))
+    # Every kept pair appears exactly once; padding carries the out-of-range sentinel.
+    assert torch.equal(rows[valid].sort().values, kept)
+    assert (rows[~valid] == P).all()
+    # Each block holds one (slot, expert) group, in token order; groups are slot-major.
+    groups = perm.block_group[:used].long()
+    pair_group = (rows % K) * E + flat[rows.clamp(max=P - 1)]
+    assert ((pair_group.view(used, block_m) == groups[:, None]) | ~valid.view(used, block_m)).all()
+    assert (groups.diff() >= 0).all()
+    assert (perm.block_group[used:] == -1).all()
+    counts = torch.bincount(((torch.arange(P, device=DEVICE) % K) * E + flat)[flat < E], minlength=K * E)
+    assert torch.equal((counts + block_m - 1) // block_m, torch.bincount(groups, minlength=K * E))
+    slot_starts = perm.slot_blocks.long()
+    for j in range(K):
+        in_slot = groups[slot_starts[j] : slot_starts[j + 1]]
+        assert ((in_slot // E) == j).all()
+
+
+def test_cost_model_prefers_token_major_for_small_E_r():
+    assert choose_organisation(4096, 11008, 8, 16, 2, 2) == "token_major"
+    assert choose_organisation(4096, 11008, 64, 16, 2, 2) == "expert_sorted"
+    costs = pass_costs(4096, 11008, 32, 16, 2, 2)
+    assert costs["expert_sorted"] < costs["token_major"]
+
+
+def test_int64_row_offsets(organisation, monkeypatch):
+    """G rows 2**30 elements apart: row 2 starts past 2**31, where int32 offsets wrap."""
+    from mixlora_kernels.expert_pass_torch import PassConfig, expert_pass_fwd
+    from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
+
+    T, d, f, E, r, k = 3, 8, 16, 2, 2, 2
+    stride = 2**30
+    # empty_strided is not poisoned by nan_empty: untouched pages of the 4 GB stay uncommitted.
+    big = torch.empty_strided((2 * stride + 2 * f,), (1,), dtype=torch.float16, device=DEVICE)
+    G = big.as_strided((T, f), (stride, 1))
+    U = big.as_strided((T, f), (stride, 1), storage_offset=f)
+    with torch.no_grad():
+        G.copy_(torch.randn(T, f))
+        U.copy_(torch.randn(T, f))
+    problem = make_problem(T=T, d=d, f=f, E=E, r=r, top_k=k, dtype=torch.float16)
+    x = problem.x.detach().to(DEVICE)
+    lora = type(problem.experts)(*(t.detach().to(DEVICE) for t in problem.experts))
+    weights = torch.full((T, k), 0.5, dtype=torch.float16, device=DEVICE)
+    experts = torch.tensor([[0, 1], [1, 0], [0, 1]], device=DEVICE)
+    cfg = PassConfig(E, "silu", 0.5, "triton")
+    H, Y = expert_pass_fwd_triton(x, G, U, weights, experts, lora, (None, None, None), cfg)
+    H_ref, Y_ref = expert_pass_fwd(
+        x.float(), G.float(), U.float(), weights.float(), experts, type(lora)(*(t.float() for t in lora)),
+        (None, None, None), cfg._replace(backend="torch"),
+    )  # fmt: skip
+    torch.testing.assert_close(H.float(), H_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(Y.float(), Y_ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU-without-interpreter error; on a GPU the kernels compile")
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import torch\n"
+        "from tests.problems import make_problem\n"
+        "from mixlora_kernels import mixlora_ffn\n"
+        "p = make_problem(dtype=torch.float32)\n"
+        "try:\n"
+        "    mixlora_ffn(p.x, p.router, p.experts, backend='triton', **p.kwargs())\n"
+        "except RuntimeError as err:\n"
+        "    print('ERROR:', err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert "ERROR:" in done.stdout and "TRITON_INTERPRET=1" in done.stdout, done.stdout + done.stderr
+
+
+def test_fp64_is_refused_with_a_clear_error():
+    problem = on_device(make_problem(T=4, d=8, f=12, E=2, r=2))
+    with pytest.raises(TypeError, match='backend="triton" supports'):
+        mixlora_ffn(problem.x, problem.router, problem.experts, backend="triton", **problem.kwargs())
+
+
+def test_backward_falls_back_to_torch_with_one_warning():
+    import mixlora_kernels.autograd as ag
+
+    problem = on_device(make_problem(T=8, d=8, f=12, E=2, r=2)).to(torch.float32)
+    ag._warned_torch_backward = False
+    out = mixlora_ffn(problem.x, problem.router, problem.experts, backend="triton", **problem.kwargs()).out
+    with pytest.warns(UserWarning, match="forward kernels only"):
+        out.sum().backward()
+    ref = reference.mixlora_ffn(problem.x, problem.router, problem.experts, **problem.kwargs()).out
+    (ref_grad,) = torch.autograd.grad(ref.sum(), problem.x)
+    torch.testing.assert_close(problem.x.grad, ref_grad, atol=2e-5, rtol=2e-4)
