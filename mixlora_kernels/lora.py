@@ -16,13 +16,15 @@ from torch import nn
 from .config import MixLoraConfig
 
 
-def _features(base: nn.Module) -> tuple[int, int]:
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return int(base.in_features), int(base.out_features)
-    weight = getattr(base, "weight", None)
+def linear_features(linear: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a linear-like module (quantised
+    linears keep the attributes; others have a 2-D weight)."""
+    if hasattr(linear, "in_features") and hasattr(linear, "out_features"):
+        return int(linear.in_features), int(linear.out_features)
+    weight = getattr(linear, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return int(weight.shape[1]), int(weight.shape[0])
-    raise TypeError(f"LoraLinear: cannot tell the in/out features of {type(base).__name__}")
+    raise TypeError(f"cannot tell the in/out features of {type(linear).__name__}")
 
 
 class LoraLinear(nn.Module):
@@ -42,7 +44,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"LoraLinear: r={r!r} must be a positive integer")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraLinear: dropout={dropout!r} must be in [0, 1)")
-        self.in_features, self.out_features = _features(base)
+        self.in_features, self.out_features = linear_features(base)
         self.r = r
         self.scaling = scaling
         base.requires_grad_(False)

@@ -16,6 +16,7 @@ from torch import nn
 from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
+from .lora import linear_features
 from .routing import expert_counts
 
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
@@ -34,15 +35,6 @@ def _mlp_style(mlp: nn.Module) -> str:
         f"FusedMixLoraFFN.from_mlp: {type(mlp).__name__} has none of the supported MLP layouts "
         "(gate_proj/up_proj/down_proj, gate_up_proj/down_proj, fc1/fc2)"
     )
-
-
-def _features(linear: nn.Module) -> tuple[int, int]:
-    if hasattr(linear, "in_features") and hasattr(linear, "out_features"):
-        return int(linear.in_features), int(linear.out_features)
-    weight = getattr(linear, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return int(weight.shape[1]), int(weight.shape[0])
-    raise TypeError(f"cannot tell the in/out features of {type(linear).__name__}")
 
 
 def _mlp_activation(mlp: nn.Module, config: MixLoraConfig) -> str:
@@ -91,7 +83,7 @@ class FusedMixLoraFFN(nn.Module):
 
         names = list(projections)
         first, last = names[0], names[-1]
-        self.hidden_size, first_out = _features(getattr(self, first))
+        self.hidden_size, first_out = linear_features(getattr(self, first))
         self.intermediate_size = first_out // 2 if self.style == "fused_gate_up" else first_out
         self.num_experts = config.num_experts
         self.top_k = config.experts_per_token
@@ -113,7 +105,7 @@ class FusedMixLoraFFN(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name in targeted:
-            fan_in, fan_out = _features(getattr(self, name))
+            fan_in, fan_out = linear_features(getattr(self, name))
             a = torch.empty(self.num_experts, r, fan_in, device=device, dtype=dtype)
             for e in range(self.num_experts):
                 nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))

@@ -37,6 +37,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     )
 
 
+# Relative RMS error bounds, ||actual - expected|| / ||expected||, for large shapes where
+# element-wise bounds would have to scale with the reduction length (fla's convention).
+RMS_TOLERANCES = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_rel_rms(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name=""):
+    assert not torch.isnan(actual).any(), f"{name}: NaN in result"
+    err = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
+    assert err <= RMS_TOLERANCES[dtype], f"{name}: relative RMS error {err:.3e} > {RMS_TOLERANCES[dtype]:.0e}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

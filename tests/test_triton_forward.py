@@ -18,7 +18,8 @@ from mixlora_kernels.kernels.launch import ORGANISATION_ENV, choose_organisation
 from mixlora_kernels.kernels.permute import permute_fwd
 from mixlora_kernels.kernels.route import route_switch_fwd, route_topk_fwd
 from mixlora_kernels.routing import route_switch, route_topk
-from tests.problems import make_problem
+from tests.conftest import assert_rel_rms
+from tests.problems import leaf_names, make_problem, run_pair
 from tests.test_torch_backend import EK, check
 
 pytestmark = pytest.mark.filterwarnings("ignore:mixlora_kernels. the Triton backend has forward kernels only")
@@ -268,3 +269,50 @@ def test_backward_falls_back_to_torch_with_one_warning():
     ref = reference.mixlora_ffn(problem.x, problem.router, problem.experts, **problem.kwargs()).out
     (ref_grad,) = torch.autograd.grad(ref.sum(), problem.x)
     torch.testing.assert_close(problem.x.grad, ref_grad, atol=2e-5, rtol=2e-4)
+
+
+needs_gpu = pytest.mark.skipif(
+    not GPU, reason="needs a CUDA device: compiled kernels at sizes the interpreter cannot run"
+)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "T,d,f,E,k,r", [(4096, 1024, 2816, 8, 2, 16), (16, 4096, 11008, 8, 2, 16), (2048, 2048, 5632, 64, 2, 16)]
+)
+def test_gpu_large_shapes(organisation, T, d, f, E, k, r, dtype):
+    problem = on_device(make_problem(T=T, d=d, f=f, E=E, r=r, top_k=k, router_scale=0.05))
+    out, expected, grads, ref_grads = run_pair(problem, dtype, "triton")
+    assert_rel_rms(out.out, expected.out, dtype, "out")
+    for name, g, rg in zip(leaf_names(problem), grads, ref_grads):
+        assert_rel_rms(g, rg, dtype, f"d{name}")
+
+
+@needs_gpu
+def test_gpu_more_than_2_31_elements(organisation):
+    """T * f past 2**31 for real: the last rows against the torch backend on a slice."""
+    from mixlora_kernels.expert_pass_torch import PassConfig, expert_pass_fwd
+    from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
+
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GB of GPU memory for three (T, f) bf16 tensors past 2**31 elements")
+    T, d, f, E, r, k = 200_000, 64, 11008, 8, 16, 2
+    assert T * f > 2**31
+    dev = "cuda"
+    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+    G = torch.randn(T, f, device=dev, dtype=torch.bfloat16)
+    U = torch.randn(T, f, device=dev, dtype=torch.bfloat16)
+    lora = make_problem(T=1, d=d, f=f, E=E, r=r, dtype=torch.float32).experts
+    lora = type(lora)(*(t.detach().to(dev, torch.bfloat16) for t in lora))
+    experts = torch.stack([torch.randperm(E, device=dev)[:k] for _ in range(64)]).repeat(T // 64 + 1, 1)[:T]
+    weights = torch.softmax(torch.randn(T, k, device=dev), -1)
+    cfg = PassConfig(E, "silu", 0.5, "triton")
+    H, Y = expert_pass_fwd_triton(x, G, U, weights, experts, lora, (None, None, None), cfg)
+    tail = slice(T - 64, T)
+    H_ref, Y_ref = expert_pass_fwd(
+        x[tail].float(), G[tail].float(), U[tail].float(), weights[tail], experts[tail],
+        type(lora)(*(t.float() for t in lora)), (None, None, None), cfg._replace(backend="torch"),
+    )  # fmt: skip
+    assert_rel_rms(H[tail], H_ref, torch.bfloat16, "H tail")
+    assert_rel_rms(Y[tail], Y_ref, torch.bfloat16, "Y tail")

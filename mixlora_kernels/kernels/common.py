@@ -85,6 +85,23 @@ def column_chunks(F: int, splits: int, configs) -> tuple[int, int]:
     return per_chunk, triton.cdiv(F, per_chunk)
 
 
+def expert_pass_args(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, keep_down, H, Z, **scalars) -> dict:
+    """The arguments both expert-pass kernels share. An absent tensor is passed as G: its
+    HAS_* flag is off, so the kernel never reads it."""
+    present = lambda t: G if t is None else t
+    T = G.shape[0]
+    return dict(
+        g_ptr=G, u_ptr=present(U), xag_ptr=present(xa_gate), xau_ptr=present(xa_up),
+        bg_ptr=present(B_gate), bu_ptr=present(B_up), ad_ptr=present(A_down), w_ptr=weights,
+        keep_ptr=present(keep_down), h_ptr=H, z_ptr=present(Z), T=T, F=G.shape[1],
+        stride_gt=G.stride(0), stride_ut=0 if U is None else U.stride(0),
+        stride_kt=0 if keep_down is None else keep_down.stride(0), stride_ht=H.stride(0),
+        T_BUCKET=token_bucket(T), HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
+        HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None, PRECISION=dot_precision(G.dtype),
+        **scalars,
+    )  # fmt: skip
+
+
 @triton.jit
 def activation(g, ACT: tl.constexpr):
     """sigma(g) in fp32 for the codes of ACT_CODES."""

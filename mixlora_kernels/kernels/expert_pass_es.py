@@ -21,11 +21,11 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import EXPERT_SORTED, expert_sorted_smem, make_pruner
-from .common import activation, column_chunks, launch, token_bucket
+from .common import activation, column_chunks, expert_pass_args, launch
 from .permute import Permutation
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "slot"])
 def _expert_pass_es_fwd_kernel(
     sorted_ptr,  # (max_blocks * BLOCK_M,) int32 pair ids t*K+j by (slot, expert); T*K = padding
     block_group_ptr,  # (max_blocks,) int32 group slot*E+expert of each block
@@ -147,21 +147,10 @@ def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm
     if A_down is not None:
         alloc = torch.zeros if can_drop else torch.empty
         Z = alloc(split_f, T * K, R, device=G.device, dtype=torch.float32)
-    dummy = G
-    base = dict(
+    base = expert_pass_args(
+        G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, keep_down, H, Z,
         sorted_ptr=perm.sorted_pairs, block_group_ptr=perm.block_group, slot_blocks_ptr=perm.slot_blocks,
-        g_ptr=G, u_ptr=U if U is not None else dummy,
-        xag_ptr=xa_gate if xa_gate is not None else dummy, xau_ptr=xa_up if xa_up is not None else dummy,
-        bg_ptr=B_gate if B_gate is not None else dummy, bu_ptr=B_up if B_up is not None else dummy,
-        ad_ptr=A_down if A_down is not None else dummy, w_ptr=weights,
-        keep_ptr=keep_down if keep_down is not None else dummy, h_ptr=H, z_ptr=Z if Z is not None else dummy,
-        T=T, F=F, E=E, R=R, scale=scale,
-        stride_gt=G.stride(0), stride_ut=U.stride(0) if U is not None else 0,
-        stride_kt=keep_down.stride(0) if keep_down is not None else 0, stride_ht=H.stride(0),
-        f_per_split=f_per_split, T_BUCKET=token_bucket(T), K=K, R_PAD=r_pad, ACT=act,
-        HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
-        HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None,
-        PRECISION="ieee" if G.dtype == torch.float32 else "tf32", BLOCK_M=perm.block_m,
+        E=E, R=R, scale=scale, f_per_split=f_per_split, K=K, R_PAD=r_pad, ACT=act, BLOCK_M=perm.block_m,
     )  # fmt: skip
     grid = (perm.max_blocks_per_slot, split_f)
     for slot in range(K):

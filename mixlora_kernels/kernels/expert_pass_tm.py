@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
-from .common import activation, column_chunks, launch, token_bucket
+from .common import activation, column_chunks, expert_pass_args, launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _expert_pass_tm_fwd_kernel(
     g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
     u_ptr,  # (T, F) up projection (HAS_U)
@@ -145,22 +145,28 @@ def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, expe
     f_per_split, split_f = column_chunks(F, split_f, TOKEN_MAJOR)
     H = torch.empty_like(G)
     Z = torch.empty(split_f, T, E, R, device=G.device, dtype=torch.float32) if A_down is not None else None
-    dummy = G
-    args = dict(
-        g_ptr=G, u_ptr=U if U is not None else dummy,
-        xag_ptr=xa_gate if xa_gate is not None else dummy, xau_ptr=xa_up if xa_up is not None else dummy,
-        bg_ptr=B_gate if B_gate is not None else dummy, bu_ptr=B_up if B_up is not None else dummy,
-        ad_ptr=A_down if A_down is not None else dummy, w_ptr=weights, ex_ptr=experts,
-        keep_ptr=keep_down if keep_down is not None else dummy, h_ptr=H, z_ptr=Z if Z is not None else dummy,
-        T=T, F=F, E=E, R=R, scale=scale,
-        stride_gt=G.stride(0), stride_ut=U.stride(0) if U is not None else 0,
-        stride_kt=keep_down.stride(0) if keep_down is not None else 0, stride_ht=H.stride(0),
-        f_per_split=f_per_split, T_BUCKET=token_bucket(T), K=experts.shape[1], ER=er,
-        R_PAD=er // triton.next_power_of_2(E), ACT=act,
-        HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
-        HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None,
-        PRECISION="ieee" if G.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    args = expert_pass_args(
+        G,
+        U,
+        xa_gate,
+        xa_up,
+        B_gate,
+        B_up,
+        A_down,
+        weights,
+        keep_down,
+        H,
+        Z,
+        ex_ptr=experts,
+        E=E,
+        R=R,
+        scale=scale,
+        f_per_split=f_per_split,
+        K=experts.shape[1],
+        ER=er,
+        R_PAD=er // triton.next_power_of_2(E),
+        ACT=act,
+    )
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]), split_f)

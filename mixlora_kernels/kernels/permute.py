@@ -30,8 +30,8 @@ class Permutation(NamedTuple):
     max_blocks_per_slot: int
 
 
-@triton.jit
-def _permute_kernel(
+@triton.jit(do_not_specialize=["T", "max_blocks"])
+def _permute_fwd_kernel(
     experts_ptr,  # (T*K,) int64 expert of each pair; E marks a dropped pair
     sorted_ptr,  # (max_blocks * BLOCK_M,) out int32 pair ids by (slot, expert, token)
     position_ptr,  # (T*K,) out int32 inverse map; -1 for dropped pairs
@@ -109,7 +109,7 @@ def permute_fwd(experts: torch.Tensor, num_experts: int, block_m: int) -> Permut
     position = torch.empty(P, device=dev, dtype=torch.int32)
     block_group = torch.empty(max_blocks, device=dev, dtype=torch.int32)
     slot_blocks = torch.empty(K + 1, device=dev, dtype=torch.int32)
-    _permute_kernel[(K * num_experts,)](
+    _permute_fwd_kernel[(K * num_experts,)](
         experts.reshape(-1), sorted_pairs, position, block_group, slot_blocks, T, num_experts, max_blocks,
         K=K, G_PAD=next_pow2(K * num_experts), BLOCK_M=block_m, BLOCK_P=128,
     )  # fmt: skip

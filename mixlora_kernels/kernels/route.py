@@ -26,7 +26,7 @@ def _softmax_rows(logits_ptr, rows, rmask, cols, cmask, stride_lt):
     return p / tl.where(rmask, tl.sum(p, axis=1), 1.0)[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _route_topk_fwd_kernel(
     logits_ptr,  # (T, E) fp32 router logits
     weights_ptr,  # (T, K) out fp32: top-k probabilities renormalised to sum 1
@@ -66,7 +66,7 @@ def _route_topk_fwd_kernel(
     tl.store(experts_ptr + out, top_e, mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len", "capacity"])
 def _route_switch_fwd_kernel(
     logits_ptr,  # (T, E) fp32 router logits, T = num_seqs * seq_len
     weights_ptr,  # (T,) out fp32: p_max where the token is kept, else 0

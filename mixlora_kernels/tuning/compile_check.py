@@ -170,7 +170,7 @@ def _kernel(name: str):
         "expert_pass_es_fwd": expert_pass_es._expert_pass_es_fwd_kernel,
         "route_topk_fwd": route._route_topk_fwd_kernel,
         "route_switch_fwd": route._route_switch_fwd_kernel,
-        "permute": permute._permute_kernel,
+        "permute": permute._permute_fwd_kernel,
     }[name]
 
 
