@@ -105,14 +105,29 @@ def _fill_dropped(tok: torch.Tensor, *outs: torch.Tensor | None) -> None:
             out.index_fill_(0, tok, 0.0)
 
 
+def _stacked_in_A(lora, keep_gate, keep_up):
+    """(E, 2r, d) gate and up A side by side, when both read the same undropped x: one
+    shrink GEMM, one dA GEMM and one dx GEMM per group instead of two each."""
+    separate = lora.gate_A is not None and lora.up_A is not None and lora.up_A is not lora.gate_A
+    if separate and keep_gate is None and keep_up is None and lora.gate_A.shape == lora.up_A.shape:
+        return torch.cat([lora.gate_A, lora.up_A], dim=1)
+    return None
+
+
 class _Inputs:
     """The LoRA inputs of one group: drop(x) rows and their rank-r shrinks."""
 
-    def __init__(self, x, lora, keep_gate, keep_up, tok, e, scale, ws, n):
+    def __init__(self, x, lora, stacked_A, keep_gate, keep_up, tok, e, scale, ws, n):
         self.xg = self.xu = self.ag = self.au = None
         if lora.gate_A is None and lora.up_A is None:
             return
         xe = _gather(x, tok, ws.take("x", n))
+        if stacked_A is not None:
+            both = (xe @ stacked_A[e].t()).mul_(scale)
+            r = lora.gate_A.shape[1]
+            self.xg = self.xu = xe
+            self.ag, self.au = both[:, :r], both[:, r:]
+            return
         if lora.gate_A is not None:
             self.xg = xe if keep_gate is None else xe * keep_gate[tok]
             self.ag = (self.xg @ lora.gate_A[e].t()).mul_(scale)
@@ -122,6 +137,34 @@ class _Inputs:
             else:
                 self.xu = xe if keep_up is None else xe * keep_up[tok]
                 self.au = (self.xu @ lora.up_A[e].t()).mul_(scale)
+
+
+def _in_lora_bwd(dg, du, ins, lora, stacked_A, keep_gate, keep_up, tok, e, s, dlora, dxe):
+    """Gradients of the gate/up LoRA pairs of one group; dx's LoRA share into ``dxe``."""
+    das = []
+    for role, d_out, a_in in (("gate", dg, ins.ag), ("up", du, ins.au)):
+        if a_in is None:
+            continue
+        dlora[f"{role}_B"][e] += d_out.t() @ a_in
+        das.append((role, (d_out @ getattr(lora, f"{role}_B")[e]).mul_(s)))
+    if stacked_A is not None:
+        da = torch.cat([das[0][1], das[1][1]], dim=1)
+        dA = da.t() @ ins.xg
+        r = lora.gate_A.shape[1]
+        dlora["gate_A"][e] += dA[:r]
+        dlora["up_A"][e] += dA[r:]
+        torch.mm(da, stacked_A[e], out=dxe)
+        return
+    for i, (role, da) in enumerate(das):
+        x_in = ins.xg if role == "gate" else ins.xu
+        dlora[f"{role}_A"][e] += da.t() @ x_in
+        keep_in = keep_gate if role == "gate" or lora.up_A is lora.gate_A else keep_up
+        a_t = getattr(lora, f"{role}_A")[e]
+        part = torch.mm(da, a_t, out=dxe) if i == 0 else torch.mm(da, a_t)
+        if keep_in is not None:
+            part.mul_(keep_in[tok])
+        if i > 0:
+            dxe.add_(part)
 
 
 def _expand(base, tok, a, b, e, out):
@@ -150,13 +193,14 @@ def expert_pass_fwd(
     ws = _Workspace(plan.max_rows, {"g": (f, G.dtype), "u": (f, G.dtype), "h": (f, G.dtype), "x": (d, x.dtype),
                                     "y": (Y.shape[1] if Y is not None else 0, x.dtype)}, x.device)  # fmt: skip
     act_out = _ACT_OUT[cfg.kind]
+    stacked_A = _stacked_in_A(lora, keep_gate, keep_up)
     for slot, e, tok in plan.groups:
         if e < 0:
             _fill_dropped(tok, H, Y)
             continue
         n = tok.numel()
         w = weights[tok, slot].unsqueeze(1)
-        ins = _Inputs(x, lora, keep_gate, keep_up, tok, e, cfg.scale, ws, n)
+        ins = _Inputs(x, lora, stacked_A, keep_gate, keep_up, tok, e, cfg.scale, ws, n)
         g = _expand(G, tok, ins.ag, lora.gate_B, e, ws.take("g", n))
         h = act_out(g, ws.take("h", n))
         if U is not None:
@@ -199,6 +243,7 @@ def expert_pass_bwd(
     widths.update({name: (d, x.dtype) for name in ("x", "dy", "dx")})
     ws = _Workspace(plan.max_rows, widths, x.device)
     act_out, act_bwd_out = _ACT_OUT[cfg.kind], _ACT_BWD_OUT[cfg.kind]
+    stacked_A = _stacked_in_A(lora, keep_gate, keep_up)
     s = cfg.scale
     for slot, e, tok in plan.groups:
         if e < 0:
@@ -206,7 +251,7 @@ def expert_pass_bwd(
             continue
         n = tok.numel()
         w = weights[tok, slot].unsqueeze(1)
-        ins = _Inputs(x, lora, keep_gate, keep_up, tok, e, s, ws, n)
+        ins = _Inputs(x, lora, stacked_A, keep_gate, keep_up, tok, e, s, ws, n)
         g = _expand(G, tok, ins.ag, lora.gate_B, e, ws.take("g", n))
         act = act_out(g, ws.take("act", n))
         u = None if U is None else _expand(U, tok, ins.au, lora.up_B, e, ws.take("u", n))
@@ -223,8 +268,10 @@ def expert_pass_bwd(
             dlora["down_B"][e] += dy.t() @ z.mul_(w)
             dz.mul_(w * s)
             dlora["down_A"][e] += dz.t() @ hd
-            back = torch.mm(dz, lora.down_A[e], out=ws.take("tmp", n))
-            dh.add_(back if keep_down is None else back.mul_(keep_down[tok]))
+            if keep_down is None:
+                dh.addmm_(dz, lora.down_A[e])
+            else:
+                dh.add_(torch.mm(dz, lora.down_A[e], out=ws.take("tmp", n)).mul_(keep_down[tok]))
         dweights[tok, slot] = dw
         du = None
         if u is not None:
@@ -233,23 +280,8 @@ def expert_pass_bwd(
             dh.mul_(u)
         dg = act_bwd_out(dh, g, dh)
         _combine(dG, slot, tok, dg)
-        if dx is None:
-            continue
-        dxe = ws.take("dx", n)
-        first = True
-        for role, d_out, a_in, x_in in (("gate", dg, ins.ag, ins.xg), ("up", du, ins.au, ins.xu)):
-            if a_in is None:
-                continue
-            dlora[f"{role}_B"][e] += d_out.t() @ a_in
-            da = (d_out @ getattr(lora, f"{role}_B")[e]).mul_(s)
-            dlora[f"{role}_A"][e] += da.t() @ x_in
-            keep_in = keep_gate if role == "gate" or lora.up_A is lora.gate_A else keep_up
-            a_t = getattr(lora, f"{role}_A")[e]
-            part = torch.mm(da, a_t, out=dxe) if first else torch.mm(da, a_t)
-            if keep_in is not None:
-                part.mul_(keep_in[tok])
-            if not first:
-                dxe.add_(part)
-            first = False
-        _combine(dx, slot, tok, dxe)
+        if dx is not None:
+            dxe = ws.take("dx", n)
+            _in_lora_bwd(dg, du, ins, lora, stacked_A, keep_gate, keep_up, tok, e, s, dlora, dxe)
+            _combine(dx, slot, tok, dxe)
     return dx, dG, dU, dweights, dlora

@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .configs import SHARED_MEMORY_LIMITS
 
+    # Pin Triton's fp-fusion default (3.9 warns that it will change) for every worker.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
