@@ -66,7 +66,7 @@ def parse_args(argv):
     p.add_argument("--backend", default=None, help="backend of the fused case (default: torch on CPU, triton on GPU)")
     p.add_argument("--shape", action="append", default=[], help="name:d:f:T[:E:k:r], repeatable; replaces defaults")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
-    p.add_argument("--rounds", type=int, default=9, help="CPU: interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=11, help="CPU: interleaved timing rounds")
     p.add_argument("--out", default=None, help="JSONL file for the result rows ('' to skip)")
     return p.parse_args(argv)
 
