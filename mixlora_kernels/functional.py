@@ -157,7 +157,7 @@ def mixlora_ffn(
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
 
     Returns:
-        ``MixLoraOutput(out, router_logits, experts, weights, kept)``.
+        ``MixLoraOutput(out, router_logits, experts, weights, kept, expert_counts)``.
     """
     _validate(x, router_weight, experts, top_k, routing_strategy, expert_capacity)
     if (gate_proj is None) == (gate_up_proj is None):

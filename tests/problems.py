@@ -49,7 +49,7 @@ class Problem:
         experts = ExpertLoRA(*(None if t is None else casted[id(t)] for t in self.experts))
         base = {}
         for name, lin in self.base.items():
-            new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+            new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=lin.weight.device)
             new.load_state_dict(lin.state_dict())
             base[name] = new.to(dtype).requires_grad_(False)
         return Problem(

@@ -60,9 +60,9 @@ def on_device(problem):
     moved = problem.to(torch.float64)
     moved.x = moved.x.detach().cuda().requires_grad_()
     moved.router = moved.router.detach().cuda().requires_grad_()
-    moved.experts = type(moved.experts)(
-        *(None if t is None else t.detach().cuda().requires_grad_() for t in moved.experts)
-    )
+    # Move each distinct tensor once, so that a shared gate/up A stays shared.
+    on_gpu = {id(t): t.detach().cuda().requires_grad_() for t in moved.experts if t is not None}
+    moved.experts = type(moved.experts)(*(None if t is None else on_gpu[id(t)] for t in moved.experts))
     moved.base = {k: v.cuda() for k, v in moved.base.items()}
     return moved
 
