@@ -49,27 +49,27 @@ def activation_name_of(module: torch.nn.Module) -> str | None:
     return by_class.get(cls)
 
 
-def act_fwd(kind: str, g: torch.Tensor) -> torch.Tensor:
-    """sigma(g) for an activation kind."""
+def act_fwd(kind: str, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sigma(g) for an activation kind, into ``out`` when given."""
     if kind == "silu":
-        return F.silu(g)
+        return F.silu(g) if out is None else torch.ops.aten.silu.out(g, out=out)
     if kind == "gelu_tanh":
-        return F.gelu(g, approximate="tanh")
+        return F.gelu(g, approximate="tanh") if out is None else torch.ops.aten.gelu.out(g, approximate="tanh", out=out)
     if kind == "gelu":
-        return F.gelu(g)
+        return F.gelu(g) if out is None else torch.ops.aten.gelu.out(g, out=out)
     if kind == "relu":
-        return F.relu(g)
+        return F.relu(g) if out is None else torch.clamp_min(g, 0, out=out)
     raise ValueError(f"unknown activation kind {kind!r}")
 
 
-def act_bwd(kind: str, grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """grad * sigma'(g), through ATen's fused activation backward kernels."""
+def act_bwd(kind: str, grad: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """grad * sigma'(g) into ``out`` (which may be ``grad``), through ATen's fused kernels."""
     if kind == "silu":
-        return torch.ops.aten.silu_backward(grad, g)
+        return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=out)
     if kind == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, g, approximate="tanh")
+        return torch.ops.aten.gelu_backward.grad_input(grad, g, approximate="tanh", grad_input=out)
     if kind == "gelu":
-        return torch.ops.aten.gelu_backward(grad, g)
+        return torch.ops.aten.gelu_backward.grad_input(grad, g, grad_input=out)
     if kind == "relu":
-        return torch.ops.aten.threshold_backward(grad, g, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad, g, 0, grad_input=out)
     raise ValueError(f"unknown activation kind {kind!r}")

@@ -27,18 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-_ACT_OUT = {
-    "silu": lambda g, out: torch.ops.aten.silu.out(g, out=out),
-    "gelu_tanh": lambda g, out: torch.ops.aten.gelu.out(g, approximate="tanh", out=out),
-    "gelu": lambda g, out: torch.ops.aten.gelu.out(g, out=out),
-    "relu": lambda g, out: torch.clamp_min(g, 0, out=out),
-}
-_ACT_BWD_OUT = {
-    "silu": lambda dy, g, out: torch.ops.aten.silu_backward.grad_input(dy, g, grad_input=out),
-    "gelu_tanh": lambda dy, g, out: torch.ops.aten.gelu_backward.grad_input(dy, g, approximate="tanh", grad_input=out),
-    "gelu": lambda dy, g, out: torch.ops.aten.gelu_backward.grad_input(dy, g, grad_input=out),
-    "relu": lambda dy, g, out: torch.ops.aten.threshold_backward.grad_input(dy, g, 0, grad_input=out),
-}
+from .activations import act_bwd, act_fwd
 
 
 class PassConfig(NamedTuple):
@@ -192,7 +181,6 @@ def expert_pass_fwd(
     plan = pair_groups(experts, cfg.num_experts)
     ws = _Workspace(plan.max_rows, {"g": (f, G.dtype), "u": (f, G.dtype), "h": (f, G.dtype), "x": (d, x.dtype),
                                     "y": (Y.shape[1] if Y is not None else 0, x.dtype)}, x.device)  # fmt: skip
-    act_out = _ACT_OUT[cfg.kind]
     stacked_A = _stacked_in_A(lora, keep_gate, keep_up)
     for slot, e, tok in plan.groups:
         if e < 0:
@@ -202,7 +190,7 @@ def expert_pass_fwd(
         w = weights[tok, slot].unsqueeze(1)
         ins = _Inputs(x, lora, stacked_A, keep_gate, keep_up, tok, e, cfg.scale, ws, n)
         g = _expand(G, tok, ins.ag, lora.gate_B, e, ws.take("g", n))
-        h = act_out(g, ws.take("h", n))
+        h = act_fwd(cfg.kind, g, ws.take("h", n))
         if U is not None:
             h.mul_(_expand(U, tok, ins.au, lora.up_B, e, ws.take("u", n)))
         if Y is not None:
@@ -242,7 +230,6 @@ def expert_pass_bwd(
     widths = {name: (f, G.dtype) for name in ("g", "u", "act", "h", "dh", "tmp")}
     widths.update({name: (d, x.dtype) for name in ("x", "dy", "dx")})
     ws = _Workspace(plan.max_rows, widths, x.device)
-    act_out, act_bwd_out = _ACT_OUT[cfg.kind], _ACT_BWD_OUT[cfg.kind]
     stacked_A = _stacked_in_A(lora, keep_gate, keep_up)
     s = cfg.scale
     for slot, e, tok in plan.groups:
@@ -253,7 +240,7 @@ def expert_pass_bwd(
         w = weights[tok, slot].unsqueeze(1)
         ins = _Inputs(x, lora, stacked_A, keep_gate, keep_up, tok, e, s, ws, n)
         g = _expand(G, tok, ins.ag, lora.gate_B, e, ws.take("g", n))
-        act = act_out(g, ws.take("act", n))
+        act = act_fwd(cfg.kind, g, ws.take("act", n))
         u = None if U is None else _expand(U, tok, ins.au, lora.up_B, e, ws.take("u", n))
         h = act if u is None else torch.mul(act, u, out=ws.take("h", n))
         dh = _gather(dH, tok, ws.take("dh", n))
@@ -278,7 +265,7 @@ def expert_pass_bwd(
             du = torch.mul(dh, act, out=ws.take("tmp", n))
             _combine(dU, slot, tok, du)
             dh.mul_(u)
-        dg = act_bwd_out(dh, g, dh)
+        dg = act_bwd(cfg.kind, dh, g, dh)
         _combine(dG, slot, tok, dg)
         if dx is not None:
             dxe = ws.take("dx", n)

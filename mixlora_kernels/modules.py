@@ -17,7 +17,7 @@ from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
 from .lora import linear_features
-from .routing import expert_counts
+from .routing import expert_counts, router_loss
 
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
 MLP_STYLES = {
@@ -220,8 +220,6 @@ class FusedMixLoraFFN(nn.Module):
 
 
 def _router_loss_over(blocks: list[FusedMixLoraFFN]) -> torch.Tensor:
-    from .routing import router_loss
-
     blocks = [b for b in blocks if b.last_router_logits is not None]
     if not blocks or not blocks[0].config.router_loss:
         device = blocks[0].moe_gate.weight.device if blocks else None

@@ -29,6 +29,12 @@ def rank_pad(r: int) -> int:
     return max(16, next_pow2(r))
 
 
+def token_major_width(E: int, r_pad: int) -> int:
+    """E_PAD * R_PAD of the token-major pass: the stacked expert ranks, at least 16 wide
+    so that they can be a tl.dot operand dimension."""
+    return max(16, next_pow2(E) * r_pad)
+
+
 def token_bucket(T: int) -> int:
     """Autotune key for the token count: its power-of-two bucket, so the tuner does not
     re-run at every new batch size."""

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
-from .common import activation, column_chunks, expert_pass_args, launch
+from .common import activation, column_chunks, expert_pass_args, launch, token_major_width
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -141,7 +141,7 @@ def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, expe
     """Launch the token-major pass. Returns H (T, F) and Z (split_f, T, E, R) fp32 or None."""
     T, F = G.shape
     E, R = num_experts, rank
-    er = max(16, triton.next_power_of_2(E) * r_pad)
+    er = token_major_width(E, r_pad)
     f_per_split, split_f = column_chunks(F, split_f, TOKEN_MAJOR)
     H = torch.empty_like(G)
     Z = torch.empty(split_f, T, E, R, device=G.device, dtype=torch.float32) if A_down is not None else None

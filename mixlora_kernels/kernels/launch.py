@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ..expert_pass_torch import PassConfig
-from .common import ACT_CODES, interpreting, next_pow2, rank_pad
+from .common import ACT_CODES, interpreting, next_pow2, rank_pad, token_major_width
 from .expert_pass_es import expert_pass_es_fwd
 from .expert_pass_tm import expert_pass_tm_fwd
 from .permute import permute_fwd
@@ -48,7 +48,7 @@ def check_triton_device(device: torch.device) -> None:
 
 def pass_costs(T: int, F: int, E: int, R: int, K: int, elem: int) -> dict[str, float]:
     """Modelled seconds of each organisation: max of memory time and dot time."""
-    er = max(16, next_pow2(E) * next_pow2(R))
+    er = token_major_width(E, next_pow2(R))
     tm_bytes = 3 * T * F * elem
     tm_flops = K * 3 * 2 * T * F * er
     es_bytes = (2 * K + 2 * K - 1) * T * F * elem
@@ -72,7 +72,7 @@ def choose_organisation(T: int, F: int, E: int, R: int, K: int, elem: int) -> st
 
 
 def token_major_fits(E: int, R: int) -> bool:
-    return max(16, next_pow2(E) * next_pow2(R)) <= TOKEN_MAJOR_MAX_ER
+    return token_major_width(E, next_pow2(R)) <= TOKEN_MAJOR_MAX_ER
 
 
 def _split_f(row_programs: int, F: int, device: torch.device) -> int:
@@ -121,10 +121,6 @@ def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfi
     xa_gate, xa_up = _shrinks(x, lora, keep, cfg.scale)
     contiguous = lambda t: None if t is None else t.contiguous()
     B_gate, B_up, A_down = contiguous(lora.gate_B), contiguous(lora.up_B), contiguous(lora.down_A)
-    if lora.gate_A is None:
-        B_gate = None
-    if lora.up_A is None:
-        B_up = None
     keep_down = _rows(keep[2])
     G, U = _rows(G), _rows(U)
     w = weights.float().contiguous()

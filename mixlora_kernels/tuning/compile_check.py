@@ -52,7 +52,7 @@ def _ptr(dtype: str) -> str:
 
 
 def _tm_jobs(arch: str, family: str) -> list[Job]:
-    from ..kernels.common import next_pow2
+    from ..kernels.common import next_pow2, token_major_width
     from ..kernels.launch import TOKEN_MAJOR_MAX_ER
     from .configs import TOKEN_MAJOR, token_major_smem
 
@@ -65,7 +65,7 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
     for dtype in ("fp16", "bf16"):
         for E in (2, 8):
             for r in (4, 8, 16, 64):
-                er = max(16, next_pow2(E) * next_pow2(r))
+                er = token_major_width(E, next_pow2(r))
                 if er > TOKEN_MAJOR_MAX_ER:
                     continue  # the launchers send such shapes to the expert-sorted pass
                 for K in (1, 2):
