@@ -309,3 +309,12 @@ def test_save_needs_mixlora(tmp_path):
         save_adapter(tiny_model(), tmp_path)
     with pytest.raises(FileNotFoundError, match="not an adapter directory"):
         load_adapter(tiny_model(), tmp_path / "nowhere")
+
+
+def test_adapter_loaded_into_an_eval_model_runs_without_dropout_or_jitter(tmp_path):
+    _, source = injected(lora_dropout=0.5, jitter_noise=0.3)
+    save_adapter(source, tmp_path)
+    model = load_adapter(tiny_model(), tmp_path, backend="torch")  # tiny_model is in eval mode
+    assert not any(m.training for m in model.modules())
+    ids = tokens()
+    assert torch.equal(_logits(model, ids), _logits(model, ids))

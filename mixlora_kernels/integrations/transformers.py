@@ -153,11 +153,14 @@ def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.
     try:
         for layer in decoder.layers:
             mlp = layer.mlp
-            layer.mlp = FusedMixLoraFFN.from_mlp(mlp, config, backend=backend, dtype=dtype)
+            # A new module takes the train/eval mode of the one it replaces: an adapter loaded
+            # into a model in eval mode must not run dropout or router jitter.
+            layer.mlp = FusedMixLoraFFN.from_mlp(mlp, config, backend=backend, dtype=dtype).train(mlp.training)
             replaced.append((layer, "mlp", mlp))
             for name in attention:
                 base = getattr(layer.self_attn, name)
-                setattr(layer.self_attn, name, LoraLinear.from_config(base, config, dtype=dtype))
+                lora = LoraLinear.from_config(base, config, dtype=dtype).train(base.training)
+                setattr(layer.self_attn, name, lora)
                 replaced.append((layer.self_attn, name, base))
         model.requires_grad_(False)
         for param in _adapter_parameters(model):
