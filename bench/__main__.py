@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .cases import Shape, Weights, make_cases
+from .cases import Shape, Weights, calibrate_top_p, make_cases
 from .harness import (
     MODES,
     device_name,
@@ -39,7 +39,7 @@ GPU_SHAPES = [
     )
     for T in (16, 4096)
 ]
-CASES = ("fused", "dense", "dense_lora", "shared_w13", "vanilla")
+CASES = ("fused", "fused_top_p", "dense", "dense_lora", "shared_w13", "vanilla")
 
 # (description, numerator case, denominator case, mode or "saved", bound, "<=" or ">=")
 CPU_TARGETS = [
@@ -82,11 +82,15 @@ def parse_shape(spec: str) -> Shape:
 def measure(shape: Shape, device, dtype, backend, case_names, rounds) -> dict:
     """{(case, mode): {"ms": (med, q20, q80), ...}, (case, "saved"): bytes, ...}"""
     w = Weights(shape, dtype, device)
-    cases = {name: fn for name, fn in make_cases(w, backend).items() if name in case_names}
     x = torch.randn(shape.T, shape.d, device=device, dtype=dtype, requires_grad=True)
+    results = {}
+    top_p = None
+    if "fused_top_p" in case_names:
+        top_p, used = calibrate_top_p(w, x)
+        results[("fused_top_p", "routing")] = {"top_p": top_p, "experts_per_token": used}
+    cases = {name: fn for name, fn in make_cases(w, backend, top_p).items() if name in case_names}
     params = w.parameters()
     frozen = [m.weight for m in w.base.values()] + params
-    results = {}
     for name, fn in cases.items():
         results[(name, "saved")] = saved_bytes(fn, x, frozen)
     for mode in MODES:
@@ -129,6 +133,7 @@ def print_table(shape: Shape, results: dict, targets, device_label: str) -> list
     header += f"{'TFLOP/s':>9}{'saved MB':>10}{'saved/vanilla':>15}"
     print(header)
     cases = sorted({c for c, _ in results}, key=CASES.index)
+    routing = results.get(("fused_top_p", "routing"))
     for case in cases:
         fwd, fb = results.get((case, "fwd")), results.get((case, "fwd_bwd"))
         ms_fb = fb["ms"][0] if fb else float("nan")
@@ -141,6 +146,12 @@ def print_table(shape: Shape, results: dict, targets, device_label: str) -> list
             f"{floor or float('nan'):>9.2f}{speedup or float('nan'):>15.2f}"
             f"{1e3 * ms_fb / shape.T:>10.2f}{flops(shape, 'fwd_bwd') / (ms_fb * 1e9):>9.2f}"
             f"{saved:>10.1f}{vs_vanilla or float('nan'):>15.2f}"
+        )
+    if routing:
+        ratios = [ratio(results, "fused_top_p", "fused", mode) for mode in MODES]
+        print(
+            f"  top-p routing (top_p={routing['top_p']:.3f}, {routing['experts_per_token']:.2f} experts/token) "
+            f"/ top-k (k={shape.k}): fwd {ratios[0] or float('nan'):.2f}, fwd+bwd {ratios[1] or float('nan'):.2f}"
         )
     verdicts = []
     for desc, num, den, mode, bound, op in targets:
@@ -160,7 +171,7 @@ def rows_for(shape, results, device_label, dtype, backend) -> list[dict]:
     meta.update({k: getattr(shape, k) for k in ("name", "d", "f", "T", "E", "k", "r")})
     rows = []
     for (case, mode), value in results.items():
-        if mode == "saved":
+        if mode not in MODES:
             continue
         med, q20, q80 = value["ms"]
         rows.append(
@@ -175,6 +186,7 @@ def rows_for(shape, results, device_label, dtype, backend) -> list[dict]:
                 "tflops_dense_equiv": flops(shape, mode) / (med * 1e9),
                 "peak_bytes": value["peak"],
                 "saved_bytes": results.get((case, "saved")),
+                **results.get((case, "routing"), {}),
             }
         )
     return rows

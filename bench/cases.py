@@ -8,6 +8,9 @@ only by algorithm:
     vanilla      the reference loop, every expert a full FFN (figure (a) of the paper)
     shared_w13   gate/up once, the down projection per expert (the ``mixlora`` package)
     fused        ``mixlora_ffn`` with the selected backend
+    fused_top_p  the same with top-p ("mixlora-dynamic") routing, top_p set so that a
+                 token uses k experts on average: the cost of routing by probability
+                 mass against top-k at equal work
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 import reference
 from mixlora_kernels import ExpertLoRA, mixlora_ffn
+from mixlora_kernels.routing import route_top_p, router_logits
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,27 @@ class Weights:
         return tensors + [m.weight for m in self.base.values()]
 
 
-def make_cases(w: Weights, backend: str) -> dict:
+def calibrate_top_p(w: Weights, x: torch.Tensor, iterations: int = 40) -> tuple[float, float]:
+    """(top_p, mean experts per token): the top_p at which top-p routing of ``x`` uses
+    k experts per token on average, by bisection (the mean grows with top_p)."""
+    logits = router_logits(x.detach().reshape(-1, w.shape.d), w.router.detach())
+    mean = lambda p: float((route_top_p(logits, p, 0.0).experts < w.shape.E).sum(-1).double().mean())
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean(mid) < w.shape.k else (low, mid)
+    return high, mean(high)
+
+
+def make_cases(w: Weights, backend: str, top_p: float | None = None) -> dict:
     s = w.shape
-    return {
+    top_p_case = {}
+    if top_p is not None:
+        top_p_case["fused_top_p"] = lambda x: mixlora_ffn(
+            x, w.router, w.experts, **w.base, routing_strategy="mixlora-dynamic", top_p=top_p, scaling=w.scaling,
+            backend=backend,
+        ).out  # fmt: skip
+    return top_p_case | {
         "dense": lambda x: reference.dense_ffn(x, **w.base),
         "dense_lora": lambda x: reference.dense_lora_ffn(x, w.dense_lora, **w.base, scaling=w.scaling),
         "vanilla": lambda x: reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling).out,

@@ -13,7 +13,8 @@ import torch
 
 from . import expert_pass_torch
 from .containers import ExpertLoRA
-from .routing import Routing, route_switch, route_topk
+from .routing import Routing, RoutingSpec
+from .routing import route as route_torch
 
 
 class ExpertPassFunction(torch.autograd.Function):
@@ -96,6 +97,31 @@ class RouteTopkFunction(torch.autograd.Function):
         return _softmax_backward(p, torch.zeros_like(p).scatter_(1, experts, dchosen)), None
 
 
+class RouteTopPFunction(torch.autograd.Function):
+    """Triton top-p routing: logits -> (weights, experts, counts); backward in torch ops."""
+
+    @staticmethod
+    def forward(ctx, logits, top_p, temperature):
+        from .kernels.route import route_top_p_fwd
+
+        weights, experts, counts = route_top_p_fwd(logits.contiguous(), top_p, temperature)
+        ctx.save_for_backward(logits, experts)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(experts, counts)
+        return weights, experts, counts
+
+    @staticmethod
+    def backward(ctx, dweights, _dexperts, _dcounts):
+        logits, experts = ctx.saved_tensors
+        p = logits.softmax(-1)
+        T, E = p.shape
+        if ctx.temperature > 0:
+            dweights = dweights / ctx.temperature
+        # A kept weight is p of its expert; unused slots (expert E) land in a spare column.
+        dp = dweights.new_zeros(T, E + 1).scatter_(1, experts, dweights)[:, :E]
+        return _softmax_backward(p, dp), None, None
+
+
 class RouteSwitchFunction(torch.autograd.Function):
     """Triton switch routing: logits -> (weights, experts, bypass, counts)."""
 
@@ -122,17 +148,17 @@ class RouteSwitchFunction(torch.autograd.Function):
         return _softmax_backward(p, dp), None, None
 
 
-def route(logits, routing_strategy, top_k, seq_len, expert_capacity, backend) -> Routing:
+def route(logits: torch.Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Routing:
     """Route with the Triton kernels (backend "triton") or PyTorch ops."""
-    E = logits.shape[-1]
     if backend != "triton":
-        if routing_strategy == "mixlora":
-            return route_topk(logits, top_k)
-        return route_switch(logits, seq_len, expert_capacity)
-    if routing_strategy == "mixlora":
-        weights, experts, counts = RouteTopkFunction.apply(logits, top_k)
-        kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        return Routing(logits, weights.to(logits.dtype), experts, kept, None, counts.sum(0).long())
-    weights, experts, bypass, counts = RouteSwitchFunction.apply(logits, seq_len, expert_capacity)
-    kept = experts[:, 0] < E
-    return Routing(logits, weights.to(logits.dtype), experts, kept, bypass.to(logits.dtype), counts.sum(0).long())
+        return route_torch(logits, spec, seq_len)
+    if spec.strategy == "mixlora-switch":
+        weights, experts, bypass, counts = RouteSwitchFunction.apply(logits, seq_len, spec.expert_capacity)
+        kept = experts[:, 0] < logits.shape[-1]
+        return Routing(logits, weights.to(logits.dtype), experts, kept, bypass.to(logits.dtype), counts.sum(0).long())
+    if spec.strategy == "mixlora":
+        weights, experts, counts = RouteTopkFunction.apply(logits, spec.top_k)
+    else:
+        weights, experts, counts = RouteTopPFunction.apply(logits, spec.top_p, spec.temperature)
+    kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return Routing(logits, weights.to(logits.dtype), experts, kept, None, counts.sum(0).long())

@@ -14,8 +14,21 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .activations import SUPPORTED_ACTIVATIONS
+from .routing import ROUTING_STRATEGIES, RoutingSpec
 
-ROUTING_STRATEGIES = ("mixlora", "mixlora-switch")
+# The fields that belong to one routing strategy, and their values when a config leaves
+# them out (MoE-PEFT's). Another strategy's field given with a value is an error rather
+# than silently unused, and ``to_dict`` writes only the chosen strategy's fields.
+STRATEGY_FIELDS: dict[str, dict[str, Any]] = {
+    "mixlora": {"top_k": 2},
+    "mixlora-dynamic": {"top_p": 0.8, "temperature": 0.0},
+    "mixlora-switch": {"expert_capacity": 32, "router_z_loss_coef": 0.001, "ffn_dropout": 0.0, "sparse_step": None},
+}
+# Fields every strategy has, whose value when absent depends on the strategy (MoE-PEFT's).
+SHARED_DEFAULTS: dict[str, dict[str, float]] = {
+    "router_init_range": {"mixlora": 0.02, "mixlora-dynamic": 0.02, "mixlora-switch": 1.0},
+    "jitter_noise": {"mixlora": 0.0, "mixlora-dynamic": 0.0, "mixlora-switch": 0.01},
+}
 CONFIG_NAME = "adapter_config.json"
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2")
 DEFAULT_TARGET_MODULES = (
@@ -28,13 +41,15 @@ DEFAULT_TARGET_MODULES = (
     "down_proj",
 )
 _EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout")
+# Flags MoE-PEFT's export writes into expert_lora (inherited from the top level unless set).
+_EXPERT_LORA_FLAGS = ("use_rslora", "use_dora")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -43,11 +58,11 @@ def _fail(name: str, value: Any, requirement: str) -> None:
 
 
 def _check_lora_triplet(prefix: str, r: Any, alpha: Any, dropout: Any) -> None:
-    if not _is_int(r) or r <= 0:
+    if not is_int(r) or r <= 0:
         _fail(f"{prefix}r", r, "must be a positive integer")
-    if not _is_number(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         _fail(f"{prefix}lora_alpha", alpha, "must be a positive number")
-    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+    if not is_number(dropout) or not 0.0 <= dropout < 1.0:
         _fail(f"{prefix}lora_dropout", dropout, "must be a number in [0, 1)")
 
 
@@ -56,8 +71,10 @@ class MixLoraConfig:
     """Configuration of a MixLoRA adapter (SPEC section 5).
 
     ``r``/``lora_alpha``/``lora_dropout`` apply to the attention LoRA; ``expert_lora``
-    may override any of the three for the FFN experts. Every value is validated on
-    construction; a bad one raises ``ValueError`` naming the field.
+    may override any of the three for the FFN experts. Fields left as None take the
+    defaults of the routing strategy (``STRATEGY_FIELDS``, ``SHARED_DEFAULTS``), as
+    MoE-PEFT fills them. Every value is validated on construction; a bad one raises
+    ``ValueError`` naming the field.
     """
 
     r: int = 8
@@ -66,16 +83,23 @@ class MixLoraConfig:
     target_modules: list[str] | dict[str, bool] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     routing_strategy: str = "mixlora"
     num_experts: int = 8
-    top_k: int = 2
-    expert_capacity: int = 32
+    # top-k ("mixlora")
+    top_k: int | None = None
+    # top-p ("mixlora-dynamic")
+    top_p: float | None = None
+    temperature: float | None = None
+    # switch ("mixlora-switch")
+    expert_capacity: int | None = None
+    router_z_loss_coef: float | None = None
+    ffn_dropout: float | None = None
+    sparse_step: int | None = None  # stored and written back; MoE-PEFT does not use it either
     act_fn: str | None = None
     use_rslora: bool = False
     use_dora: bool = False
     expert_lora: dict[str, Any] | None = None
     router_aux_loss_coef: float = 0.001
-    router_z_loss_coef: float = 0.001
-    router_init_range: float = 0.02
-    jitter_noise: float = 0.0
+    router_init_range: float | None = None
+    jitter_noise: float | None = None
     router_loss: bool = True
     peft_type: str = "MIXLORA"
     task_type: str = "CAUSAL_LM"
@@ -83,6 +107,13 @@ class MixLoraConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.routing_strategy in ROUTING_STRATEGIES:
+            for name, value in STRATEGY_FIELDS[self.routing_strategy].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            for name, by_strategy in SHARED_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, by_strategy[self.routing_strategy])
         self.validate()
 
     def validate(self) -> None:
@@ -92,33 +123,62 @@ class MixLoraConfig:
         _check_lora_triplet("", self.r, self.lora_alpha, self.lora_dropout)
         if self.routing_strategy not in ROUTING_STRATEGIES:
             _fail("routing_strategy", self.routing_strategy, f"must be one of {ROUTING_STRATEGIES}")
-        if not _is_int(self.num_experts) or self.num_experts <= 0:
+        if not is_int(self.num_experts) or self.num_experts <= 0:
             _fail("num_experts", self.num_experts, "must be a positive integer")
-        if not _is_int(self.top_k) or self.top_k <= 0:
-            _fail("top_k", self.top_k, "must be a positive integer")
-        if self.routing_strategy == "mixlora" and self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"must not exceed num_experts={self.num_experts}")
-        if not _is_int(self.expert_capacity) or self.expert_capacity <= 0:
-            _fail("expert_capacity", self.expert_capacity, "must be a positive integer")
+        self._validate_strategy_fields()
         if self.act_fn is not None and self.act_fn not in SUPPORTED_ACTIVATIONS:
             _fail("act_fn", self.act_fn, f"must be None or one of {sorted(SUPPORTED_ACTIVATIONS)}")
         for name in ("use_rslora", "use_dora", "router_loss"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be a bool")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_range"):
+        for name in ("router_aux_loss_coef", "router_init_range"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 _fail(name, value, "must be a non-negative number")
-        if not _is_number(self.jitter_noise) or not 0.0 <= self.jitter_noise < 1.0:
+        if not is_number(self.jitter_noise) or not 0.0 <= self.jitter_noise < 1.0:
             _fail("jitter_noise", self.jitter_noise, "must be a number in [0, 1)")
         self._validate_target_modules()
         if self.expert_lora is not None:
-            if not isinstance(self.expert_lora, dict):
-                _fail("expert_lora", self.expert_lora, "must be a dict or None")
-            unknown = sorted(set(self.expert_lora) - set(_EXPERT_LORA_KEYS))
-            if unknown:
-                _fail("expert_lora", self.expert_lora, f"unknown keys {unknown}")
-            _check_lora_triplet("expert_lora.", self.expert_r, self.expert_alpha, self.expert_dropout)
+            self._validate_expert_lora()
+
+    def _validate_strategy_fields(self) -> None:
+        strategy = self.routing_strategy
+        for other, names in STRATEGY_FIELDS.items():
+            for name in names:
+                if other != strategy and getattr(self, name) is not None:
+                    _fail(name, getattr(self, name), f"applies to routing_strategy {other!r} only; leave it out "
+                          f"for {strategy!r}")  # fmt: skip
+        if strategy == "mixlora":
+            if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+                _fail("top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]")
+        elif strategy == "mixlora-dynamic":
+            if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+                _fail("top_p", self.top_p, "must be a number in (0, 1]")
+            if not is_number(self.temperature) or self.temperature < 0:
+                _fail("temperature", self.temperature, "must be a non-negative number (0 means none)")
+        else:
+            if not is_int(self.expert_capacity) or self.expert_capacity <= 0:
+                _fail("expert_capacity", self.expert_capacity, "must be a positive integer")
+            if not is_number(self.router_z_loss_coef) or self.router_z_loss_coef < 0:
+                _fail("router_z_loss_coef", self.router_z_loss_coef, "must be a non-negative number")
+            if not is_number(self.ffn_dropout) or not 0.0 <= self.ffn_dropout < 1.0:
+                _fail("ffn_dropout", self.ffn_dropout, "must be a number in [0, 1)")
+            if self.sparse_step is not None and (not is_int(self.sparse_step) or self.sparse_step <= 0):
+                _fail("sparse_step", self.sparse_step, "must be None or a positive integer")
+
+    def _validate_expert_lora(self) -> None:
+        overrides = self.expert_lora
+        if not isinstance(overrides, dict):
+            _fail("expert_lora", overrides, "must be a dict or None")
+        unknown = sorted(set(overrides) - set(_EXPERT_LORA_KEYS) - set(_EXPERT_LORA_FLAGS) - {"bias"})
+        if unknown:
+            _fail("expert_lora", overrides, f"unknown keys {unknown}")
+        _check_lora_triplet("expert_lora.", self.expert_r, self.expert_alpha, self.expert_dropout)
+        for name in _EXPERT_LORA_FLAGS:
+            if not isinstance(overrides.get(name, False), bool):
+                _fail(f"expert_lora.{name}", overrides[name], "must be a bool")
+        if overrides.get("bias", "none") != "none":
+            _fail("expert_lora.bias", overrides["bias"], 'must be "none": expert LoRA has no bias')
 
     def _validate_target_modules(self) -> None:
         tm = self.target_modules
@@ -162,12 +222,21 @@ class MixLoraConfig:
     @property
     def expert_scaling(self) -> float:
         """LoRA scale of the FFN experts, after the ``expert_lora`` overrides."""
-        return self._scale(self.expert_alpha, self.expert_r, self.use_rslora)
+        rslora = (self.expert_lora or {}).get("use_rslora", self.use_rslora)
+        return self._scale(self.expert_alpha, self.expert_r, rslora)
 
     @property
     def experts_per_token(self) -> int:
-        """k of the routing: ``top_k`` for "mixlora", 1 for "mixlora-switch"."""
-        return 1 if self.routing_strategy == "mixlora-switch" else self.top_k
+        """Routing slots per token: ``top_k`` for "mixlora", 1 for "mixlora-switch", and
+        ``num_experts`` for "mixlora-dynamic" (each token uses 1 to all of them)."""
+        if self.routing_strategy == "mixlora":
+            return self.top_k
+        return 1 if self.routing_strategy == "mixlora-switch" else self.num_experts
+
+    def routing_spec(self) -> RoutingSpec:
+        """The routing of this config, as the kernels and the router loss take it."""
+        own = {name: getattr(self, name) for name in RoutingSpec._fields[1:] if getattr(self, name) is not None}
+        return RoutingSpec(self.routing_strategy, **own)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixLoraConfig:
@@ -180,9 +249,12 @@ class MixLoraConfig:
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field of this config's routing strategy, the shared ones and ``extra``;
+        the fields of the other strategies are left out, so the result reads back equal."""
         out: dict[str, Any] = dict(self.extra)
+        foreign = {name for other, names in STRATEGY_FIELDS.items() if other != self.routing_strategy for name in names}
         for f in fields(self):
-            if f.name == "extra":
+            if f.name == "extra" or f.name in foreign:
                 continue
             value = getattr(self, f.name)
             if f.name == "expert_lora" and value is None:

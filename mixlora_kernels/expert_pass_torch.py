@@ -35,7 +35,17 @@ class PassConfig(NamedTuple):
     kind: str  # activation kind (activations.ACTIVATION_KINDS)
     scale: float  # s / (1 - p): LoRA scale times the dropout keep scale
     backend: str  # "torch" or "triton"
-    can_drop: bool = False  # routing may drop pairs (switch capacity): sentinel experts possible
+    routing: str = "mixlora"  # the routing strategy, which decides where sentinel experts occur
+
+    @property
+    def first_slot_can_drop(self) -> bool:
+        """Switch capacity can leave a token without any expert; top-p always keeps its first."""
+        return self.routing == "mixlora-switch"
+
+    @property
+    def variable_slots(self) -> bool:
+        """Top-p: a token uses a prefix of its E slots, the rest hold the sentinel."""
+        return self.routing == "mixlora-dynamic"
 
 
 class PairGroups(NamedTuple):
@@ -46,7 +56,8 @@ class PairGroups(NamedTuple):
 def pair_groups(experts: torch.Tensor, num_experts: int) -> PairGroups:
     """The non-empty (slot, expert) groups, slot-major, each with ascending tokens.
 
-    Expert ids >= num_experts (tokens dropped by capacity) form groups with expert -1.
+    Expert ids >= num_experts (the sentinel of a slot without an expert) form groups
+    with expert -1.
     """
     T, k = experts.shape
     groups = num_experts + 1
@@ -88,7 +99,11 @@ def _combine(out: torch.Tensor | None, slot: int, tok: torch.Tensor, rows: torch
         out.index_add_(0, tok, rows)
 
 
-def _fill_dropped(tok: torch.Tensor, *outs: torch.Tensor | None) -> None:
+def _fill_dropped(slot: int, tok: torch.Tensor, *outs: torch.Tensor | None) -> None:
+    """Rows of tokens without an expert in ``slot``: zero where slot 0 (switch capacity)
+    would have written them first; later slots (top-p) simply add nothing."""
+    if slot != 0:
+        return
     for out in outs:
         if out is not None:
             out.index_fill_(0, tok, 0.0)
@@ -184,7 +199,7 @@ def expert_pass_fwd(
     stacked_A = _stacked_in_A(lora, keep_gate, keep_up)
     for slot, e, tok in plan.groups:
         if e < 0:
-            _fill_dropped(tok, H, Y)
+            _fill_dropped(slot, tok, H, Y)
             continue
         n = tok.numel()
         w = weights[tok, slot].unsqueeze(1)
@@ -234,7 +249,7 @@ def expert_pass_bwd(
     s = cfg.scale
     for slot, e, tok in plan.groups:
         if e < 0:
-            _fill_dropped(tok, dx, dG, dU)
+            _fill_dropped(slot, tok, dx, dG, dU)
             continue
         n = tok.numel()
         w = weights[tok, slot].unsqueeze(1)

@@ -18,10 +18,11 @@ import torch
 
 from .activations import activation_kind
 from .autograd import ExpertPassFunction, route
+from .config import STRATEGY_FIELDS, is_int, is_number
 from .containers import ExpertLoRA, MixLoraOutput
 from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise, new_seed
-from .routing import Routing, router_logits
+from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec, router_logits
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -61,7 +62,38 @@ def _shape_error(name: str, tensor: torch.Tensor, expected: tuple) -> None:
     raise ValueError(f"mixlora_ffn: {name} has shape {tuple(tensor.shape)}, expected {expected}")
 
 
-def _validate(x, router_weight, experts: ExpertLoRA, top_k, routing_strategy, expert_capacity):
+def _routing_spec(num_experts: int, strategy: str, ffn_dropout: float, **given) -> RoutingSpec:
+    """The RoutingSpec of the routing arguments; each strategy takes only its own, and the
+    ones left as None take the strategy's defaults (those of MixLoraConfig)."""
+    if strategy not in ROUTING_STRATEGIES:
+        raise ValueError(f"mixlora_ffn: unknown routing_strategy {strategy!r}; choose from {ROUTING_STRATEGIES}")
+    for name, value in given.items():
+        owner = next(s for s, names in STRATEGY_FIELDS.items() if name in names)
+        if value is not None and owner != strategy:
+            raise ValueError(
+                f"mixlora_ffn: {name}={value!r} applies to routing_strategy {owner!r} only; "
+                f"leave it out for {strategy!r}"
+            )
+    if not is_number(ffn_dropout) or not 0.0 <= ffn_dropout < 1.0:
+        raise ValueError(f"mixlora_ffn: ffn_dropout={ffn_dropout!r} must be a number in [0, 1)")
+    if ffn_dropout > 0 and strategy != "mixlora-switch":
+        raise ValueError(
+            f"mixlora_ffn: ffn_dropout applies to routing_strategy 'mixlora-switch' only, not {strategy!r}"
+        )
+    spec = RoutingSpec(strategy, **{k: v for k, v in given.items() if v is not None})
+    if strategy == "mixlora" and not (is_int(spec.top_k) and 1 <= spec.top_k <= num_experts):
+        raise ValueError(f"mixlora_ffn: top_k={spec.top_k!r} must be an integer in [1, num_experts={num_experts}]")
+    if strategy == "mixlora-dynamic":
+        if not is_number(spec.top_p) or not 0.0 < spec.top_p <= 1.0:
+            raise ValueError(f"mixlora_ffn: top_p={spec.top_p!r} must be a number in (0, 1]")
+        if not is_number(spec.temperature) or spec.temperature < 0:
+            raise ValueError(f"mixlora_ffn: temperature={spec.temperature!r} must be a non-negative number")
+    if strategy == "mixlora-switch" and not (is_int(spec.expert_capacity) and spec.expert_capacity >= 1):
+        raise ValueError(f"mixlora_ffn: expert_capacity={spec.expert_capacity!r} must be a positive integer")
+    return spec
+
+
+def _validate(x, router_weight, experts: ExpertLoRA):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("mixlora_ffn: x must be a floating-point tensor")
     if x.dim() < 2:
@@ -74,14 +106,6 @@ def _validate(x, router_weight, experts: ExpertLoRA, top_k, routing_strategy, ex
             f"mixlora_ffn: x has last dimension {x.shape[-1]}, but the router expects "
             f"hidden size {d} (router_weight is {tuple(router_weight.shape)})"
         )
-    if routing_strategy == "mixlora":
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"mixlora_ffn: top_k={top_k} must be in [1, num_experts={num_experts}]")
-    elif routing_strategy == "mixlora-switch":
-        if expert_capacity is None or expert_capacity < 1:
-            raise ValueError("mixlora_ffn: switch routing needs expert_capacity >= 1")
-    else:
-        raise ValueError(f"mixlora_ffn: unknown routing_strategy {routing_strategy!r}")
     tensors = {"router_weight": router_weight}
     for name in ("gate", "up", "down"):
         a, b = getattr(experts, f"{name}_A"), getattr(experts, f"{name}_B")
@@ -125,13 +149,16 @@ def mixlora_ffn(
     up_proj=None,
     down_proj,
     gate_up_proj=None,
-    top_k: int = 2,
     routing_strategy: str = "mixlora",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
     expert_capacity: int | None = None,
     activation: str = "silu",
     scaling: float = 1.0,
     dropout: float = 0.0,
     jitter_noise: float = 0.0,
+    ffn_dropout: float = 0.0,
     training: bool = False,
     seed: int | None = None,
     backend: str = "auto",
@@ -146,25 +173,35 @@ def mixlora_ffn(
             ``nn.Linear``, a quantised linear, ...). ``up_proj=None`` means an fc1/fc2
             MLP (h = sigma(gate)); ``gate_up_proj`` replaces gate/up with one projection
             whose output halves are (gate, up), as in Phi3.
-        top_k: experts per token for "mixlora" routing.
-        routing_strategy: "mixlora" (top-k) or "mixlora-switch" (top-1 with per-sequence
-            ``expert_capacity``; a 2-D x is one sequence).
+        routing_strategy: "mixlora" (top-k, weights renormalised), "mixlora-dynamic"
+            (top-p: each token takes experts in order of probability until their mass
+            passes ``top_p``; weights not renormalised) or "mixlora-switch" (top-1 with
+            per-sequence ``expert_capacity``; a 2-D x is one sequence).
+        top_k: experts per token ("mixlora" only; default 2).
+        top_p, temperature: "mixlora-dynamic" only (defaults 0.8 and 0, no temperature).
+        expert_capacity: tokens per expert and sequence ("mixlora-switch" only; default 32).
+            An argument of another strategy than ``routing_strategy`` raises ValueError.
         activation: the FFN activation name ("silu", "gelu_pytorch_tanh", "gelu", ...).
         scaling: LoRA scale s (alpha / r, or alpha / sqrt(r) with rslora).
         dropout, jitter_noise: LoRA dropout and router jitter, applied when ``training``.
+        ffn_dropout: dropout on the block output when ``training`` ("mixlora-switch" only).
         seed: seed of the training-time randomness (see ``noise.draw_noise``); drawn from
             torch's default generator when None.
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
 
     Returns:
-        ``MixLoraOutput(out, router_logits, experts, weights, kept, expert_counts)``.
+        ``MixLoraOutput(out, router_logits, experts, weights, kept, expert_counts)``;
+        ``experts``/``weights`` are (T, k), (T, E) for "mixlora-dynamic" (most probable
+        first, unused slots hold expert E and weight 0) and (T, 1) for switch.
     """
-    _validate(x, router_weight, experts, top_k, routing_strategy, expert_capacity)
+    _validate(x, router_weight, experts)
+    num_experts, d = router_weight.shape
+    spec = _routing_spec(num_experts, routing_strategy, ffn_dropout, top_k=top_k, top_p=top_p,
+                         temperature=temperature, expert_capacity=expert_capacity)  # fmt: skip
     if (gate_proj is None) == (gate_up_proj is None):
         raise ValueError("mixlora_ffn: pass exactly one of gate_proj and gate_up_proj")
     backend = resolve_backend(backend, x.device)
     kind = activation_kind(activation)
-    num_experts, d = router_weight.shape
     shape = x.shape
     xf = x.reshape(-1, d).to(_compute_dtype(x))
     T = xf.shape[0]
@@ -178,23 +215,23 @@ def mixlora_ffn(
     f = G.shape[-1]
 
     noise = Noise(None, None, None, None, 1.0)
-    if training and (dropout > 0 or jitter_noise > 0):
+    if training and (dropout > 0 or jitter_noise > 0 or ffn_dropout > 0):
         shared_a = experts.up_A is None or experts.up_A is experts.gate_A
         noise = draw_noise(
             new_seed() if seed is None else seed,
             tokens=T, hidden=d, intermediate=f, dropout=dropout, jitter=jitter_noise,
-            has_up_mask=not shared_a, device=x.device, dtype=xf.dtype,
+            has_up_mask=not shared_a, device=x.device, dtype=xf.dtype, ffn_dropout=ffn_dropout,
         )  # fmt: skip
 
     router_in = xf if noise.jitter is None else xf * noise.jitter
     logits = router_logits(router_in, router_weight)
     seq_len = shape[-2] if x.dim() > 2 else T
-    routing = route(logits, routing_strategy, top_k, seq_len, expert_capacity, backend)
+    routing = route(logits, spec, seq_len, backend)
 
     lora = [None if t is None else t.to(xf.dtype) for t in experts]
     if experts.up_A is not None and experts.up_A is experts.gate_A:
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
-    cfg = PassConfig(num_experts, kind, scaling * noise.keep_scale, backend, routing_strategy == "mixlora-switch")
+    cfg = PassConfig(num_experts, kind, scaling * noise.keep_scale, backend, spec.strategy)
     H, Y = ExpertPassFunction.apply(
         xf, G, U, routing.weights.to(xf.dtype), routing.experts, *lora,
         noise.gate, noise.up, noise.down, cfg,
@@ -202,18 +239,22 @@ def mixlora_ffn(
     y = down_proj(H)
     if Y is not None:
         y = y + Y
-    if routing_strategy == "mixlora-switch":
-        y = _switch_epilogue(y, xf, routing, down_proj)
+    if spec.strategy != "mixlora":
+        y = _unnormalised_epilogue(y, xf, routing, down_proj)
+    if noise.ffn is not None:
+        y = y * noise.multiplicative("ffn", y.dtype)
     return MixLoraOutput(
         y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept, routing.counts
     )
 
 
-def _switch_epilogue(y, xf, routing: Routing, down_proj):
-    """Switch output: p_max * y_e(x) for kept tokens, p_max * x for dropped ones."""
-    w = routing.weights[:, 0].to(y.dtype)
+def _unnormalised_epilogue(y, xf, routing: Routing, down_proj):
+    """Where a token's weights do not sum to 1 (top-p, switch): down(H) added the base
+    bias once per token but the block owes it sum_j w_tj times; and a token that switch
+    capacity dropped passes through as p_max * x."""
     bias = getattr(down_proj, "bias", None)
     if bias is not None:
-        # down(H) added the bias once per token; the block owes it w times.
-        y = y + (w - 1.0).unsqueeze(1) * bias.to(y.dtype)
-    return torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)
+        y = y + (routing.weights.sum(-1) - 1.0).to(y.dtype).unsqueeze(1) * bias.to(y.dtype)
+    if routing.bypass is not None:
+        y = torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)
+    return y

@@ -19,6 +19,10 @@ from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
 from .lora import linear_features
 from .routing import expert_counts, router_loss
 
+# The routing fields of MixLoraConfig that mixlora_ffn takes; the config holds None for
+# those of the other strategies, and None leaves them out.
+_ROUTING_ARGUMENTS = ("top_k", "top_p", "temperature", "expert_capacity", "ffn_dropout")
+
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
 MLP_STYLES = {
     "gate_up_down": {"gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",)},
@@ -86,7 +90,6 @@ class FusedMixLoraFFN(nn.Module):
         self.hidden_size, first_out = linear_features(getattr(self, first))
         self.intermediate_size = first_out // 2 if self.style == "fused_gate_up" else first_out
         self.num_experts = config.num_experts
-        self.top_k = config.experts_per_token
         self.scaling = config.expert_scaling
 
         targeted = [name for name in projections if name in config.target_module_names]
@@ -174,14 +177,14 @@ class FusedMixLoraFFN(nn.Module):
                 "cast the input or the module, or run under torch.autocast"
             )
         cfg = self.config
+        routing = {name: getattr(cfg, name) for name in _ROUTING_ARGUMENTS if getattr(cfg, name) is not None}
         result = mixlora_ffn(
             x,
             router,
             self.expert_lora(),
             **self._base_kwargs(),
-            top_k=self.top_k,
             routing_strategy=cfg.routing_strategy,
-            expert_capacity=cfg.expert_capacity,
+            **routing,
             activation=self.activation,
             scaling=self.scaling,
             dropout=cfg.expert_dropout,
@@ -210,8 +213,8 @@ class FusedMixLoraFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"style={self.style}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-            f"experts={self.num_experts}, k={self.top_k}, r={self.config.expert_r}, "
-            f"routing={self.config.routing_strategy}, activation={self.activation}, backend={self.backend}"
+            f"experts={self.num_experts}, r={self.config.expert_r}, routing={self.config.routing_spec()}, "
+            f"activation={self.activation}, backend={self.backend}"
         )
 
     def router_loss(self) -> torch.Tensor:
@@ -239,8 +242,7 @@ def _router_loss_over(blocks: list[FusedMixLoraFFN]) -> torch.Tensor:
         )
     return router_loss(
         logits,
-        top_k=cfg.experts_per_token,
-        routing_strategy=cfg.routing_strategy,
+        cfg.routing_spec(),
         aux_loss_coef=cfg.router_aux_loss_coef,
         z_loss_coef=cfg.router_z_loss_coef,
         row_mask=row_mask,

@@ -1,9 +1,10 @@
 """Training-time randomness of a MixLoRA block, drawn from one seed.
 
-Router jitter and the three LoRA dropout masks come from a single generator seeded per
-forward, so that a test (or a debugger) can redraw exactly what a forward used. A
-token's dropout mask is the same for each of the k experts it visits: the experts of one
-projection share its dropout draw, as a dense LoRA on that projection would.
+Router jitter, the three LoRA dropout masks and the switch block-output dropout
+(``ffn_dropout``) come from a single generator seeded per forward, so that a test (or a
+debugger) can redraw exactly what a forward used. A token's dropout mask is the same for
+each of the k experts it visits: the experts of one projection share its dropout draw,
+as a dense LoRA on that projection would.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ class Noise(NamedTuple):
     gate: torch.Tensor | None  # (T, d) bool keep-mask of the gate (or fused gate_up) LoRA input
     up: torch.Tensor | None  # (T, d) bool keep-mask of the up LoRA input
     down: torch.Tensor | None  # (T, f) bool keep-mask of the down LoRA input
-    keep_scale: float  # 1 / (1 - p)
+    keep_scale: float  # 1 / (1 - p) of the LoRA dropout
+    ffn: torch.Tensor | None = None  # (T, d) bool keep-mask of the block output (switch ffn_dropout)
+    ffn_scale: float = 1.0  # 1 / (1 - ffn_dropout)
 
     def multiplicative(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
         """The mask of ``name`` as a 0 / (1/(1-p)) multiplier (the reference's form)."""
         mask = getattr(self, name)
-        return None if mask is None else mask.to(dtype) * self.keep_scale
+        scale = self.ffn_scale if name == "ffn" else self.keep_scale
+        return None if mask is None else mask.to(dtype) * scale
 
 
 def new_seed() -> int:
@@ -42,21 +46,24 @@ def draw_noise(
     has_up_mask: bool,
     device: torch.device,
     dtype: torch.dtype,
+    ffn_dropout: float = 0.0,
 ) -> Noise:
-    """Draw jitter factors and dropout masks in a fixed order from ``seed``."""
+    """Draw jitter factors, dropout masks and the block-output mask in a fixed order
+    from ``seed``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
 
-    def keep(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=gen, device=device) >= dropout
+    def keep(p: float, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, device=device) >= p
 
     factors = None
     if jitter > 0:
         factors = torch.empty(tokens, hidden, device=device, dtype=dtype)
         factors.uniform_(1.0 - jitter, 1.0 + jitter, generator=gen)
-    if dropout <= 0:
-        return Noise(factors, None, None, None, 1.0)
-    gate = keep(tokens, hidden)
-    up = keep(tokens, hidden) if has_up_mask else None
-    down = keep(tokens, intermediate)
-    return Noise(factors, gate, up, down, 1.0 / (1.0 - dropout))
+    gate = up = down = None
+    if dropout > 0:
+        gate = keep(dropout, tokens, hidden)
+        up = keep(dropout, tokens, hidden) if has_up_mask else None
+        down = keep(dropout, tokens, intermediate)
+    ffn = keep(ffn_dropout, tokens, hidden) if ffn_dropout > 0 else None
+    return Noise(factors, gate, up, down, 1.0 / (1.0 - dropout), ffn, 1.0 / (1.0 - ffn_dropout))

@@ -1,6 +1,6 @@
-"""Routing in PyTorch ops: top-k ("mixlora") and switch ("mixlora-switch"), and the
-router losses. The router is E columns wide, so autograd through these few ops is cheap;
-the Triton route kernel computes the same forward.
+"""Routing in PyTorch ops: top-k ("mixlora"), top-p ("mixlora-dynamic") and switch
+("mixlora-switch"), and the router losses. The router is E columns wide, so autograd
+through these few ops is cheap; the Triton route kernels compute the same forward.
 """
 
 from __future__ import annotations
@@ -10,14 +10,26 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+ROUTING_STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+
+
+class RoutingSpec(NamedTuple):
+    """How tokens choose experts (SPEC section 2); only the strategy's own fields are read."""
+
+    strategy: str = "mixlora"
+    top_k: int = 2  # "mixlora": experts per token
+    top_p: float = 0.8  # "mixlora-dynamic": probability mass to cover
+    temperature: float = 0.0  # "mixlora-dynamic": divides the probabilities when > 0
+    expert_capacity: int = 32  # "mixlora-switch": tokens per expert and sequence
+
 
 class Routing(NamedTuple):
     logits: torch.Tensor  # (T, E) fp32 (fp64 for fp64 input), with grad
-    weights: torch.Tensor  # (T, k) same dtype as logits, with grad; 0 for dropped tokens
-    experts: torch.Tensor  # (T, k) int64; num_experts marks a token dropped by capacity
+    weights: torch.Tensor  # (T, K) same dtype as logits, with grad; 0 in an unused slot
+    experts: torch.Tensor  # (T, K) int64; num_experts marks an unused slot
     kept: torch.Tensor  # (T,) bool; False where switch capacity dropped the token
     bypass: torch.Tensor | None  # (T,) switch only: p_max where dropped (x passes through), else 0
-    counts: torch.Tensor  # (E,) pairs routed to each expert (dropped ones excluded)
+    counts: torch.Tensor  # (E,) pairs routed to each expert (unused slots excluded)
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -34,12 +46,32 @@ def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(compute), router_weight.to(compute))
 
 
+def _all_kept(logits: torch.Tensor) -> torch.Tensor:
+    return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+
+
 def route_topk(logits: torch.Tensor, top_k: int) -> Routing:
     probs = logits.softmax(dim=-1)
     weights, experts = probs.topk(top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
-    kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return Routing(logits, weights, experts, kept, None, expert_counts(experts, logits.shape[-1]))
+    return Routing(logits, weights, experts, _all_kept(logits), None, expert_counts(experts, logits.shape[-1]))
+
+
+def top_p_select(probs: torch.Tensor, top_p: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts), both (T, E), most probable first: p (divided by ``temperature``
+    when it is > 0) sorted descending, expert j kept while the mass before it is at most
+    ``top_p`` (so the expert that crosses ``top_p`` is kept too). Unused slots hold weight
+    0 and expert E; the weights are not renormalised."""
+    scaled = probs / temperature if temperature > 0 else probs
+    values, order = scaled.sort(dim=-1, descending=True, stable=True)
+    before = F.pad(values.cumsum(dim=-1)[:, :-1], (1, 0))
+    unused = before > top_p
+    return values.masked_fill(unused, 0.0), order.masked_fill(unused, probs.shape[-1])
+
+
+def route_top_p(logits: torch.Tensor, top_p: float, temperature: float) -> Routing:
+    weights, experts = top_p_select(logits.softmax(dim=-1), top_p, temperature)
+    return Routing(logits, weights, experts, _all_kept(logits), None, expert_counts(experts, logits.shape[-1]))
 
 
 def route_switch(logits: torch.Tensor, seq_len: int, expert_capacity: int) -> Routing:
@@ -56,26 +88,46 @@ def route_switch(logits: torch.Tensor, seq_len: int, expert_capacity: int) -> Ro
     return Routing(logits, weights, experts, kept, p_max * ~kept, expert_counts(experts, num_experts))
 
 
-def load_balance_loss(logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """E * sum_e f_e * P_e (f_e: share of (row, slot) assignments to e; P_e: mean prob).
+def route(logits: torch.Tensor, spec: RoutingSpec, seq_len: int) -> Routing:
+    """Route the rows of ``logits`` (T, E) in PyTorch ops."""
+    if spec.strategy == "mixlora":
+        return route_topk(logits, spec.top_k)
+    if spec.strategy == "mixlora-dynamic":
+        return route_top_p(logits, spec.top_p, spec.temperature)
+    return route_switch(logits, seq_len, spec.expert_capacity)
 
-    HF Mixtral's ``load_balancing_loss_func`` equals ``top_k`` times this value.
-    """
-    if row_mask is not None:
-        logits = logits[row_mask.reshape(-1).to(torch.bool)]
+
+def _selected(probs: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """The experts each row picks, before any capacity limit; E marks an unused slot."""
+    if spec.strategy == "mixlora":
+        return probs.topk(spec.top_k, dim=-1).indices
+    if spec.strategy == "mixlora-dynamic":
+        return top_p_select(probs, spec.top_p, spec.temperature)[1]
+    return probs.argmax(dim=-1, keepdim=True)
+
+
+def _real_rows(logits: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    return logits if row_mask is None else logits[row_mask.reshape(-1).to(torch.bool)]
+
+
+def load_balance_loss(logits: torch.Tensor, spec: RoutingSpec, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """E * sum_e c_e * P_e over the rows of ``logits`` (padding rows, row_mask False, left
+    out): c_e the share of rows that route to e in any slot (so sum_e c_e is the mean
+    number of experts per row: k for top-k), P_e the mean router probability of e. For
+    top-k this is HF Mixtral's ``load_balancing_loss_func``; for switch (argmax before
+    capacity) and top-p the same sum over MoE-PEFT's selections."""
+    logits = _real_rows(logits, row_mask)
     num_experts = logits.shape[-1]
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     probs = logits.softmax(dim=-1)
-    selected = probs.topk(top_k, dim=-1).indices.reshape(-1)
-    counts = torch.bincount(selected, minlength=num_experts).to(probs.dtype)
-    return num_experts * torch.dot(counts / selected.numel(), probs.mean(dim=0))
+    counts = expert_counts(_selected(probs, spec), num_experts).to(probs.dtype)
+    return num_experts * torch.dot(counts / logits.shape[0], probs.mean(dim=0))
 
 
 def z_loss(logits: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of logsumexp(logits)^2 (ST-MoE's router z-loss)."""
-    if row_mask is not None:
-        logits = logits[row_mask.reshape(-1).to(torch.bool)]
+    logits = _real_rows(logits, row_mask)
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -83,16 +135,14 @@ def z_loss(logits: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.
 
 def router_loss(
     logits: torch.Tensor,
+    spec: RoutingSpec,
     *,
-    top_k: int,
-    routing_strategy: str,
     aux_loss_coef: float,
     z_loss_coef: float,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """aux_loss_coef * load balance (+ z_loss_coef * z-loss for switch routing)."""
-    switch = routing_strategy == "mixlora-switch"
-    loss = aux_loss_coef * load_balance_loss(logits, 1 if switch else top_k, row_mask)
-    if switch:
+    loss = aux_loss_coef * load_balance_loss(logits, spec, row_mask)
+    if spec.strategy == "mixlora-switch":
         loss = loss + z_loss_coef * z_loss(logits, row_mask)
     return loss

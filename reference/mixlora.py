@@ -24,37 +24,66 @@ from mixlora_kernels.containers import ExpertLoRA, MixLoraOutput
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _top_p(probs: torch.Tensor, top_p: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE-PEFT's dynamic selection: sort p (over temperature, when > 0) descending, mask
+    every expert whose cumulative mass passes top_p except the first that does."""
+    if temperature > 0:
+        probs = probs / temperature
+    values, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    over = values.cumsum(dim=-1) > top_p
+    first_over = F.one_hot(over.long().argmax(dim=-1), probs.shape[-1]).bool()
+    dropped = over & ~first_over
+    return values.masked_fill(dropped, 0.0), order.masked_fill(dropped, probs.shape[-1])
+
+
+def _strategy_args(routing_strategy, top_k, top_p, temperature, expert_capacity) -> tuple:
+    """The strategy's routing arguments with their defaults (those of MixLoraConfig)."""
+    if routing_strategy == "mixlora":
+        return (2 if top_k is None else top_k,)
+    if routing_strategy == "mixlora-dynamic":
+        return (0.8 if top_p is None else top_p, 0.0 if temperature is None else temperature)
+    if routing_strategy == "mixlora-switch":
+        return (32 if expert_capacity is None else expert_capacity,)
+    raise ValueError(f"unknown routing_strategy {routing_strategy!r}")
+
+
 def route(
     x: torch.Tensor,
     router_weight: torch.Tensor,
     *,
-    top_k: int,
+    top_k: int | None = None,
     routing_strategy: str = "mixlora",
     expert_capacity: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
     jitter_factors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens. x is (B, S, d) or (T, d) (one sequence).
 
     Returns (logits (T, E), weights (T, k), experts (T, k), kept (T,) bool). For top-k
-    routing every token is kept and k = top_k; for switch routing k = 1, the weight is
-    p_max and ``kept`` marks the tokens within their expert's per-sequence capacity.
+    routing every token is kept and k = top_k; for top-p k = E, the experts most probable
+    first, the unused slots with expert E and weight 0; for switch routing k = 1, the
+    weight is p_max and ``kept`` marks the tokens within their expert's per-sequence
+    capacity.
     """
+    args = _strategy_args(routing_strategy, top_k, top_p, temperature, expert_capacity)
     seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
     router_in = seqs if jitter_factors is None else seqs * jitter_factors.reshape(seqs.shape)
     compute = torch.promote_types(x.dtype, torch.float32)
     logits = router_in.to(compute) @ router_weight.to(compute).t()
     probs = logits.softmax(dim=-1)
     if routing_strategy == "mixlora":
-        weights, experts = probs.topk(top_k, dim=-1)
+        weights, experts = probs.topk(args[0], dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         kept = torch.ones(weights.shape[:-1], dtype=torch.bool, device=x.device)
-    elif routing_strategy == "mixlora-switch":
+    elif routing_strategy == "mixlora-dynamic":
+        weights, experts = _top_p(probs, *args)
+        kept = torch.ones(weights.shape[:-1], dtype=torch.bool, device=x.device)
+    else:
         weights, experts = probs.max(dim=-1, keepdim=True)
         one_hot = F.one_hot(experts[..., 0], probs.shape[-1])
         position_in_expert = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1)
-        kept = position_in_expert <= expert_capacity
-    else:
-        raise ValueError(f"unknown routing_strategy {routing_strategy!r}")
+        kept = position_in_expert <= args[0]
     num_experts = router_weight.shape[0]
     return (
         logits.reshape(-1, num_experts),
@@ -85,8 +114,10 @@ def mixlora_ffn(
     up_proj: Projection | None = None,
     down_proj: Projection,
     gate_up_proj: Projection | None = None,
-    top_k: int = 2,
     routing_strategy: str = "mixlora",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
     expert_capacity: int | None = None,
     activation: str = "silu",
     scaling: float = 1.0,
@@ -96,7 +127,8 @@ def mixlora_ffn(
     """Vanilla MixLoRA: every expert runs the whole FFN on its own tokens.
 
     ``dropout_masks`` holds multiplicative masks {"gate": (T, d), "up": (T, d),
-    "down": (T, f)}; a token's mask is the same for each expert it visits.
+    "down": (T, f), "ffn": (T, d)}; a token's mask is the same for each expert it
+    visits, and "ffn" multiplies the block output (switch ``ffn_dropout``).
     """
     kind = activation_kind(activation)
     shape = x.shape
@@ -106,6 +138,8 @@ def mixlora_ffn(
         top_k=top_k,
         routing_strategy=routing_strategy,
         expert_capacity=expert_capacity,
+        top_p=top_p,
+        temperature=temperature,
         jitter_factors=jitter_factors,
     )
     xf = x.reshape(-1, shape[-1])
@@ -129,6 +163,8 @@ def mixlora_ffn(
     if routing_strategy == "mixlora-switch":
         dropped = ~kept
         out[dropped] = weights[dropped].to(xf.dtype) * xf[dropped]
+    if dropout_masks is not None and dropout_masks.get("ffn") is not None:
+        out = out * dropout_masks["ffn"]
     return MixLoraOutput(out.reshape(shape), logits, selected, weights, kept)
 
 
@@ -189,21 +225,35 @@ def dense_ffn(
     return down_proj(act_fwd(activation_kind(activation), gate_proj(x)) * up_proj(x))
 
 
-def load_balance_loss(logits: torch.Tensor, top_k: int, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """E * sum_e f_e * P_e over the rows of ``logits`` (R, E).
+def load_balance_loss(
+    logits: torch.Tensor,
+    *,
+    routing_strategy: str = "mixlora",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+    row_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """E * sum_e c_e * P_e over the rows of ``logits`` (R, E).
 
-    f_e is the fraction of (row, slot) assignments that go to expert e, P_e the mean
-    router probability of e; padding rows (row_mask False) are left out.
+    c_e is the fraction of rows that route to expert e in any slot (top-k, top-p, or the
+    argmax for switch, before capacity), P_e the mean router probability of e; padding
+    rows (row_mask False) are left out.
     """
     if row_mask is not None:
         logits = logits[row_mask.reshape(-1).bool()]
     num_experts = logits.shape[-1]
     probs = logits.softmax(dim=-1)
-    selected = probs.topk(top_k, dim=-1).indices
+    if routing_strategy == "mixlora-switch":
+        selected = probs.argmax(dim=-1, keepdim=True)
+    elif routing_strategy == "mixlora-dynamic":
+        selected = _top_p(probs, *_strategy_args(routing_strategy, top_k, top_p, temperature, None))[1]
+    else:
+        selected = probs.topk(_strategy_args(routing_strategy, top_k, top_p, temperature, None)[0], dim=-1).indices
     counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
     for e in range(num_experts):
-        counts[e] = (selected == e).sum()
-    fraction = counts / selected.numel()
+        counts[e] = (selected == e).any(dim=-1).sum()
+    fraction = counts / logits.shape[0]
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
@@ -217,15 +267,18 @@ def z_loss(logits: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.
 def router_loss(
     logits: torch.Tensor,
     *,
-    top_k: int,
     routing_strategy: str,
     aux_loss_coef: float,
-    z_loss_coef: float,
+    z_loss_coef: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scaled router loss of SPEC section 2 (z-loss for switch routing only)."""
-    k = 1 if routing_strategy == "mixlora-switch" else top_k
-    loss = aux_loss_coef * load_balance_loss(logits, k, row_mask)
+    loss = aux_loss_coef * load_balance_loss(
+        logits, routing_strategy=routing_strategy, top_k=top_k, top_p=top_p, temperature=temperature, row_mask=row_mask
+    )
     if routing_strategy == "mixlora-switch":
         loss = loss + z_loss_coef * z_loss(logits, row_mask)
     return loss

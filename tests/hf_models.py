@@ -61,12 +61,13 @@ def tiny_model(model_type: str = "llama", dtype: torch.dtype = torch.float32, se
 def mixlora_config(model_type: str = "llama", **overrides) -> MixLoraConfig:
     kwargs = dict(
         num_experts=4,
-        top_k=2,
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
         target_modules=TARGETS.get(model_type, LLAMA_TARGETS),
     )
+    if overrides.get("routing_strategy", "mixlora") == "mixlora":
+        kwargs["top_k"] = 2
     kwargs.update(overrides)
     return MixLoraConfig(**kwargs)
 
@@ -130,8 +131,10 @@ class ReferenceMixLoraMLP(nn.Module):
             self.router,
             self.experts,
             **base,
-            top_k=cfg.top_k,
             routing_strategy=cfg.routing_strategy,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            temperature=cfg.temperature,
             expert_capacity=cfg.expert_capacity,
             activation=self.activation,
             scaling=cfg.expert_scaling,

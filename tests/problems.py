@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mixlora_kernels import ExpertLoRA
+from mixlora_kernels.config import STRATEGY_FIELDS
 
 
 @dataclass
@@ -20,18 +21,21 @@ class Problem:
     top_k: int = 2
     routing_strategy: str = "mixlora"
     expert_capacity: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
     activation: str = "silu"
     scaling: float = 0.5
 
+    def routing(self) -> dict:
+        """The routing arguments of mixlora_ffn: the strategy and its own fields."""
+        own = STRATEGY_FIELDS[self.routing_strategy]
+        fields = {name: getattr(self, name) for name in ("top_k", "top_p", "temperature", "expert_capacity")}
+        return {"routing_strategy": self.routing_strategy} | {
+            k: v for k, v in fields.items() if k in own and v is not None
+        }
+
     def kwargs(self) -> dict:
-        return dict(
-            **self.base,
-            top_k=self.top_k,
-            routing_strategy=self.routing_strategy,
-            expert_capacity=self.expert_capacity,
-            activation=self.activation,
-            scaling=self.scaling,
-        )
+        return dict(**self.base, **self.routing(), activation=self.activation, scaling=self.scaling)
 
     def leaves(self) -> list[torch.Tensor]:
         """Every tensor a gradient is checked for: x, the router, each LoRA weight."""
@@ -60,6 +64,8 @@ class Problem:
             top_k=self.top_k,
             routing_strategy=self.routing_strategy,
             expert_capacity=self.expert_capacity,
+            top_p=self.top_p,
+            temperature=self.temperature,
             activation=self.activation,
             scaling=self.scaling,
         )
@@ -88,6 +94,8 @@ def make_problem(
     bias: bool = False,
     routing_strategy: str = "mixlora",
     expert_capacity: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
     activation: str = "silu",
     dtype=torch.float64,
     router_scale: float = 1.0,
@@ -123,6 +131,8 @@ def make_problem(
         top_k=top_k,
         routing_strategy=routing_strategy,
         expert_capacity=expert_capacity,
+        top_p=top_p,
+        temperature=temperature,
         activation=activation,
     )
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
 
 import pytest
 import torch
-from hf_models import adapter_copy, injected, mixlora_config, tiny_model, tokens
+from hf_models import adapter_copy, injected, mixlora_config, reference_model, tiny_model, tokens
 from safetensors.torch import load_file, save_file
 
 from mixlora_kernels import MixLoraConfig, adapter_state_dict, inject_mixlora, load_adapter, save_adapter
@@ -309,6 +310,48 @@ def test_save_needs_mixlora(tmp_path):
         save_adapter(tiny_model(), tmp_path)
     with pytest.raises(FileNotFoundError, match="not an adapter directory"):
         load_adapter(tiny_model(), tmp_path / "nowhere")
+
+
+# --- adapters written by MoE-PEFT -------------------------------------------------------
+
+MOE_PEFT_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "moe_peft"
+
+
+@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic", "mixlora-switch"])
+def test_moe_peft_adapter_loads_runs_saves_and_reloads_unchanged(tmp_path, strategy):
+    """adapter_config.json as MoE-PEFT's MixLoraConfig.export() (plus its trainer's
+    base_model_name_or_path and task_type) writes it, for each routing strategy."""
+    written = json.loads((MOE_PEFT_FIXTURES / strategy / "adapter_config.json").read_text())
+    config = MixLoraConfig.from_dict(written)
+    assert config.routing_strategy == strategy and config.extra == {"bias": "none"}
+    # What MoE-PEFT fills in for the fields its export leaves out.
+    defaults = {"router_aux_loss_coef": 0.001, "router_loss": True}
+    defaults.update(
+        {
+            "mixlora": dict(router_init_range=0.02, jitter_noise=0.0),
+            "mixlora-dynamic": dict(router_init_range=0.02, jitter_noise=0.0),
+            "mixlora-switch": dict(router_init_range=1.0, jitter_noise=0.01, router_z_loss_coef=0.001, ffn_dropout=0.0),
+        }[strategy]
+    )
+    assert {name: getattr(config, name) for name in defaults} == defaults
+
+    # Weights: a random adapter of that config, saved as MoE-PEFT saves them (a .bin).
+    source_dir = tmp_path / "moe-peft"
+    _, source = injected(dtype=torch.float64, config=config)
+    _write_published(source_dir, {k: v.float().clone() for k, v in adapter_state_dict(source).items()}, written)
+
+    model = load_adapter(tiny_model(dtype=torch.float64), source_dir, backend="torch")
+    assert not model.model.layers[0].mlp.training, "the adapter takes the eval mode of the model it joins"
+    ids = tokens()
+    expected = _logits(reference_model(tiny_model(dtype=torch.float64), adapter_copy(model), config), ids)
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-9, atol=1e-10)
+
+    save_adapter(model, tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert {k: ours.get(k) for k in written} == written, "every field MoE-PEFT wrote is written back as it was"
+    reloaded = load_adapter(tiny_model(dtype=torch.float64), tmp_path / "ours", backend="torch")
+    assert reloaded.mixlora_config == model.mixlora_config
+    assert torch.equal(_logits(reloaded, ids), _logits(model, ids))
 
 
 def test_adapter_loaded_into_an_eval_model_runs_without_dropout_or_jitter(tmp_path):

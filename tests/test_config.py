@@ -41,7 +41,8 @@ def test_reads_mixlora_package_config_and_keeps_unknown_keys(tmp_path):
 def test_dict_round_trip_with_every_field():
     cfg = MixLoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.1, target_modules={"gate_proj": True, "q_proj": False},
-        routing_strategy="mixlora-switch", num_experts=4, top_k=1, expert_capacity=16, act_fn="gelu_new",
+        routing_strategy="mixlora-switch", num_experts=4, expert_capacity=16, ffn_dropout=0.1, sparse_step=3,
+        act_fn="gelu_new",
         use_rslora=True, expert_lora={"r": 2, "lora_alpha": 4}, router_aux_loss_coef=0.01,
         router_z_loss_coef=0.002, router_init_range=0.1, jitter_noise=0.01, router_loss=False,
         extra={"custom": [1, 2]},
@@ -91,9 +92,101 @@ def test_invalid_expert_lora_value_names_nested_field():
         MixLoraConfig(expert_lora={"r": -2})
 
 
-def test_switch_ignores_top_k_bound():
-    cfg = MixLoraConfig(routing_strategy="mixlora-switch", num_experts=2, top_k=4)
-    assert cfg.experts_per_token == 1
+STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+
+
+@pytest.mark.parametrize(
+    "strategy,expected",
+    [
+        ("mixlora", dict(top_k=2, router_init_range=0.02, jitter_noise=0.0)),
+        ("mixlora-dynamic", dict(top_p=0.8, temperature=0.0, router_init_range=0.02, jitter_noise=0.0)),
+        (
+            "mixlora-switch",
+            dict(expert_capacity=32, router_z_loss_coef=0.001, ffn_dropout=0.0, sparse_step=None,
+                 router_init_range=1.0, jitter_noise=0.01),
+        ),
+    ],
+)  # fmt: skip
+def test_absent_fields_take_the_strategys_moe_peft_defaults(strategy, expected):
+    cfg = MixLoraConfig.from_dict({"routing_strategy": strategy, "num_experts": 4})
+    assert {name: getattr(cfg, name) for name in expected} == expected
+    others = {"top_k", "top_p", "temperature", "expert_capacity", "router_z_loss_coef", "ffn_dropout"} - set(expected)
+    assert all(getattr(cfg, name) is None for name in others), "another strategy's fields stay unset"
+    # Set values win over the defaults.
+    explicit = MixLoraConfig(routing_strategy=strategy, router_init_range=0.5, jitter_noise=0.2)
+    assert (explicit.router_init_range, explicit.jitter_noise) == (0.5, 0.2)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_to_dict_writes_the_strategys_own_fields_and_round_trips(strategy):
+    cfg = MixLoraConfig(routing_strategy=strategy, num_experts=4)
+    data = cfg.to_dict()
+    own = {
+        "mixlora": {"top_k"},
+        "mixlora-dynamic": {"top_p", "temperature"},
+        "mixlora-switch": {"expert_capacity", "router_z_loss_coef", "ffn_dropout", "sparse_step"},
+    }
+    for other, names in own.items():
+        assert (names <= data.keys()) if other == strategy else not (names & data.keys()), other
+    assert data["router_init_range"] == cfg.router_init_range and data["jitter_noise"] == cfg.jitter_noise
+    assert MixLoraConfig.from_dict(json.loads(json.dumps(data))) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,owner",
+    [
+        (dict(routing_strategy="mixlora-switch", top_k=2), "top_k", "mixlora"),
+        (dict(routing_strategy="mixlora-switch", num_experts=4, top_k=5), "top_k", "mixlora"),
+        (dict(routing_strategy="mixlora-dynamic", top_k=2), "top_k", "mixlora"),
+        (dict(routing_strategy="mixlora", top_p=0.5), "top_p", "mixlora-dynamic"),
+        (dict(routing_strategy="mixlora-switch", temperature=1.0), "temperature", "mixlora-dynamic"),
+        (dict(routing_strategy="mixlora", expert_capacity=64), "expert_capacity", "mixlora-switch"),
+        (dict(routing_strategy="mixlora-dynamic", ffn_dropout=0.1), "ffn_dropout", "mixlora-switch"),
+    ],
+    ids=["switch+top_k", "switch+top_k>E", "dynamic+top_k", "topk+top_p", "switch+temperature", "topk+capacity",
+         "dynamic+ffn_dropout"],
+)  # fmt: skip
+def test_another_strategys_field_is_an_error_naming_it(kwargs, field, owner):
+    with pytest.raises(ValueError, match=rf"MixLoraConfig\.{field}=.*applies to routing_strategy '{owner}' only"):
+        MixLoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("top_p", 0.0), ("top_p", 1.5), ("top_p", "high"), ("top_p", float("nan")), ("temperature", -0.1),
+     ("temperature", True)],
+)  # fmt: skip
+def test_invalid_dynamic_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        MixLoraConfig(routing_strategy="mixlora-dynamic", **{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("expert_capacity", 0), ("router_z_loss_coef", -1.0), ("ffn_dropout", 1.0), ("sparse_step", 0),
+     ("sparse_step", 1.5)],
+)  # fmt: skip
+def test_invalid_switch_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        MixLoraConfig(routing_strategy="mixlora-switch", **{field: value})
+
+
+def test_dynamic_top_p_of_one_is_valid():
+    cfg = MixLoraConfig(routing_strategy="mixlora-dynamic", top_p=1, temperature=2)
+    assert cfg.routing_spec().top_p == 1 and cfg.experts_per_token == cfg.num_experts
+
+
+def test_expert_lora_as_moe_peft_exports_it():
+    # MoE-PEFT writes the expert LoraConfig's own export: bias and its rslora/dora flags.
+    cfg = MixLoraConfig(
+        r=8, lora_alpha=16, use_rslora=False,
+        expert_lora={"bias": "none", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": True},
+    )  # fmt: skip
+    assert math.isclose(cfg.expert_scaling, 8 / 2) and math.isclose(cfg.scaling, 16 / 8)
+    with pytest.raises(ValueError, match=r"expert_lora\.bias"):
+        MixLoraConfig(expert_lora={"bias": "all"})
+    with pytest.raises(ValueError, match=r"expert_lora\.use_rslora"):
+        MixLoraConfig(expert_lora={"use_rslora": "yes"})
 
 
 def test_bad_files(tmp_path):

@@ -38,7 +38,7 @@ def make_mlp(kind: str, dtype=torch.float64):
 
 
 def make_block(kind="llama", dtype=torch.float64, **cfg):
-    cfg = {"num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8, "target_modules": ALL_MLP, **cfg}
+    cfg = {"num_experts": 4, "r": 4, "lora_alpha": 8, "target_modules": ALL_MLP, **cfg}
     block = FusedMixLoraFFN.from_mlp(make_mlp(kind, dtype), MixLoraConfig(**cfg), backend="torch")
     with torch.no_grad():
         for b in block.lora_B.values():
@@ -47,10 +47,15 @@ def make_block(kind="llama", dtype=torch.float64, **cfg):
     return block
 
 
+def routing_kwargs(config: MixLoraConfig) -> dict:
+    """The routing arguments of the reference for a config: its strategy's own fields."""
+    names = ("routing_strategy", "top_k", "top_p", "temperature", "expert_capacity")
+    return {name: getattr(config, name) for name in names}
+
+
 def reference_forward(block: FusedMixLoraFFN, x: torch.Tensor) -> torch.Tensor:
     return reference.mixlora_ffn(
-        x, block.moe_gate.weight, block.expert_lora(), **block._base_kwargs(), top_k=block.top_k,
-        routing_strategy=block.config.routing_strategy, expert_capacity=block.config.expert_capacity,
+        x, block.moe_gate.weight, block.expert_lora(), **block._base_kwargs(), **routing_kwargs(block.config),
         activation=block.activation, scaling=block.scaling,
     ).out  # fmt: skip
 
@@ -121,9 +126,7 @@ def test_router_loss_and_expert_load():
     x = torch.randn(2, 9, D, dtype=torch.float64)
     block(x)
     loss = router_aux_loss(block)
-    expected = reference.router_loss(
-        block.last_router_logits, top_k=2, routing_strategy="mixlora", aux_loss_coef=0.5, z_loss_coef=0.0
-    )
+    expected = reference.router_loss(block.last_router_logits, routing_strategy="mixlora", top_k=2, aux_loss_coef=0.5)
     torch.testing.assert_close(loss, expected)
     (grad,) = torch.autograd.grad(loss, block.moe_gate.weight)
     assert grad.abs().sum() > 0
@@ -138,9 +141,9 @@ def test_switch_router_loss_includes_z_loss_and_row_mask():
     block(x)
     block.row_mask = torch.tensor([1] * 6 + [1, 1, 1, 0, 0, 0], dtype=torch.bool)
     logits = block.last_router_logits
-    expected = 0.001 * reference.load_balance_loss(logits, 1, block.row_mask) + 0.1 * reference.z_loss(
-        logits, block.row_mask
-    )
+    expected = 0.001 * reference.load_balance_loss(
+        logits, routing_strategy="mixlora-switch", row_mask=block.row_mask
+    ) + 0.1 * reference.z_loss(logits, block.row_mask)
     torch.testing.assert_close(router_aux_loss(block), expected)
 
 

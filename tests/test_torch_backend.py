@@ -84,6 +84,60 @@ def test_switch_routing(style, capacity):
         assert out.kept.all()
 
 
+def dynamic_problem(style="gate_up_down", top_p=0.95, temperature=0.0, T=24, E=4, **kwargs):
+    """Top-p routing where a third of the tokens keep one expert (a peaked router), a
+    third some, and a third all E (a flat router: every expert below top_p's mass)."""
+    problem = make_problem(T=T, d=10, f=14, E=E, r=2, style=style, bias=True, routing_strategy="mixlora-dynamic",
+                           top_p=top_p, temperature=temperature, router_scale=4.0, **kwargs)  # fmt: skip
+    with torch.no_grad():
+        third = T // 3
+        problem.x[:third] *= 2.0
+        problem.x[third : 2 * third] *= 0.1
+        problem.x[2 * third :] *= 1e-3
+    return problem
+
+
+def experts_used(out, num_experts):
+    return (out.experts < num_experts).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("style", ["gate_up_down", "fused_gate_up", "fc"])
+def test_dynamic_routing_one_some_and_all_experts(style, dtype):
+    out, expected = check(dynamic_problem(style), dtype)
+    used = experts_used(out, 4)
+    assert used.min() == 1 and used.max() == 4 and ((used > 1) & (used < 4)).any(), used.tolist()
+    assert_close(out.weights, expected.weights, dtype, name="weights")
+
+
+@pytest.mark.parametrize("top_p,temperature", [(0.3, 0.0), (0.8, 0.0), (1.0, 0.0), (0.6, 2.0), (0.9, 0.5)])
+@pytest.mark.parametrize("E", [1, 3, 8])
+def test_dynamic_routing_sweep(E, top_p, temperature):
+    check(make_problem(T=33, d=12, f=20, E=E, r=3, routing_strategy="mixlora-dynamic", top_p=top_p,
+                       temperature=temperature), torch.float64)  # fmt: skip
+
+
+def test_dynamic_gradcheck_tiny():
+    assert gradcheck(make_problem(T=5, d=4, f=6, E=3, r=2, bias=True, routing_strategy="mixlora-dynamic", top_p=0.7))
+
+
+@pytest.mark.parametrize("style", ["gate_up_down", "fc"])
+def test_switch_ffn_dropout_matches_reference_with_same_draws(style):
+    problem = make_problem(shape=(3, 8), d=10, f=14, E=3, r=2, style=style, bias=True,
+                           routing_strategy="mixlora-switch", expert_capacity=3)  # fmt: skip
+    seed, T = 5, 24
+    has_up_mask = problem.experts.up_A is not None
+    noise = draw_noise(seed, tokens=T, hidden=10, intermediate=14, dropout=0.2, jitter=0.01, has_up_mask=has_up_mask,
+                       device=problem.x.device, dtype=torch.float64, ffn_dropout=0.4)  # fmt: skip
+    masks = {name: noise.multiplicative(name, torch.float64) for name in ("gate", "up", "down", "ffn")}
+    out, _ = check(
+        problem, torch.float64, dropout=0.2, jitter_noise=0.01, ffn_dropout=0.4, training=True, seed=seed,
+        dropout_masks=masks, jitter_factors=noise.jitter,
+    )  # fmt: skip
+    zeroed = (out.out.reshape(T, -1) == 0).float().mean()
+    assert 0.25 < zeroed < 0.55, f"ffn_dropout=0.4 zeroed {zeroed:.2f} of the outputs"
+
+
 def test_switch_drops_exactly_the_tokens_past_capacity():
     # Logits chosen by hand: every token of the first sequence prefers expert 0, the
     # second sequence alternates 1, 2. Capacity 2 keeps the first two of each expert
@@ -143,8 +197,8 @@ def test_zero_B_is_the_dense_ffn(style):
     torch.testing.assert_close(out.out, dense, atol=1e-13, rtol=1e-13)
 
 
-def test_gradcheck_tiny():
-    problem = make_problem(T=5, d=4, f=6, E=3, r=2, top_k=2, bias=True)
+def gradcheck(problem) -> bool:
+    """torch.autograd.gradcheck of the block's output against every leaf of ``problem``."""
     leaves = problem.leaves()
 
     def fn(*tensors):
@@ -154,7 +208,11 @@ def test_gradcheck_tiny():
             lookup[id(problem.x)], lookup[id(problem.router)], experts, backend=BACKEND, **problem.kwargs()
         ).out
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+    return torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_tiny():
+    assert gradcheck(make_problem(T=5, d=4, f=6, E=3, r=2, top_k=2, bias=True))
 
 
 def test_switch_gradcheck_tiny():

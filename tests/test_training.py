@@ -21,6 +21,7 @@ from mixlora_kernels import (
     save_adapter,
 )
 from mixlora_kernels.modules import mixlora_blocks
+from mixlora_kernels.routing import route_top_p
 from reference.mixlora import router_loss as reference_router_loss
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
@@ -135,6 +136,25 @@ def test_expert_load_stats_last_and_accumulated():
         expert_load_stats(tiny_model())
 
 
+def test_expert_load_of_top_p_routing_counts_each_tokens_experts():
+    _, model = injected(routing_strategy="mixlora-dynamic", top_p=0.6)
+    ids = tokens(batch=2, length=7)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    seen = []
+    remember = lambda block, args, out: seen.append(block.last_router_logits)
+    hooks = [block.register_forward_hook(remember) for block in mixlora_blocks(model)]
+    model(input_ids=ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    load = expert_load_stats(model).last
+    for layer, logits in enumerate(seen):
+        routing = route_top_p(logits.detach()[mask.reshape(-1).bool()], 0.6, 0.0)
+        assert torch.equal(load[layer], torch.bincount(routing.experts.reshape(-1), minlength=5)[:4])
+        used = (routing.experts < 4).sum()
+        assert load[layer].sum() == used and 12 <= used <= 12 * 4  # 12 real tokens, 1..E experts each
+
+
 def _trainer(model, tmp_path, **args):
     from transformers import TrainingArguments
 
@@ -157,8 +177,9 @@ def _trainer(model, tmp_path, **args):
     return MixLoraTrainer(model=model, args=TrainingArguments(**defaults), train_dataset=data)
 
 
-def test_trainer_adds_the_router_loss_and_logs_it(tmp_path):
-    _, model = injected()
+@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic"])
+def test_trainer_adds_the_router_loss_and_logs_it(tmp_path, strategy):
+    _, model = injected(routing_strategy=strategy)
     trainer = _trainer(model, tmp_path)
     model.train()
     ids = tokens(batch=2, length=10)

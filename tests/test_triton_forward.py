@@ -14,13 +14,14 @@ import torch
 
 import reference
 from mixlora_kernels import mixlora_ffn
+from mixlora_kernels.kernels.expert_pass_tm import slot_order
 from mixlora_kernels.kernels.launch import ORGANISATION_ENV, choose_organisation, pass_costs
 from mixlora_kernels.kernels.permute import permute_fwd
-from mixlora_kernels.kernels.route import route_switch_fwd, route_topk_fwd
-from mixlora_kernels.routing import route_switch, route_topk
+from mixlora_kernels.kernels.route import route_switch_fwd, route_top_p_fwd, route_topk_fwd
+from mixlora_kernels.routing import route_switch, route_top_p, route_topk
 from tests.conftest import assert_rel_rms
 from tests.problems import leaf_names, make_problem, run_pair
-from tests.test_torch_backend import EK, check
+from tests.test_torch_backend import EK, check, dynamic_problem, experts_used
 
 pytestmark = pytest.mark.filterwarnings("ignore:mixlora_kernels. the Triton backend has forward kernels only")
 
@@ -104,6 +105,41 @@ def test_switch_routing(organisation, capacity):
     assert torch.equal(out.kept.cpu(), expected.kept.cpu())
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("style", ["gate_up_down", "fused_gate_up", "fc"])
+def test_dynamic_routing_one_some_and_all_experts(organisation, style, dtype):
+    out, _ = check(on_device(dynamic_problem(style)), dtype, backend="triton")
+    used = experts_used(out, 4)
+    assert used.min() == 1 and used.max() == 4 and ((used > 1) & (used < 4)).any(), used.tolist()
+
+
+# No top_p = 1.0 with temperature 0 here: whether a token keeps an expert whose
+# probability is below fp32 resolution depends on the rounding of a sum to 1, which fp32
+# and the fp64 reference do differently (the torch backend sweep covers it in fp64).
+@pytest.mark.parametrize("top_p,temperature", [(0.3, 0.0), (0.95, 1.2), (0.6, 2.0), (0.9, 0.5)])
+@pytest.mark.parametrize("E", [1, 3, 8])
+def test_dynamic_sweep(organisation, E, top_p, temperature):
+    problem = make_problem(T=33, d=12, f=20, E=E, r=3, routing_strategy="mixlora-dynamic", top_p=top_p,
+                           temperature=temperature)  # fmt: skip
+    check(on_device(problem), torch.float32, backend="triton")
+
+
+def test_dynamic_many_experts_takes_the_expert_sorted_pass():
+    # E * r too wide for the token-major tile: 64 slots per token, 4096 (slot, expert) groups.
+    assert choose_organisation(20, 24, 64, 4, 64, 4) == "expert_sorted"
+    problem = make_problem(T=20, d=12, f=24, E=64, r=4, routing_strategy="mixlora-dynamic", top_p=0.5,
+                           router_scale=0.3)  # fmt: skip
+    out, _ = check(on_device(problem), torch.float32, backend="triton")
+    assert experts_used(out, 64).max() > 2
+
+
+def test_slot_order_sorts_tokens_by_experts_used():
+    experts = torch.tensor([[0, 4, 4, 4], [1, 2, 0, 3], [3, 1, 4, 4], [2, 4, 4, 4], [0, 1, 2, 4]], device=DEVICE)
+    order, slots = slot_order(experts, 4)
+    assert order.tolist() == [1, 4, 2, 0, 3] and slots.tolist() == [4, 3, 2, 1, 1]
+    assert order.dtype == slots.dtype == torch.int32
+
+
 def test_non_contiguous_input_and_empty_experts(organisation):
     problem = make_problem(T=32, d=12, f=20, E=6, r=3)
     with torch.no_grad():
@@ -155,6 +191,14 @@ def test_route_kernels_match_torch_routing():
         torch.testing.assert_close(weights, ref.weights)
         assert torch.equal(experts, ref.experts)
         assert torch.equal(counts.sum(0).long(), ref.counts)
+    for T, E, top_p, temperature in [(1, 1, 0.8, 0.0), (7, 3, 0.5, 0.0), (100, 8, 0.8, 0.0), (65, 5, 1.0, 0.0),
+                                     (70, 8, 0.7, 1.7), (33, 64, 0.9, 0.3)]:  # fmt: skip
+        logits = torch.randn(T, E, device=DEVICE) * 2
+        weights, experts, counts = route_top_p_fwd(logits, top_p, temperature)
+        ref = route_top_p(logits, top_p, temperature)
+        torch.testing.assert_close(weights, ref.weights)
+        assert torch.equal(experts, ref.experts)
+        assert torch.equal(counts.sum(0).long(), ref.counts)
     for seqs, seq_len, E, capacity in [(3, 8, 3, 2), (2, 200, 4, 30), (1, 1, 2, 1)]:
         logits = torch.randn(seqs * seq_len, E, device=DEVICE)
         weights, experts, bypass, counts = route_switch_fwd(logits, seq_len, capacity)
@@ -166,12 +210,18 @@ def test_route_kernels_match_torch_routing():
 
 
 @pytest.mark.parametrize(
-    "T,E,K,block_m", [(1, 1, 1, 16), (7, 3, 2, 16), (300, 8, 2, 16), (50, 4, 1, 32), (33, 64, 2, 16)]
-)
+    "T,E,K,block_m",
+    [(1, 1, 1, 16), (7, 3, 2, 16), (300, 8, 2, 16), (50, 4, 1, 32), (33, 64, 2, 16), (200, 64, 2, 64),
+     (37, 8, 8, 16), (130, 5, 5, 64), (9, 64, 64, 16)],
+)  # fmt: skip
 def test_permutation_invariants(T, E, K, block_m):
     experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEVICE)
     if K == 1:
         experts[::5] = E  # dropped by capacity
+    elif K == E:
+        # top-p: each token's experts fill a prefix of its slots, the rest hold E
+        used = torch.randint(1, E + 1, (T, 1), device=DEVICE)
+        experts = experts.masked_fill(torch.arange(K, device=DEVICE) >= used, E)
     perm = permute_fwd(experts, E, block_m)
     P, flat = T * K, experts.reshape(-1).long()
     used = int(perm.slot_blocks[-1])
@@ -284,6 +334,19 @@ needs_gpu = pytest.mark.skipif(
 def test_gpu_large_shapes(organisation, T, d, f, E, k, r, dtype):
     problem = on_device(make_problem(T=T, d=d, f=f, E=E, r=r, top_k=k, router_scale=0.05))
     out, expected, grads, ref_grads = run_pair(problem, dtype, "triton")
+    assert_rel_rms(out.out, expected.out, dtype, "out")
+    for name, g, rg in zip(leaf_names(problem), grads, ref_grads):
+        assert_rel_rms(g, rg, dtype, f"d{name}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("T,d,f,E,r", [(4096, 1024, 2816, 8, 16), (2048, 2048, 5632, 64, 16)])
+def test_gpu_dynamic_large_shapes(organisation, T, d, f, E, r, dtype):
+    problem = make_problem(T=T, d=d, f=f, E=E, r=r, routing_strategy="mixlora-dynamic", top_p=0.5, router_scale=0.05)
+    out, expected, grads, ref_grads = run_pair(on_device(problem), dtype, "triton")
+    used = experts_used(out, E).float().mean()
+    assert 1.5 < used < E / 2, f"{used:.2f} experts per token: the test wants a few"
     assert_rel_rms(out.out, expected.out, dtype, "out")
     for name, g, rg in zip(leaf_names(problem), grads, ref_grads):
         assert_rel_rms(g, rg, dtype, f"d{name}")

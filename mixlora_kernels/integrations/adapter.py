@@ -43,8 +43,10 @@ _LEGACY_EXPERT = re.compile(r"mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lo
 _STRUCTURAL_FIELDS = {
     "routing_strategy": lambda c: c.routing_strategy,
     "num_experts": lambda c: c.num_experts,
-    "top_k": lambda c: c.experts_per_token,
-    "expert_capacity": lambda c: c.expert_capacity if c.routing_strategy == "mixlora-switch" else None,
+    "top_k": lambda c: c.top_k,
+    "top_p": lambda c: c.top_p,
+    "temperature": lambda c: c.temperature,
+    "expert_capacity": lambda c: c.expert_capacity,
     "r": lambda c: c.r,
     "lora_alpha": lambda c: c.lora_alpha,
     "use_rslora": lambda c: c.use_rslora,

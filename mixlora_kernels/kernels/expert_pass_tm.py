@@ -6,7 +6,10 @@ slot's expert densely over all experts under the routing mask: the activations a
 (BLOCK_T, E*R) shrinks with every column outside the token's expert zeroed, so one
 tl.dot with inner dimension E*R against the stacked B tile applies each token's own
 expert (no gather of B, tensor cores on every row). sigma, the product and the gated
-combine follow in registers, and H = sum_j w_tj h_tj is written once. The down LoRA's A
+combine follow in registers, and H = sum_j w_tj h_tj is written once. Under top-p
+routing a token uses a variable number of slots (a prefix of E); the tokens are then
+taken in order of that number, so that each block runs about as many slots as its
+tokens use and the work follows the pairs routed, not E per token. The down LoRA's A
 shrink runs the other way, with outer dimension E*R (h_j @ A2_cat), masked to the
 token's expert and accumulated across the chunk's tiles; each chunk writes its partial
 sums to its own slice of Z, which the caller adds up. Every output element has one
@@ -24,6 +27,40 @@ from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
 from .common import activation, column_chunks, expert_pass_args, launch, token_major_width
 
 
+@triton.jit
+def _slot_step(
+    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
+    xag_ptr, xau_ptr, w_ptr, ex_ptr, E, R,
+    K: tl.constexpr, ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr,
+    HAS_DOWN: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One routing slot on one f tile: h of each token's slot-j expert, folded into
+    h_sum (w * h) and z (w * drop(h) A2^T in that expert's columns)."""
+    ex = tl.load(ex_ptr + rows64 * K + j, mask=rmask, other=E)
+    w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0)
+    sel = (ce[None, :] == ex[:, None]) & cmask[None, :] & rmask[:, None]
+    xa_off = rows64[:, None] * E * R + ce[None, :] * R + cr[None, :]
+    g = g_base
+    if HAS_GATE:
+        xag = tl.load(xag_ptr + xa_off, mask=sel, other=0.0)
+        g = g + tl.dot(xag, bg, input_precision=PRECISION)
+    h = activation(g, ACT)
+    if HAS_U:
+        u = u_base
+        if HAS_UP:
+            xau = tl.load(xau_ptr + xa_off, mask=sel, other=0.0)
+            u = u + tl.dot(xau, bu, input_precision=PRECISION)
+        h = h * u
+    h_sum += w[:, None] * h
+    if HAS_DOWN:
+        hd = h
+        if HAS_KEEP:
+            hd = h * keep
+        zj = tl.dot(hd.to(ad.dtype), ad, input_precision=PRECISION)
+        z += tl.where(sel, zj * w[:, None], 0.0)
+    return h_sum, z
+
+
 @triton.jit(do_not_specialize=["T"])
 def _expert_pass_tm_fwd_kernel(
     g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
@@ -34,7 +71,9 @@ def _expert_pass_tm_fwd_kernel(
     bu_ptr,  # (E, F, R) contiguous up B
     ad_ptr,  # (E, R, F) contiguous down A (HAS_DOWN)
     w_ptr,  # (T, K) contiguous routing weights, fp32
-    ex_ptr,  # (T, K) contiguous int64 experts; E marks a dropped pair
+    ex_ptr,  # (T, K) contiguous int64 experts; E marks a slot without an expert
+    order_ptr,  # (T,) int32 tokens by decreasing number of experts (VARIABLE_K)
+    nslots_ptr,  # (T,) int32 experts of the token at each position of order (VARIABLE_K)
     keep_ptr,  # (T, F) bool keep-mask of the down LoRA input (HAS_KEEP)
     h_ptr,  # (T, F) out: sum_j w_tj h_tj, x dtype
     z_ptr,  # (SPLIT_F, T, E, R) out fp32: sum_j w_tj * scale * drop(h_tj) A_e^T at e = e_tj
@@ -58,20 +97,27 @@ def _expert_pass_tm_fwd_kernel(
     HAS_UP: tl.constexpr,
     HAS_DOWN: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    VARIABLE_K: tl.constexpr,  # top-p: a token's experts fill a prefix of its K slots
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
+    pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = pos < T
+    if VARIABLE_K:
+        # Tokens come sorted by their number of experts, so the slots this block runs
+        # (as many as its busiest token) are about the slots its tokens use.
+        rows = tl.load(order_ptr + pos, mask=rmask, other=0)
+        n_slots = tl.max(tl.load(nslots_ptr + pos, mask=rmask, other=0), axis=0)
+    else:
+        rows = pos
     rows64 = rows.to(tl.int64)  # widened before any stride: T * F may pass 2**31
     c = tl.arange(0, ER)
     ce = c // R_PAD
     cr = c % R_PAD
     cmask = (ce < E) & (cr < R)
-    dt = g_ptr.dtype.element_ty
 
     z = tl.zeros((BLOCK_T, ER), dtype=tl.float32)
     # Loop bounds are kernel arguments, not values derived from program ids, so that the
@@ -81,45 +127,38 @@ def _expert_pass_tm_fwd_kernel(
         fmask = cols < F
         tmask = rmask[:, None] & fmask[None, :]
         # B tiles of every expert, stacked along E*R: (ER, BLOCK_F); A2 tile: (BLOCK_F, ER).
+        # A tile a launch never reads is a placeholder 0.
         b_off = ce[:, None] * F * R + cols[None, :] * R + cr[:, None]
         b_mask = cmask[:, None] & fmask[None, :]
-        if HAS_GATE:
-            bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0)
-        if HAS_UP:
-            bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0)
+        bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0) if HAS_GATE else 0
+        bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0) if HAS_UP else 0
+        ad = 0
         if HAS_DOWN:
             ad = tl.load(ad_ptr + ce[None, :] * R * F + cr[None, :] * F + cols[:, None],
                          mask=cmask[None, :] & fmask[:, None], other=0.0)  # fmt: skip
         g_base = tl.load(g_ptr + rows64[:, None] * stride_gt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        u_base = 0
         if HAS_U:
             u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        keep = 0
         if HAS_KEEP:
             keep = tl.load(keep_ptr + rows64[:, None] * stride_kt + cols[None, :], mask=tmask, other=0).to(tl.float32)
         h_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
-        for j in tl.static_range(K):
-            ex = tl.load(ex_ptr + rows64 * K + j, mask=rmask, other=E)
-            w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0)
-            sel = (ce[None, :] == ex[:, None]) & cmask[None, :] & rmask[:, None]
-            xa_off = rows64[:, None] * E * R + ce[None, :] * R + cr[None, :]
-            g = g_base
-            if HAS_GATE:
-                xag = tl.load(xag_ptr + xa_off, mask=sel, other=0.0)
-                g = g + tl.dot(xag, bg, input_precision=PRECISION)
-            h = activation(g, ACT)
-            if HAS_U:
-                u = u_base
-                if HAS_UP:
-                    xau = tl.load(xau_ptr + xa_off, mask=sel, other=0.0)
-                    u = u + tl.dot(xau, bu, input_precision=PRECISION)
-                h = h * u
-            h_sum += w[:, None] * h
-            if HAS_DOWN:
-                hd = h
-                if HAS_KEEP:
-                    hd = h * keep
-                zj = tl.dot(hd.to(dt), ad, input_precision=PRECISION)
-                z += tl.where(sel, zj * w[:, None], 0.0)
-        tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :], h_sum.to(dt), mask=tmask)
+        if VARIABLE_K:
+            for j in range(0, n_slots):
+                h_sum, z = _slot_step(
+                    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
+                    xag_ptr, xau_ptr, w_ptr, ex_ptr, E, R, K, ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP,
+                    PRECISION,
+                )  # fmt: skip
+        else:
+            for j in tl.static_range(K):
+                h_sum, z = _slot_step(
+                    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
+                    xag_ptr, xau_ptr, w_ptr, ex_ptr, E, R, K, ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP,
+                    PRECISION,
+                )  # fmt: skip
+        tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :], h_sum.to(g_ptr.dtype.element_ty), mask=tmask)
     if HAS_DOWN:
         z_off = (split * T + rows64)[:, None] * E * R + ce[None, :] * R + cr[None, :]
         tl.store(z_ptr + z_off, z * scale, mask=rmask[:, None] & cmask[None, :])
@@ -131,42 +170,40 @@ def _smem(cfg, args):
 
 _expert_pass_tm_fwd_autotuned = triton.autotune(
     configs=TOKEN_MAJOR,
-    key=["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN", "HAS_KEEP"],
+    key=["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN", "HAS_KEEP", "VARIABLE_K"],
     prune_configs_by={"early_config_prune": make_pruner(_smem)},
 )(_expert_pass_tm_fwd_kernel)
 
 
+def slot_order(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, slots): the tokens by decreasing number of experts (a stable sort, so the
+    order is reproducible) and that number at each position, both int32 (T,)."""
+    used = (experts < num_experts).sum(dim=1, dtype=torch.int32)
+    slots, order = torch.sort(used, descending=True, stable=True)
+    return order.to(torch.int32), slots
+
+
 def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, experts, keep_down, *,
-                       num_experts: int, rank: int, r_pad: int, act: int, scale: float, split_f: int):  # fmt: skip
-    """Launch the token-major pass. Returns H (T, F) and Z (split_f, T, E, R) fp32 or None."""
+                       num_experts: int, rank: int, r_pad: int, act: int, scale: float, split_f: int,
+                       variable_k: bool = False):  # fmt: skip
+    """Launch the token-major pass. Returns H (T, F) and Z (split_f, T, E, R) fp32 or None.
+
+    With ``variable_k`` (top-p routing) a token's experts fill a prefix of its slots, the
+    rest hold the sentinel E: tokens are processed sorted by their number of experts and
+    each block runs only the slots its tokens use, so the cost follows the pairs routed."""
     T, F = G.shape
     E, R = num_experts, rank
     er = token_major_width(E, r_pad)
     f_per_split, split_f = column_chunks(F, split_f, TOKEN_MAJOR)
     H = torch.empty_like(G)
     Z = torch.empty(split_f, T, E, R, device=G.device, dtype=torch.float32) if A_down is not None else None
+    # Without top-p the kernel never reads the order: the experts stand in for it.
+    order, slots = slot_order(experts, E) if variable_k else (experts, experts)
     args = expert_pass_args(
-        G,
-        U,
-        xa_gate,
-        xa_up,
-        B_gate,
-        B_up,
-        A_down,
-        weights,
-        keep_down,
-        H,
-        Z,
-        ex_ptr=experts,
-        E=E,
-        R=R,
-        scale=scale,
-        f_per_split=f_per_split,
-        K=experts.shape[1],
-        ER=er,
-        R_PAD=er // triton.next_power_of_2(E),
-        ACT=act,
-    )
+        G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, keep_down, H, Z,
+        ex_ptr=experts, order_ptr=order, nslots_ptr=slots, E=E, R=R, scale=scale, f_per_split=f_per_split,
+        K=experts.shape[1], ER=er, R_PAD=er // triton.next_power_of_2(E), ACT=act, VARIABLE_K=variable_k,
+    )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]), split_f)

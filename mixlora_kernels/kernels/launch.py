@@ -131,14 +131,16 @@ def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfi
     if organisation == "token_major":
         split = _split_f(triton.cdiv(T, 64), F, G.device)
         H, Z = expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, experts, keep_down,
-                                  r_pad=next_pow2(R), split_f=split, **common)  # fmt: skip
+                                  r_pad=next_pow2(R), split_f=split, variable_k=cfg.variable_slots,
+                                  **common)  # fmt: skip
         Zd = None if Z is None else Z.sum(0).view(T, E * R)
     else:
         block_m = 16 if T * K <= 16 * E else 64
         perm = permute_fwd(experts, E, block_m)
         split = _split_f(perm.max_blocks_per_slot, F, G.device)
         H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, keep_down,
-                                  r_pad=rank_pad(R), split_f=split, can_drop=cfg.can_drop, **common)  # fmt: skip
+                                  r_pad=rank_pad(R), split_f=split, can_drop=cfg.first_slot_can_drop,
+                                  **common)  # fmt: skip
         Zd = None
         if Z is not None:
             per_pair = Z.sum(0).view(T, K, R)

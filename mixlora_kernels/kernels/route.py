@@ -1,8 +1,11 @@
 """Route stage: router logits -> (weights, experts) per token, plus expert counts.
 
 Top-k ("mixlora"): softmax, k rounds of argmax, renormalisation, one program per block
-of tokens. Switch ("mixlora-switch"): argmax and p_max, then an in-order scan along each
-sequence that keeps at most ``capacity`` tokens per expert; one program per sequence.
+of tokens. Top-p ("mixlora-dynamic"): softmax (divided by the temperature), then rounds
+of argmax in order of probability, each expert kept while the mass before it is at most
+top_p; every slot past the token's last expert gets the sentinel E. Switch
+("mixlora-switch"): argmax and p_max, then an in-order scan along each sequence that
+keeps at most ``capacity`` tokens per expert; one program per sequence.
 Counts are written per program (no atomics) and summed by the caller. Nothing here
 synchronises with the host.
 """
@@ -14,6 +17,17 @@ import triton
 import triton.language as tl
 
 from .common import next_pow2
+
+
+@triton.jit
+def _block_probabilities(logits_ptr, T, E, stride_lt, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's rows (a block of tokens), the expert columns and their router
+    probabilities (BLOCK_T, E_PAD) fp32."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    cols = tl.arange(0, E_PAD)
+    cmask = cols < E
+    return rows, rmask, cols, cmask, _softmax_rows(logits_ptr, rows, rmask, cols, cmask, stride_lt)
 
 
 @triton.jit
@@ -41,11 +55,7 @@ def _route_topk_fwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    cols = tl.arange(0, E_PAD)
-    cmask = cols < E
-    p = _softmax_rows(logits_ptr, rows, rmask, cols, cmask, stride_lt)
+    rows, rmask, cols, cmask, p = _block_probabilities(logits_ptr, T, E, stride_lt, E_PAD, BLOCK_T)
     remaining = tl.where(cmask[None, :], p, -1.0)
     slots = tl.arange(0, K_PAD)
     top_w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
@@ -64,6 +74,42 @@ def _route_topk_fwd_kernel(
     omask = rmask[:, None] & (slots[None, :] < K)
     tl.store(weights_ptr + out, top_w, mask=omask)
     tl.store(experts_ptr + out, top_e, mask=omask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _route_top_p_fwd_kernel(
+    logits_ptr,  # (T, E) fp32 router logits
+    weights_ptr,  # (T, E) out fp32: p (divided by temperature) of the kept experts, most probable first; 0 after
+    experts_ptr,  # (T, E) out int64: the kept experts in the same order; E in the slots after the last
+    counts_ptr,  # (num_programs, E) out int32: pairs per expert in this block
+    T,
+    E,
+    stride_lt,
+    top_p,
+    temperature,  # > 0 divides the probabilities, 0 leaves them
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows, rmask, cols, cmask, p = _block_probabilities(logits_ptr, T, E, stride_lt, E_PAD, BLOCK_T)
+    if temperature > 0:
+        p = p / temperature
+    remaining = tl.where(cmask[None, :], p, -1.0)
+    # The mass before each slot, summed in slot order as torch's cumsum does.
+    before = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    hits = tl.zeros((E_PAD,), dtype=tl.int32)
+    out = rows.to(tl.int64) * E
+    for j in range(0, E):
+        best = tl.max(remaining, axis=1)
+        idx = tl.argmax(remaining, axis=1)
+        kept = before <= top_p
+        chosen = cols[None, :] == idx[:, None]
+        remaining = tl.where(chosen, -1.0, remaining)
+        before += best
+        hits += tl.sum((chosen & (kept & rmask)[:, None]).to(tl.int32), axis=0)
+        tl.store(weights_ptr + out + j, tl.where(kept, best, 0.0), mask=rmask)
+        tl.store(experts_ptr + out + j, tl.where(kept, idx.to(tl.int64), E), mask=rmask)
+    tl.store(counts_ptr + pid * E + cols, hits, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["seq_len", "capacity"])
@@ -118,6 +164,23 @@ def route_topk_fwd(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torc
         K=top_k, K_PAD=next_pow2(top_k), E_PAD=next_pow2(E), BLOCK_T=block_t,
     )  # fmt: skip
     return weights, experts, counts.sum(0)
+
+
+def route_top_p_fwd(
+    logits: torch.Tensor, top_p: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights (T, E) fp32, experts (T, E) int64 with E in unused slots, counts (1, E))."""
+    T, E = logits.shape
+    block_t = 64 if T >= 64 else max(16, next_pow2(T))
+    grid = (triton.cdiv(T, block_t),)
+    weights = torch.empty(T, E, device=logits.device, dtype=torch.float32)
+    experts = torch.empty(T, E, device=logits.device, dtype=torch.int64)
+    counts = torch.empty(grid[0], E, device=logits.device, dtype=torch.int32)
+    _route_top_p_fwd_kernel[grid](
+        logits, weights, experts, counts, T, E, logits.stride(0), float(top_p), float(temperature),
+        E_PAD=next_pow2(E), BLOCK_T=block_t,
+    )  # fmt: skip
+    return weights, experts, counts.sum(0, keepdim=True)
 
 
 def route_switch_fwd(

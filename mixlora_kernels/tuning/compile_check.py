@@ -4,7 +4,8 @@
 
 For each architecture it compiles each kernel for every config of that architecture's
 family and every shape class the launchers can produce (LoRA rank 4, 8, 16, 64 padded
-as the launchers pad it; fp16 and bf16; top-k and switch routing; the MLP layouts),
+as the launchers pad it; fp16 and bf16; top-k, top-p and switch routing; the MLP
+layouts),
 prints kernel, arch, config, shared memory and registers, whether the PTX holds
 atomics (``atom.``/``red.``: none of these kernels may), and exits non-zero if anything
 fails to compile, exceeds the architecture's shared memory, or holds an atomic.
@@ -68,25 +69,31 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                 er = token_major_width(E, next_pow2(r))
                 if er > TOKEN_MAJOR_MAX_ER:
                     continue  # the launchers send such shapes to the expert-sorted pass
-                for K in (1, 2):
+                # Routing classes: top-k / switch with K = 1 or 2 slots; top-p with K = E.
+                for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
                     for flags_name, flags in flag_sets.items():
-                        # Every config for the heaviest flags; the lighter ones with the first.
+                        # Every config for the heaviest flags; the lighter ones, one slot and
+                        # top-p over two experts with the first.
                         configs = [c for c in TOKEN_MAJOR if family in c.families]
-                        if flags_name != "gate_up_down+keep" or K != 2:
+                        if flags_name != "gate_up_down+keep" or K == 1 or (variable and E == 2):
                             configs = configs[:1]
+                        # Without top-p the launcher passes the experts in place of the order.
+                        order = "*i32" if variable else "*i64"
                         for cfg in configs:
                             sig = {
                                 "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
                                 "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
-                                "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "ex_ptr": "*i64", "keep_ptr": "*i1",
-                                "h_ptr": _ptr(dtype), "z_ptr": "*fp32", "T": "i32", "F": "i32", "E": "i32",
-                                "R": "i32", "scale": "fp32", "stride_gt": "i32", "stride_ut": "i32",
-                                "stride_kt": "i32", "stride_ht": "i32", "f_per_split": "i32", "T_BUCKET": "i32",
+                                "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "ex_ptr": "*i64", "order_ptr": order,
+                                "nslots_ptr": order,
+                                "keep_ptr": "*i1", "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
+                                "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32", "stride_gt": "i32",
+                                "stride_ut": "i32", "stride_kt": "i32", "stride_ht": "i32", "f_per_split": "i32",
+                                "T_BUCKET": "i32",
                             }  # fmt: skip
                             const = dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32",
-                                         **flags, **cfg.kwargs)  # fmt: skip
+                                         VARIABLE_K=variable, **flags, **cfg.kwargs)  # fmt: skip
                             sig.update({name: "constexpr" for name in const})
-                            variant = f"{dtype} E={E} r={r} ER={er} K={K} {flags_name}"
+                            variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
                             estimate = token_major_smem(cfg, er, 2)
                             jobs.append(Job("expert_pass_tm_fwd", arch, _cfg(cfg), variant, sig, const, estimate))
     return jobs
@@ -94,67 +101,88 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
 
 def _es_jobs(arch: str, family: str) -> list[Job]:
     from ..kernels.common import rank_pad
-    from .configs import EXPERT_SORTED, expert_sorted_smem
+    from .configs import EXPERT_SORTED
 
     jobs = []
     for dtype in ("fp16", "bf16"):
         for r_pad in sorted({rank_pad(r) for r in (4, 8, 16, 64)}):
             for block_m in (16, 64):
-                for accumulate in (False, True):
-                    for keep in (True, False):
-                        configs = [c for c in EXPERT_SORTED if family in c.families]
-                        if not (accumulate and keep):
-                            configs = configs[:1]
-                        for cfg in configs:
-                            sig = {
-                                "sorted_ptr": "*i32", "block_group_ptr": "*i32", "slot_blocks_ptr": "*i32",
-                                "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
-                                "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
-                                "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "keep_ptr": "*i1", "h_ptr": _ptr(dtype),
-                                "z_ptr": "*fp32", "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32",
-                                "slot": "i32", "stride_gt": "i32", "stride_ut": "i32", "stride_kt": "i32",
-                                "stride_ht": "i32", "f_per_split": "i32", "T_BUCKET": "i32",
-                            }  # fmt: skip
-                            const = dict(K=2, R_PAD=r_pad, ACT=0, HAS_U=True, HAS_GATE=True, HAS_UP=True,
-                                         HAS_DOWN=True, HAS_KEEP=keep, ACCUMULATE=accumulate, PRECISION="tf32",
-                                         BLOCK_M=block_m, **cfg.kwargs)  # fmt: skip
-                            sig.update({name: "constexpr" for name in const})
-                            variant = f"{dtype} R_PAD={r_pad} BLOCK_M={block_m} accumulate={accumulate} keep={keep}"
-                            estimate = expert_sorted_smem(cfg, block_m, r_pad, 2)
-                            jobs.append(Job("expert_pass_es_fwd", arch, _cfg(cfg), variant, sig, const, estimate))
+                # K: slots per token, 1 (switch), 2 (top-k) or E (top-p with 8 or 64 experts).
+                for K in (1, 2, 8, 64):
+                    for accumulate in (False, True):
+                        for keep in (True, False):
+                            configs = [c for c in EXPERT_SORTED if family in c.families]
+                            if not (accumulate and keep and K == 2):
+                                configs = configs[:1]
+                            if K != 2 and not (accumulate and keep and (r_pad, block_m) == (16, 64)):
+                                continue  # K only divides a pair id: one variant shows it compiles
+                            for cfg in configs:
+                                jobs.append(_es_job(arch, dtype, r_pad, block_m, K, accumulate, keep, cfg))
     return jobs
 
 
+def _es_job(arch, dtype, r_pad, block_m, K, accumulate, keep, cfg) -> Job:
+    from .configs import expert_sorted_smem
+
+    sig = {
+        "sorted_ptr": "*i32", "block_group_ptr": "*i32", "slot_blocks_ptr": "*i32",
+        "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
+        "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
+        "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "keep_ptr": "*i1", "h_ptr": _ptr(dtype),
+        "z_ptr": "*fp32", "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32",
+        "slot": "i32", "stride_gt": "i32", "stride_ut": "i32", "stride_kt": "i32",
+        "stride_ht": "i32", "f_per_split": "i32", "T_BUCKET": "i32",
+    }  # fmt: skip
+    const = dict(K=K, R_PAD=r_pad, ACT=0, HAS_U=True, HAS_GATE=True, HAS_UP=True,
+                 HAS_DOWN=True, HAS_KEEP=keep, ACCUMULATE=accumulate, PRECISION="tf32",
+                 BLOCK_M=block_m, **cfg.kwargs)  # fmt: skip
+    sig.update({name: "constexpr" for name in const})
+    variant = f"{dtype} R_PAD={r_pad} BLOCK_M={block_m} K={K} accumulate={accumulate} keep={keep}"
+    estimate = expert_sorted_smem(cfg, block_m, r_pad, 2)
+    return Job("expert_pass_es_fwd", arch, _cfg(cfg), variant, sig, const, estimate)
+
+
+def _job(kernel: str, arch: str, variant: str, sig: dict, const: dict, num_warps: int = 4) -> Job:
+    """A kernel launched without autotuning: its constexprs are the config."""
+    sig = {**sig, **{name: "constexpr" for name in const}}
+    return Job(kernel, arch, {**const, "num_warps": num_warps, "num_stages": 2}, variant, sig, const)
+
+
 def _route_permute_jobs(arch: str) -> list[Job]:
+    from ..kernels.common import next_pow2
+    from ..kernels.permute import token_block
+
     jobs = []
+    logits = {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "counts_ptr": "*i32"}
     for E in (2, 8, 64):
-        e_pad = 1 << (E - 1).bit_length()
-        for K in (1, 2):
-            for block_t in (16, 32, 64):
-                sig = {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "counts_ptr": "*i32",
-                       "T": "i32", "E": "i32", "stride_lt": "i32"}  # fmt: skip
-                const = dict(K=K, K_PAD=1 << (K - 1).bit_length(), E_PAD=e_pad, BLOCK_T=block_t)
-                sig.update({name: "constexpr" for name in const})
-                cfg = {"BLOCK_T": block_t, "num_warps": 4, "num_stages": 2}
-                jobs.append(Job("route_topk_fwd", arch, cfg, f"E={E} K={K}", sig, const))
+        e_pad = next_pow2(E)
+        for block_t in (16, 32, 64):
+            for K in (1, 2):
+                sig = {**logits, "T": "i32", "E": "i32", "stride_lt": "i32"}
+                const = dict(K=K, K_PAD=next_pow2(K), E_PAD=e_pad, BLOCK_T=block_t)
+                jobs.append(_job("route_topk_fwd", arch, f"E={E} K={K}", sig, const))
+            sig = {**logits, "T": "i32", "E": "i32", "stride_lt": "i32", "top_p": "fp32", "temperature": "fp32"}
+            jobs.append(_job("route_top_p_fwd", arch, f"E={E}", sig, dict(E_PAD=e_pad, BLOCK_T=block_t)))
         for block_t in (16, 128):
-            sig = {
-                "logits_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "bypass_ptr": "*fp32",
-                "counts_ptr": "*i32", "seq_len": "i32", "E": "i32", "capacity": "i32", "stride_lt": "i32",
-            }  # fmt: skip
-            const = dict(E_PAD=e_pad, BLOCK_T=block_t)
-            sig.update({name: "constexpr" for name in const})
-            cfg = {"BLOCK_T": block_t, "num_warps": 4, "num_stages": 2}
-            jobs.append(Job("route_switch_fwd", arch, cfg, f"E={E}", sig, const))
-        for K in (1, 2):
+            sig = {**logits, "bypass_ptr": "*fp32", "seq_len": "i32", "E": "i32", "capacity": "i32", "stride_lt": "i32"}
+            jobs.append(_job("route_switch_fwd", arch, f"E={E}", sig, dict(E_PAD=e_pad, BLOCK_T=block_t)))
+        # Permute: top-k / switch with 1 or 2 slots, top-p with E slots (E^2 groups).
+        for K in sorted({1, 2, E}):
+            variant = f"E={E} K={K}" + (" top-p" if K == E and E > 2 else "")
+            one_hot = dict(K=K, E_PAD=e_pad, BLOCK_T=token_block(E))
+            sig = {"experts_ptr": "*i64", "counts_ptr": "*i32", "T": "i32", "E": "i32"}
+            jobs.append(_job("permute_count", arch, variant, sig, one_hot))
+            sig = {"experts_ptr": "*i64", "base_ptr": "*i32", "sorted_ptr": "*i32", "position_ptr": "*i32",
+                   "T": "i32", "E": "i32"}  # fmt: skip
+            jobs.append(_job("permute_scatter", arch, variant, sig, one_hot))
             for block_m in (16, 64):
-                sig = {"experts_ptr": "*i64", "sorted_ptr": "*i32", "position_ptr": "*i32", "block_group_ptr": "*i32",
-                       "slot_blocks_ptr": "*i32", "T": "i32", "E": "i32", "max_blocks": "i32"}  # fmt: skip
-                g_pad = 1 << (K * E - 1).bit_length()
-                const = dict(K=K, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_P=128)
-                sig.update({name: "constexpr" for name in const})
-                cfg = {"BLOCK_M": block_m, "num_warps": 4, "num_stages": 2}
-                jobs.append(Job("permute", arch, cfg, f"E={E} K={K}", sig, const))
+                sig = {
+                    "counts_ptr": "*i32", "base_ptr": "*i32", "sorted_ptr": "*i32", "block_group_ptr": "*i32",
+                    "slot_blocks_ptr": "*i32", "num_token_blocks": "i32", "G": "i32", "E": "i32", "P": "i32",
+                    "max_blocks": "i32", "max_group_blocks": "i32",
+                }  # fmt: skip
+                const = dict(K=K, G_PAD=next_pow2(K * E), BLOCK_M=block_m)
+                jobs.append(_job("permute_plan", arch, variant, sig, const))
     return jobs
 
 
@@ -169,8 +197,11 @@ def _kernel(name: str):
         "expert_pass_tm_fwd": expert_pass_tm._expert_pass_tm_fwd_kernel,
         "expert_pass_es_fwd": expert_pass_es._expert_pass_es_fwd_kernel,
         "route_topk_fwd": route._route_topk_fwd_kernel,
+        "route_top_p_fwd": route._route_top_p_fwd_kernel,
         "route_switch_fwd": route._route_switch_fwd_kernel,
-        "permute": permute._permute_fwd_kernel,
+        "permute_count": permute._permute_count_kernel,
+        "permute_plan": permute._permute_plan_kernel,
+        "permute_scatter": permute._permute_scatter_kernel,
     }[name]
 
 
