@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -43,6 +44,27 @@ DEFAULT_TARGET_MODULES = (
 _EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout")
 # Flags MoE-PEFT's export writes into expert_lora (inherited from the top level unless set).
 _EXPERT_LORA_FLAGS = ("use_rslora", "use_dora")
+
+
+def without_foreign_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The contents of an adapter_config.json without the fields of routing strategies
+    other than its own, with a warning naming them. MoE-PEFT ignores such fields in a file
+    (and adapters saved by earlier versions of this package hold some), so a file does not
+    fail on them; in code, ``MixLoraConfig`` rejects them."""
+    strategy = data.get("routing_strategy", "mixlora")
+    if strategy not in STRATEGY_FIELDS:
+        return data  # MixLoraConfig names the bad strategy
+    others = [name for other, names in STRATEGY_FIELDS.items() if other != strategy for name in names]
+    foreign = {name: data[name] for name in others if data.get(name) is not None}
+    if foreign:
+        listed = ", ".join(f"{name}={value!r}" for name, value in foreign.items())
+        warnings.warn(
+            f"{source}: {listed} belong to another routing strategy than {strategy!r} and are ignored "
+            "(as MoE-PEFT ignores them); the adapter is saved without them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {k: v for k, v in data.items() if k not in foreign}
 
 
 def is_int(value: Any) -> bool:
@@ -210,6 +232,11 @@ class MixLoraConfig:
     def expert_dropout(self) -> float:
         return (self.expert_lora or {}).get("lora_dropout", self.lora_dropout)
 
+    @property
+    def expert_dora(self) -> bool:
+        """Whether the FFN experts are DoRA: ``use_dora``, unless ``expert_lora`` sets it."""
+        return (self.expert_lora or {}).get("use_dora", self.use_dora)
+
     @staticmethod
     def _scale(alpha: float, r: int, rslora: bool) -> float:
         return alpha / math.sqrt(r) if rslora else alpha / r
@@ -274,7 +301,9 @@ class MixLoraConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} at {file}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{file} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} holds a JSON {type(data).__name__}, expected an object")
+        return cls.from_dict(without_foreign_fields(data, file))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into directory ``path`` (created if needed)."""

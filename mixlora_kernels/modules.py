@@ -72,8 +72,10 @@ class FusedMixLoraFFN(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
-        if config.use_dora:
-            raise NotImplementedError("MixLoraConfig.use_dora=True: DoRA experts are not supported")
+        if config.expert_dora:
+            raise NotImplementedError(
+                "MixLoraConfig.use_dora=True (or expert_lora.use_dora=True): DoRA experts are not supported"
+            )
         self.config = config
         self.backend = backend
         self.style = _mlp_style(mlp)

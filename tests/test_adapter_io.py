@@ -361,3 +361,28 @@ def test_adapter_loaded_into_an_eval_model_runs_without_dropout_or_jitter(tmp_pa
     assert not any(m.training for m in model.modules())
     ids = tokens()
     assert torch.equal(_logits(model, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize(
+    "strategy,stale",
+    [
+        ("mixlora", {"expert_capacity": 32, "router_z_loss_coef": 0.001}),
+        ("mixlora-switch", {"top_k": 2}),
+        ("mixlora-dynamic", {"top_k": 2, "expert_capacity": 32, "router_z_loss_coef": 0.001}),
+    ],
+)
+def test_another_strategys_fields_in_a_file_are_ignored_with_a_warning(tmp_path, strategy, stale):
+    # Files of earlier versions of this package hold every strategy's fields; MoE-PEFT
+    # ignores the ones that are not its strategy's, and so does loading, saying so.
+    _, source = injected(routing_strategy=strategy)
+    save_adapter(source, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **stale}))
+    with pytest.warns(UserWarning, match="belong to another routing strategy") as caught:
+        model = load_adapter(tiny_model(), tmp_path, backend="torch")
+    assert all(name in str(caught[0].message) for name in stale)
+    assert model.mixlora_config == source.mixlora_config
+    with pytest.warns(UserWarning, match="ignored"):
+        assert MixLoraConfig.from_pretrained(tmp_path) == source.mixlora_config
+    with pytest.raises(ValueError, match=f"{next(iter(stale))}=.*applies to routing_strategy"):
+        MixLoraConfig.from_dict({**config, **stale})  # in code it stays an error

@@ -183,6 +183,7 @@ def test_expert_lora_as_moe_peft_exports_it():
         expert_lora={"bias": "none", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": True},
     )  # fmt: skip
     assert math.isclose(cfg.expert_scaling, 8 / 2) and math.isclose(cfg.scaling, 16 / 8)
+    assert MixLoraConfig(expert_lora={"use_dora": True}).expert_dora
     with pytest.raises(ValueError, match=r"expert_lora\.bias"):
         MixLoraConfig(expert_lora={"bias": "all"})
     with pytest.raises(ValueError, match=r"expert_lora\.use_rslora"):

@@ -201,6 +201,8 @@ def test_bad_inputs_raise_clear_errors():
         FusedMixLoraFFN.from_mlp(make_mlp("llama"), MixLoraConfig(), backend="cuda")
     with pytest.raises(NotImplementedError, match="use_dora"):
         FusedMixLoraFFN.from_mlp(make_mlp("llama"), MixLoraConfig(use_dora=True))
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        FusedMixLoraFFN.from_mlp(make_mlp("llama"), MixLoraConfig(expert_lora={"use_dora": True}))
     with pytest.raises(TypeError, match="layouts"):
         FusedMixLoraFFN.from_mlp(torch.nn.Linear(3, 3), MixLoraConfig())
 

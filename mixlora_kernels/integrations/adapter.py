@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import CONFIG_NAME, MixLoraConfig
+from ..config import CONFIG_NAME, MixLoraConfig, without_foreign_fields
 from ..modules import mixlora_blocks
 from ..state import adapter_state_dict, load_adapter_state_dict
 from .transformers import _inject, mixlora_config_of, model_adapter_targets, unwrap_model
@@ -76,7 +76,7 @@ def read_adapter_config(path: str | os.PathLike) -> MixLoraConfig:
     elif isinstance(targets, dict):
         data["target_modules"] = {_LEGACY_PROJECTIONS.get(name, name): on for name, on in targets.items()}
     try:
-        return MixLoraConfig.from_dict(data)
+        return MixLoraConfig.from_dict(without_foreign_fields(data, file))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
 
