@@ -244,12 +244,13 @@ def load_balance_loss(
         logits = logits[row_mask.reshape(-1).bool()]
     num_experts = logits.shape[-1]
     probs = logits.softmax(dim=-1)
+    args = _strategy_args(routing_strategy, top_k, top_p, temperature, None)
     if routing_strategy == "mixlora-switch":
         selected = probs.argmax(dim=-1, keepdim=True)
     elif routing_strategy == "mixlora-dynamic":
-        selected = _top_p(probs, *_strategy_args(routing_strategy, top_k, top_p, temperature, None))[1]
+        selected = _top_p(probs, *args)[1]
     else:
-        selected = probs.topk(_strategy_args(routing_strategy, top_k, top_p, temperature, None)[0], dim=-1).indices
+        selected = probs.topk(*args, dim=-1).indices
     counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
     for e in range(num_experts):
         counts[e] = (selected == e).any(dim=-1).sum()
