@@ -20,4 +20,4 @@ bench:
 	$(PYTHON) -m bench
 
 compile-check:
-	$(PYTHON) -m mixlora_kernels.tuning.compile_check --arch sm_86,sm_89,sm_90
+	$(PYTHON) -m mixlora_kernels.tuning.compile_check --arch sm_80,sm_86,sm_89,sm_90

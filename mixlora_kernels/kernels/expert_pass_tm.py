@@ -165,7 +165,8 @@ def _expert_pass_tm_fwd_kernel(
 
 
 def _smem(cfg, args):
-    return token_major_smem(cfg, args["ER"], args["g_ptr"].element_size())
+    slots = 2 if args["VARIABLE_K"] else args["K"]
+    return token_major_smem(cfg, args["ER"], args["g_ptr"].element_size(), slots)
 
 
 _expert_pass_tm_fwd_autotuned = triton.autotune(

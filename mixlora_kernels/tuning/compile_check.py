@@ -1,19 +1,26 @@
 """Compile every kernel with every config ahead of time, no GPU needed.
 
-    python -m mixlora_kernels.tuning.compile_check --arch sm_86,sm_89,sm_90
+    python -m mixlora_kernels.tuning.compile_check --arch sm_80,sm_86,sm_89,sm_90
 
 For each architecture it compiles each kernel for every config of that architecture's
 family and every shape class the launchers can produce (LoRA rank 4, 8, 16, 64 padded
 as the launchers pad it; fp16 and bf16; top-k, top-p and switch routing; the MLP
-layouts),
-prints kernel, arch, config, shared memory and registers, whether the PTX holds
-atomics (``atom.``/``red.``: none of these kernels may), and exits non-zero if anything
-fails to compile, exceeds the architecture's shared memory, or holds an atomic.
+layouts), specialised as Triton specialises it at run time for the model shapes
+(16-aligned pointers and dimensions) and, for one config, with nothing known. It prints
+kernel, arch, config, shared memory, registers, bytes of spill stores, whether the PTX
+holds atomics (``atom.``/``red.``: none of these kernels may), then per kernel the
+variants, how many spill (and how many inside a loop) and the most registers. It exits
+non-zero if anything fails to compile, exceeds the architecture's shared memory or holds
+an atomic, or if a headline class (bf16/fp16; E = 8 with r = 8 and 16, E = 4 with
+r = 16; k = 1 and 2; gate/up/down with and without dropout) has no spill-free config in
+a family or a config that spills inside a loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -26,6 +33,27 @@ from dataclasses import dataclass, field
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 
 
+# What Triton's launcher specialises at run time: a pointer from a torch allocation is
+# 16-byte aligned, and every shape argument of the SPEC section 6 models is divisible by
+# 16 (f, the row strides, the f chunk, the token bucket; the rank when it is 16 or more).
+# A kernel compiled without these facts is another kernel: no vector loads, no
+# pipelining, far more registers. So each class is compiled as the model shapes run it
+# ("aligned": registers, spills and shared memory are read there) and, for one config,
+# with nothing known ("unaligned", as odd test shapes run it), which must still compile.
+ALIGNED_ARGS = frozenset({"F", "stride_gt", "stride_ut", "stride_kt", "stride_ht", "f_per_split", "T_BUCKET"})
+ANY_POINTER = "*"
+
+# Headline classes (bf16 and fp16; E = 8 with r = 8 and 16, E = 4 with r = 16; k = 1
+# and 2; gate/up/down with and without dropout): every config a family's autotuner can
+# pick for them must be spill-free, and there must be one.
+HEADLINE_EXPERTS_RANKS = ((8, 8), (8, 16), (4, 16))
+HEADLINE_FLAGS = ("gate_up_down", "gate_up_down+keep")
+
+
+def _aligned(r: int) -> frozenset:
+    return ALIGNED_ARGS | {ANY_POINTER} | ({"R"} if r % 16 == 0 else set())
+
+
 @dataclass(frozen=True)
 class Job:
     kernel: str
@@ -35,6 +63,8 @@ class Job:
     signature: dict = field(hash=False)
     constexprs: dict = field(hash=False)
     estimate: int | None = None  # the runtime pruner's shared-memory estimate, if it prunes
+    divisible: frozenset = frozenset()  # args specialised as multiples of 16 ("*": every pointer)
+    headline: tuple | None = None  # the headline class this job belongs to, if any
 
 
 @dataclass
@@ -42,7 +72,8 @@ class Result:
     job: Job
     shared: int | None = None
     registers: int | None = None
-    spills: int | None = None
+    spills: int | None = None  # bytes of spill stores (ptxas)
+    loop_spills: int | None = None  # local-memory loads/stores inside a loop of the SASS
     atomics: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -63,67 +94,79 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
         "gate_up_down": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=False),
         "fc1_fc2": dict(HAS_U=False, HAS_GATE=True, HAS_UP=False, HAS_DOWN=True, HAS_KEEP=False),
     }
+    family_configs = [c for c in TOKEN_MAJOR if family in c.families]
+    experts_ranks = [(2, r) for r in (4, 8, 16, 64)] + [(4, 16)] + [(8, r) for r in (4, 8, 16, 64)]
     for dtype in ("fp16", "bf16"):
-        for E in (2, 8):
-            for r in (4, 8, 16, 64):
-                er = token_major_width(E, next_pow2(r))
-                if er > TOKEN_MAJOR_MAX_ER:
-                    continue  # the launchers send such shapes to the expert-sorted pass
-                # Routing classes: top-k / switch with K = 1 or 2 slots; top-p with K = E.
-                for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
-                    for flags_name, flags in flag_sets.items():
-                        # Every config for the heaviest flags; the lighter ones, one slot and
-                        # top-p over two experts with the first.
-                        configs = [c for c in TOKEN_MAJOR if family in c.families]
-                        if flags_name != "gate_up_down+keep" or K == 1 or (variable and E == 2):
-                            configs = configs[:1]
-                        # Without top-p the launcher passes the experts in place of the order.
-                        order = "*i32" if variable else "*i64"
-                        for cfg in configs:
-                            sig = {
-                                "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
-                                "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
-                                "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "ex_ptr": "*i64", "order_ptr": order,
-                                "nslots_ptr": order,
-                                "keep_ptr": "*i1", "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
-                                "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32", "stride_gt": "i32",
-                                "stride_ut": "i32", "stride_kt": "i32", "stride_ht": "i32", "f_per_split": "i32",
-                                "T_BUCKET": "i32",
-                            }  # fmt: skip
-                            const = dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32",
-                                         VARIABLE_K=variable, **flags, **cfg.kwargs)  # fmt: skip
-                            sig.update({name: "constexpr" for name in const})
-                            variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
-                            estimate = token_major_smem(cfg, er, 2)
-                            jobs.append(Job("expert_pass_tm_fwd", arch, _cfg(cfg), variant, sig, const, estimate))
+        for E, r in experts_ranks:
+            er = token_major_width(E, next_pow2(r))
+            if er > TOKEN_MAJOR_MAX_ER:
+                continue  # the launchers send such shapes to the expert-sorted pass
+            # Routing classes: top-k / switch with K = 1 or 2 slots; top-p with K = E.
+            for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
+                for flags_name, flags in flag_sets.items():
+                    headline = (E, r) in HEADLINE_EXPERTS_RANKS and not variable and flags_name in HEADLINE_FLAGS
+                    # Every config for the headline classes; the others with the first.
+                    configs = family_configs if headline else family_configs[:1]
+                    # Without top-p the launcher passes the experts in place of the order.
+                    order = "*i32" if variable else "*i64"
+                    sig = {
+                        "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
+                        "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
+                        "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "ex_ptr": "*i64", "order_ptr": order,
+                        "nslots_ptr": order, "keep_ptr": "*i1", "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
+                        "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32", "stride_gt": "i32",
+                        "stride_ut": "i32", "stride_kt": "i32", "stride_ht": "i32", "f_per_split": "i32",
+                        "T_BUCKET": "i32",
+                    }  # fmt: skip
+                    variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
+                    key = ("expert_pass_tm_fwd", dtype, E, r, K, flags_name) if headline else None
+                    specialisations = [(cfg, _aligned(r), "aligned", key) for cfg in configs]
+                    if flags_name == "gate_up_down+keep" and dtype == "bf16":
+                        specialisations.append((family_configs[0], frozenset(), "unaligned", None))
+                    for cfg, divisible, spec, headline_key in specialisations:
+                        const = dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32",
+                                     VARIABLE_K=variable, **flags, **cfg.kwargs)  # fmt: skip
+                        estimate = token_major_smem(cfg, er, 2, 2 if variable else K)
+                        jobs.append(Job("expert_pass_tm_fwd", arch, _cfg(cfg), f"{variant} {spec}",
+                                        {**sig, **{name: "constexpr" for name in const}}, const, estimate,
+                                        divisible, headline_key))  # fmt: skip
     return jobs
 
 
 def _es_jobs(arch: str, family: str) -> list[Job]:
-    from ..kernels.common import rank_pad
     from .configs import EXPERT_SORTED
 
     jobs = []
+    family_configs = [c for c in EXPERT_SORTED if family in c.families]
     for dtype in ("fp16", "bf16"):
-        for r_pad in sorted({rank_pad(r) for r in (4, 8, 16, 64)}):
+        # Ranks 8 and 16 share R_PAD = 16 but not the alignment of R; 64 pads to itself.
+        for r in (8, 16, 64):
             for block_m in (16, 64):
                 # K: slots per token, 1 (switch), 2 (top-k) or E (top-p with 8 or 64 experts).
                 for K in (1, 2, 8, 64):
                     for accumulate in (False, True):
                         for keep in (True, False):
-                            configs = [c for c in EXPERT_SORTED if family in c.families]
-                            if not (accumulate and keep and K == 2):
-                                configs = configs[:1]
-                            if K != 2 and not (accumulate and keep and (r_pad, block_m) == (16, 64)):
+                            # The headline classes with every config, as the slots after the
+                            # first run them (accumulating into H; slot 0 only stores).
+                            headline = r in (8, 16) and K in (1, 2) and accumulate
+                            heavy = accumulate and keep and K == 2
+                            if K > 2 and not (accumulate and keep and r == 16 and block_m == 64):
                                 continue  # K only divides a pair id: one variant shows it compiles
+                            configs = family_configs if headline else family_configs[:1]
+                            key = ("expert_pass_es_fwd", dtype, r, block_m, K, accumulate, keep) if headline else None
                             for cfg in configs:
-                                jobs.append(_es_job(arch, dtype, r_pad, block_m, K, accumulate, keep, cfg))
+                                jobs.append(_es_job(arch, dtype, r, block_m, K, accumulate, keep, cfg, key))
+                            if heavy and dtype == "bf16":
+                                jobs.append(_es_job(arch, dtype, r, block_m, K, accumulate, keep, family_configs[0],
+                                                    None, aligned=False))  # fmt: skip
     return jobs
 
 
-def _es_job(arch, dtype, r_pad, block_m, K, accumulate, keep, cfg) -> Job:
+def _es_job(arch, dtype, r, block_m, K, accumulate, keep, cfg, headline, aligned=True) -> Job:
+    from ..kernels.common import rank_pad
     from .configs import expert_sorted_smem
 
+    r_pad = rank_pad(r)
     sig = {
         "sorted_ptr": "*i32", "block_group_ptr": "*i32", "slot_blocks_ptr": "*i32",
         "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
@@ -137,9 +180,11 @@ def _es_job(arch, dtype, r_pad, block_m, K, accumulate, keep, cfg) -> Job:
                  HAS_DOWN=True, HAS_KEEP=keep, ACCUMULATE=accumulate, PRECISION="tf32",
                  BLOCK_M=block_m, **cfg.kwargs)  # fmt: skip
     sig.update({name: "constexpr" for name in const})
-    variant = f"{dtype} R_PAD={r_pad} BLOCK_M={block_m} K={K} accumulate={accumulate} keep={keep}"
+    spec = "aligned" if aligned else "unaligned"
+    variant = f"{dtype} r={r} R_PAD={r_pad} BLOCK_M={block_m} K={K} accumulate={accumulate} keep={keep} {spec}"
     estimate = expert_sorted_smem(cfg, block_m, r_pad, 2)
-    return Job("expert_pass_es_fwd", arch, _cfg(cfg), variant, sig, const, estimate)
+    divisible = _aligned(r) if aligned else frozenset()
+    return Job("expert_pass_es_fwd", arch, _cfg(cfg), variant, sig, const, estimate, divisible, headline)
 
 
 def _job(kernel: str, arch: str, variant: str, sig: dict, const: dict, num_warps: int = 4) -> Job:
@@ -205,8 +250,16 @@ def _kernel(name: str):
     }[name]
 
 
-def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """(registers, spill bytes) from cuobjdump, where the tool is available."""
+_PTXAS_USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores.*?Used (\d+) registers", re.S)
+
+
+def _resource_usage(ptxas_log: str, cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, bytes of spill stores) from ptxas's own report of the compile; where
+    this Triton cannot print it, (registers, stack bytes) from cuobjdump, which also counts
+    a stack frame without spills."""
+    found = _PTXAS_USAGE.search(ptxas_log)
+    if found:
+        return int(found.group(3)), int(found.group(2))
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -221,6 +274,35 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def local_accesses_in_loops(sass: str) -> int:
+    """Local-memory instructions (STL/LDL) inside a loop of a SASS listing: a loop is the
+    range from a backward branch's target to the branch. Spills outside every loop (a value
+    stored before the main loop and reloaded after it) cost one access per program."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for address, text in code:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    local = [address for address, text in code if re.search(r"\b(STL|LDL)\b", text)]
+    return sum(any(lo <= address <= hi for lo, hi in loops) for address in local)
+
+
+def _loop_spills(cubin: bytes) -> int | None:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        return local_accesses_in_loops(subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True).stdout)
+
+
 def compile_one(job: Job) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -230,13 +312,22 @@ def compile_one(job: Job) -> Result:
     result = Result(job)
     try:
         fn = _kernel(job.kernel)
-        src = ASTSource(fn=fn, signature=job.signature, constexprs=job.constexprs)
+        attrs = {
+            (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in job.signature.items()
+            if name in job.divisible or (ANY_POINTER in job.divisible and kind.startswith("*"))
+        }
+        src = ASTSource(fn=fn, signature=job.signature, constexprs=job.constexprs, attrs=attrs)
         options = {"num_warps": job.config["num_warps"], "num_stages": job.config["num_stages"]}
-        compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[job.arch], 32), options=options)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # ptxas's report (TRITON_DUMP_PTXAS_LOG, set by main)
+            compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[job.arch], 32), options=options)
         result.shared = int(compiled.metadata.shared)
         ptx = compiled.asm.get("ptx", "")
         result.atomics = bool(re.search(r"\b(atom|red)\.", ptx))
-        result.registers, result.spills = _resource_usage(compiled.asm["cubin"])
+        result.registers, result.spills = _resource_usage(log.getvalue(), compiled.asm["cubin"])
+        if result.spills:
+            result.loop_spills = _loop_spills(compiled.asm["cubin"])
     except Exception as err:  # report every failure, keep checking the rest
         result.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     result.seconds = time.perf_counter() - start
@@ -250,20 +341,75 @@ def jobs_for(arch: str) -> list[Job]:
     return _tm_jobs(arch, family) + _es_jobs(arch, family) + _route_permute_jobs(arch)
 
 
+def _spill_report(results: list[Result]) -> int:
+    """Print, per kernel and architecture, the variants, how many spill and the most
+    registers; list the spilling classes outside the headline; and count the headline
+    classes whose autotune space holds a config that spills inside a loop, or no config
+    free of spills at all. A spill outside every loop (ptxas keeps a value in local memory
+    across the main loop rather than take more registers) is one store and one load per
+    program: listed, allowed."""
+    failures = 0
+    print(
+        "\nper kernel: variants compiled, spilling (bytes of spill stores > 0), spilling inside a loop, max registers"
+    )
+    by_kernel: dict[tuple[str, str], list[Result]] = {}
+    for res in results:
+        if res.error is None:
+            by_kernel.setdefault((res.job.kernel, res.job.arch), []).append(res)
+    for (kernel, arch), group in sorted(by_kernel.items()):
+        spilling = sum(bool(r.spills) for r in group)
+        in_loop = sum(bool(r.loop_spills) for r in group)
+        regs = max((r.registers or 0) for r in group)
+        print(f"  {kernel:<20}{arch:<7}{len(group):>5} variants{spilling:>5} spilling{in_loop:>5} in a loop   "
+              f"max {regs} registers")  # fmt: skip
+    wider = sorted({(r.job.kernel, r.job.arch, r.job.variant) for r in results if r.spills and r.job.headline is None})
+    if wider:
+        print("spilling outside the headline classes (allowed):")
+        for kernel, arch, variant in wider:
+            print(f"  {kernel} {arch} {variant}")
+    headline: dict[tuple, list[Result]] = {}
+    for res in results:
+        if res.job.headline is not None and res.error is None:
+            headline.setdefault((res.job.arch, res.job.variant), []).append(res)
+    outside = []
+    for (arch, variant), group in sorted(headline.items()):
+        kernel = group[0].job.kernel
+        cfg = lambda r: ",".join(f"{k}={v}" for k, v in r.job.config.items())
+        if all(r.spills for r in group):
+            print(f"{kernel} on {arch}, headline class {variant}: no spill-free config")
+            failures += 1
+        in_loop = [cfg(r) for r in group if r.loop_spills]
+        if in_loop:
+            print(f"{kernel} on {arch}, headline class {variant}: configs spilling inside a loop: {in_loop}")
+            failures += 1
+        outside += [
+            f"{kernel} {arch} {cfg(r)} {variant}: {r.spills} B" for r in group if r.spills and not r.loop_spills
+        ]
+    if outside:
+        print("headline configs with a spill outside every loop (allowed):")
+        print("\n".join(f"  {line}" for line in outside))
+    print(f"headline classes: {len(headline)} checked, {failures} failing")
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixlora_kernels.tuning.compile_check", description=__doc__)
-    parser.add_argument("--arch", default="sm_86,sm_89,sm_90", help="comma-separated, from " + ",".join(ARCHS))
+    parser.add_argument("--arch", default="sm_80,sm_86,sm_89,sm_90", help="comma-separated, from " + ",".join(ARCHS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--kernel", default="", help="only the kernels whose name contains this (default: all)")
     args = parser.parse_args(argv)
     from .configs import SHARED_MEMORY_LIMITS
 
-    # Pin Triton's fp-fusion default (3.9 warns that it will change) for every worker.
+    # Pin Triton's fp-fusion default (3.9 warns that it will change) for every worker, and
+    # have every compile run ptxas (no cache) and print its report of registers and spills.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         parser.error(f"unknown arch {unknown}; choose from {list(ARCHS)}")
-    jobs = [job for arch in archs for job in jobs_for(arch)]
+    jobs = [job for arch in archs for job in jobs_for(arch) if args.kernel in job.kernel]
     limit_of = lambda job: SHARED_MEMORY_LIMITS[ARCHS[job.arch]]
     # Configs the runtime pruner drops for this arch (estimate over the limit) never run.
     pruned = [job for job in jobs if job.estimate is not None and job.estimate > limit_of(job)]
@@ -277,7 +423,8 @@ def main(argv=None) -> int:
     per_kernel: dict[tuple[str, str], set] = {}
     per_class: dict[tuple[str, str, str], int] = {}
     header = (
-        f"{'kernel':<20}{'arch':<7}{'config':<48}{'smem B':>8}{'est B':>8}{'regs':>6}{'spill':>6}{'atom':>5}  variant"
+        f"{'kernel':<20}{'arch':<7}{'config':<48}{'smem B':>8}{'est B':>8}{'regs':>6}{'spill':>6}{'loop':>5}"
+        f"{'atom':>5}  variant"
     )
     print(header)
     fmt = lambda v: "-" if v is None else str(v)
@@ -299,7 +446,7 @@ def main(argv=None) -> int:
             per_class[(job.kernel, job.arch, job.variant)] += 1
         print(
             f"{job.kernel:<20}{job.arch:<7}{cfg:<48}{fmt(res.shared):>8}{fmt(job.estimate):>8}{fmt(res.registers):>6}"
-            f"{fmt(res.spills):>6}{'yes' if res.atomics else 'no':>5}  {job.variant}"
+            f"{fmt(res.spills):>6}{fmt(res.loop_spills):>5}{'yes' if res.atomics else 'no':>5}  {job.variant}"
             + (f"  FAILED: {'; '.join(problems)}" if problems else "")
         )
     for job in pruned:
@@ -312,6 +459,7 @@ def main(argv=None) -> int:
         if not ok:
             print(f"{kernel} on {arch}, {variant}: no config survives pruning and compiles")
             failures += 1
+    failures += _spill_report(results)
     total = sum(r.seconds for r in results)
     print(f"{len(results)} compiled, {len(pruned)} pruned, {failures} failures; {total:.0f} s of compilation")
     return 1 if failures else 0

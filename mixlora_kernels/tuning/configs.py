@@ -39,32 +39,39 @@ def _configs(families, blocks: dict, warps, stages) -> list[triton.Config]:
     return out
 
 
+ALL = {"sm_80", "sm_86", "sm_90"}
+
 # Token-major expert pass: BLOCK_T tokens x BLOCK_F columns of f per step. The masked
-# (BLOCK_T, E*R) shrink tile and its fp32 z accumulator dominate the registers, so wide
-# tiles get 8 warps.
+# (BLOCK_T, E*R) shrink tiles, their fp32 z accumulator and three (E*R, BLOCK_F) B tiles
+# are live together: the compile check finds every 64-token tile, and 32-token tiles on
+# 4 warps, spilling inside the loop for the headline classes (E*R = 128) on every family,
+# so the space holds the tiles that do not: 16 x 32 (4 or 8 warps) up to 32 x 64 on 8.
 TOKEN_MAJOR = (
-    _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_T": [16, 32], "BLOCK_F": [64]}, [4], [2])
-    + _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_T": [32], "BLOCK_F": [64]}, [8], [2])
-    + _configs({"sm_80", "sm_90"}, {"BLOCK_T": [64], "BLOCK_F": [64]}, [8], [3])
-    + _configs({"sm_90"}, {"BLOCK_T": [64], "BLOCK_F": [128]}, [8], [2, 3])
+    _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [4], [1])
+    + _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [8], [2])
+    + _configs(ALL, {"BLOCK_T": [32], "BLOCK_F": [32, 64]}, [8], [2])
 )
 
 # Expert-sorted expert pass: BLOCK_M comes from the permutation, so only the f tiling,
-# warps and stages are tuned.
+# warps and stages are tuned. Wider f tiles spill inside the loop on sm_80 and sm_86;
+# sm_90 keeps a 128-column tile on 8 warps, which spills only outside it.
 EXPERT_SORTED = (
-    _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_F": [64]}, [4], [2])
-    + _configs({"sm_86", "sm_80", "sm_90"}, {"BLOCK_F": [128]}, [8], [2])
-    + _configs({"sm_80", "sm_90"}, {"BLOCK_F": [128]}, [8], [3])
-    + _configs({"sm_90"}, {"BLOCK_F": [256]}, [8], [2, 3])
+    _configs(ALL, {"BLOCK_F": [32, 64]}, [4], [3])
+    + _configs({"sm_80", "sm_86"}, {"BLOCK_F": [32]}, [4], [2])
+    + _configs({"sm_90"}, {"BLOCK_F": [128]}, [8], [3])
 )
 
 
-def token_major_smem(cfg: triton.Config, er: int, elem: int) -> int:
-    """Shared-memory estimate of the token-major kernel: the dot operands of one step
-    (two expands, one shrink), times the pipeline depth, plus the layout conversions."""
+def token_major_smem(cfg: triton.Config, er: int, elem: int, slots: int = 2) -> int:
+    """Shared-memory estimate of the token-major kernel, an upper bound of what the
+    compiler allocates when the shapes are 16-aligned (loads pipelined): the three B
+    tiles and the G/U tiles of each f step buffered once per stage past the first, and
+    the shrink tiles of each unrolled slot with their layout conversions. ``slots`` is K
+    (2 for top-p, whose slot loop is not unrolled). The compile check fails when a config
+    that this lets through exceeds the device's limit."""
     bt, bf = cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_F"]
-    operands = (2 * (bt * er + er * bf) + bt * bf + bf * er) * elem
-    return operands * max(1, cfg.num_stages - 1) + bt * max(bf, er) * 4
+    per_step = bt * bf + 3.25 * er * bf
+    return int(elem * (per_step * max(1, cfg.num_stages - 1) + (1 + 1.75 * slots) * bt * er))
 
 
 def expert_sorted_smem(cfg: triton.Config, block_m: int, r_pad: int, elem: int) -> int:
