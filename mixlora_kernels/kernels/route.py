@@ -183,6 +183,12 @@ def route_top_p_fwd(
     return weights, experts, counts.sum(0, keepdim=True)
 
 
+def switch_block(seq_len: int, num_experts: int) -> int:
+    """Tokens per step of the switch scan: up to 128, the (tokens, E) one-hot and its
+    running sum at most 2048 wide (wider spills inside the scan loop)."""
+    return max(16, min(128, next_pow2(seq_len), 2048 // next_pow2(num_experts)))
+
+
 def route_switch_fwd(
     logits: torch.Tensor, seq_len: int, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,6 +201,6 @@ def route_switch_fwd(
     counts = torch.empty(num_seqs, E, device=logits.device, dtype=torch.int32)
     _route_switch_fwd_kernel[(num_seqs,)](
         logits, weights, experts, bypass, counts, seq_len, E, capacity, logits.stride(0),
-        E_PAD=next_pow2(E), BLOCK_T=min(128, max(16, next_pow2(seq_len))),
+        E_PAD=next_pow2(E), BLOCK_T=switch_block(seq_len, E),
     )  # fmt: skip
     return weights, experts, bypass, counts.sum(0, keepdim=True)

@@ -196,6 +196,7 @@ def _job(kernel: str, arch: str, variant: str, sig: dict, const: dict, num_warps
 def _route_permute_jobs(arch: str) -> list[Job]:
     from ..kernels.common import next_pow2
     from ..kernels.permute import token_block
+    from ..kernels.route import switch_block
 
     jobs = []
     logits = {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "counts_ptr": "*i32"}
@@ -208,7 +209,7 @@ def _route_permute_jobs(arch: str) -> list[Job]:
                 jobs.append(_job("route_topk_fwd", arch, f"E={E} K={K}", sig, const))
             sig = {**logits, "T": "i32", "E": "i32", "stride_lt": "i32", "top_p": "fp32", "temperature": "fp32"}
             jobs.append(_job("route_top_p_fwd", arch, f"E={E}", sig, dict(E_PAD=e_pad, BLOCK_T=block_t)))
-        for block_t in (16, 128):
+        for block_t in sorted({switch_block(1, E), switch_block(1 << 20, E)}):
             sig = {**logits, "bypass_ptr": "*fp32", "seq_len": "i32", "E": "i32", "capacity": "i32", "stride_lt": "i32"}
             jobs.append(_job("route_switch_fwd", arch, f"E={E}", sig, dict(E_PAD=e_pad, BLOCK_T=block_t)))
         # Permute: top-k / switch with 1 or 2 slots, top-p with E slots (E^2 groups).
