@@ -47,7 +47,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def pinned_config() -> dict | None:
-    """The config pinned by MIXLORA_TRITON_CONFIG, e.g. "BLOCK_T=32,BLOCK_F=64,num_warps=4"."""
+    """The config pinned by MIXLORA_TRITON_CONFIG, e.g. "BLOCK_T=32,BLOCK_F=64,num_warps=8"."""
     spec = os.environ.get(PIN_ENV, "").strip()
     if not spec:
         return None
