@@ -1,5 +1,6 @@
 """Pieces every kernel file shares: activations in Triton, size helpers, and the
-switches that pick how a kernel is configured (autotuned, pinned, or interpreted)."""
+switches that pick how a kernel is configured (autotuned once and cached, pinned, or
+interpreted)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..tuning.cache import TuningCache, default_cache
 
 # Activation kinds (see activations.py) as kernel constexprs.
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
@@ -73,13 +76,15 @@ def fixed_config(configs) -> dict | None:
     return chosen
 
 
-def launch(kernel, autotuned, configs, grid, args: dict) -> None:
-    """Launch with the fixed config if there is one, else through the autotuner."""
+def launch(kernel, autotuned, configs, grid, args: dict, cache: TuningCache | None = None) -> None:
+    """Launch with the fixed config if there is one, else with the config tuned for this
+    launch's key, which ``cache`` (by default the one the environment names, see
+    ``tuning.cache``) holds or gets by running the autotuner once."""
     chosen = fixed_config(configs)
     if chosen is not None:
         kernel[grid](**args, **chosen)
     else:
-        autotuned[grid](**args)
+        (default_cache() if cache is None else cache).launch(kernel, autotuned, configs, grid, args)
 
 
 def column_chunks(F: int, splits: int, configs) -> tuple[int, int]:
