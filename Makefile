@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install test lint format bench compile-check
+.PHONY: install test lint format bench compile-check gpu-check
 
 install:
 	$(PYTHON) -m pip install -e ".[test]"
@@ -18,6 +18,13 @@ format:
 
 bench:
 	$(PYTHON) -m bench
+
+# The GPU measurement in one command, from the checkout without installing: GPU tests,
+# benchmark, stages, plots and a summary under $(OUT). GPU_CHECK_FLAGS=--small runs it
+# at tiny shapes (CPU too).
+OUT ?= gpu-check-results
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m bench.gpu_check --out $(OUT) $(GPU_CHECK_FLAGS)
 
 compile-check:
 	$(PYTHON) -m mixlora_kernels.tuning.compile_check --arch sm_80,sm_86,sm_89,sm_90

@@ -69,6 +69,13 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), qs[1], qs[7]
 
 
+def noisy(ms: tuple[float, float, float], threshold: float) -> float | None:
+    """The spread q80 / q20 of a timing when it is above ``threshold``, else None."""
+    _, q20, q80 = ms
+    spread = q80 / q20 if q20 > 0 else float("inf")
+    return spread if spread > threshold else None
+
+
 def time_cpu(steps: dict[str, Callable], rounds: int, warmup: int = 1) -> dict[str, tuple[float, float, float]]:
     """Interleaved rounds of every step; (median, q20, q80) in ms per step."""
     for step in steps.values():

@@ -1,5 +1,7 @@
-"""The benchmark runs end to end on a small shape: every case, the top-p calibration, the
-printed table and the result rows."""
+"""The benchmark as a user meets it: it runs end to end on small shapes (every case, the
+top-p calibration, the stages, the table and the rows), writes outside the checkout unless
+asked, validates its arguments, applies targets only where they are defined; and the
+one-command GPU check runs in its small mode."""
 
 from __future__ import annotations
 
@@ -8,13 +10,27 @@ import json
 import pytest
 import torch
 
-from bench.__main__ import main
+from bench.__main__ import RECORD_DIR, main
 from bench.cases import Shape, Weights, calibrate_top_p
+from bench.gpu_check import main as gpu_check
+from bench.harness import noisy
+from bench.stages import device_peaks
+from bench.suite import CASES
+from bench.targets import CPU_TARGETS, GPU_TARGETS, targets_for
+
+TINY = ["--shape", "tiny:64:96:64:4:2:4", "--rounds", "1"]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+STAGES = {"base gate/up", "route", "permute", "expert pass (with shrinks)", "down", "expert bwd"}
+
+
+def read_rows(folder):
+    (path,) = folder.glob("*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_top_p_calibration_hits_k_experts_per_token():
     shape = Shape("tiny", d=64, f=96, T=256, E=8, k=2, r=4)
-    w = Weights(shape, torch.float32, torch.device("cpu"))
+    w = Weights(shape, torch.float32, CPU)
     x = torch.randn(shape.T, shape.d)
     top_p, used = calibrate_top_p(w, x)
     assert 0 < top_p <= 1
@@ -22,14 +38,116 @@ def test_top_p_calibration_hits_k_experts_per_token():
 
 
 def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
-    out = tmp_path / "rows.jsonl"
-    assert main(["--shape", "tiny:64:96:64:4:2:4", "--rounds", "1", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert main([*TINY, "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "top-p routing (top_p=" in printed and "experts/token) / top-k (k=2)" in printed
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    cases = {row["case"] for row in rows}
-    assert cases == {"fused", "fused_top_p", "dense", "dense_lora", "shared_w13", "vanilla"}
-    assert {row["mode"] for row in rows} == {"fwd", "fwd_bwd"}
-    top_p_rows = [row for row in rows if row["case"] == "fused_top_p"]
+    assert "no targets are defined for this shape" in printed
+    assert "timing fwd_bwd of 6 cases" in captured.err  # progress goes to stderr
+    rows = read_rows(tmp_path)
+    cases = [row for row in rows if row["kind"] == "case"]
+    assert {row["case"] for row in cases} == set(CASES)
+    assert {row["mode"] for row in cases} == {"fwd", "fwd_bwd"}
+    top_p_rows = [row for row in cases if row["case"] == "fused_top_p"]
     assert all(row["experts_per_token"] == pytest.approx(2.0, abs=0.1) for row in top_p_rows)
-    assert all(row["ms"] > 0 and row["device"].startswith("CPU") for row in rows)
+    assert all(row["ms"] > 0 and row["device"].startswith("CPU") for row in cases)
+    stages = [row for row in rows if row["kind"] == "stage"]
+    assert {row["stage"] for row in stages} == STAGES
+    for row in stages:
+        assert row["ms"] > 0 and row["bytes_model"] > 0 and row["gb_per_s"] > 0
+        assert row["bandwidth_of_peak"] is None  # no known peak for a CPU
+
+
+def test_rows_go_to_the_user_cache_unless_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    before = set(RECORD_DIR.iterdir())
+    assert main([*TINY, "--cases", "fused,dense", "--no-stages"]) == 0
+    assert len(read_rows(tmp_path / "mixlora_kernels" / "bench")) == 4
+    assert set(RECORD_DIR.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "float64"], "unknown dtype 'float64'"),
+        (["--rounds", "0"], "--rounds: expected a positive integer, got 0"),
+        (["--rounds", "many"], "--rounds: expected a positive integer, got 'many'"),
+        (["--shape", "x:64:96:64:4:5:4"], "k=5 experts per token > E=4 experts"),
+        (["--shape", "x:64:96"], "expected name:d:f:T[:E:k:r]"),
+        (["--shape", "x:64:-96:64"], "f='-96' must be a positive integer"),
+        (["--cases", "fused,fastest"], "unknown cases ['fastest']"),
+        (["--device", "mps"], "the benchmark runs on cpu or cuda"),
+        (["--device", "gpu0"], "'gpu0' is not a device"),
+        (["--backend", "cuda"], "invalid choice: 'cuda'"),
+        (["--out", "x", "--record"], "not allowed with argument --out"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " not in v else None,
+)
+def test_bad_arguments_get_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, *argv, "--no-save"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only build")
+def test_cuda_device_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main([*TINY, "--device", "cuda", "--no-save"])
+    assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_dtype_aliases_are_accepted(tmp_path):
+    assert main([*TINY, "--dtype", "fp32", "--cases", "fused,dense", "--no-stages", "--no-save"]) == 0
+
+
+def test_targets_apply_only_where_defined():
+    spec = lambda T: Shape("any-name", 4096, 11008, T)
+    assert targets_for(spec(4096), CUDA, torch.bfloat16) == tuple(t for t in GPU_TARGETS if not t.decode)
+    assert [t.description for t in targets_for(spec(16), CUDA, torch.bfloat16)] == ["decode fwd time / dense floor"]
+    assert targets_for(spec(4096), CUDA, torch.float16) == ()
+    assert targets_for(spec(4096), CPU, torch.float32) == ()
+    assert targets_for(Shape("llama2-7b", 4096, 11008, 4096, r=64), CUDA, torch.bfloat16) == ()
+    assert targets_for(Shape("cpu-small", 1024, 2816, 2048), CPU, torch.float32) == CPU_TARGETS
+    assert targets_for(Shape("cpu-small", 1024, 2816, 16), CPU, torch.float32) == ()
+
+
+def test_noisy_spread_is_flagged():
+    assert noisy((10.0, 9.9, 10.2), 1.15) is None
+    assert noisy((10.0, 8.0, 12.0), 1.15) == pytest.approx(1.5)
+
+
+def test_device_peaks_by_name():
+    assert device_peaks("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert device_peaks("NVIDIA H100 PCIe") == (756e12, 2.0e12)
+    assert device_peaks("NVIDIA H200") == (989e12, 4.8e12)
+    assert device_peaks("CPU x86_64 (2 threads)") == (None, None)
+
+
+def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
+    """The one-command GPU run at tiny shapes: test step (the GPU tests, skipped here),
+    benchmark rows, plots and the summary table, all under one folder."""
+    assert gpu_check(["--out", str(tmp_path), "--small", "--shards", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Small mode" in printed and "| small | 256 | fwd+bwd time / dense floor | <= 1.1 |" in printed
+    log = (tmp_path / "tests.log").read_text()
+    assert "skipped" in log and "failed" not in log
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    cases = [row for row in rows if row["kind"] == "case"]
+    assert {(row["T"], row["mode"]) for row in cases} == {(16, "fwd"), (16, "fwd_bwd"), (256, "fwd"), (256, "fwd_bwd")}
+    assert {row["case"] for row in cases} == set(CASES)
+    for row in cases:
+        assert row["ms"] > 0 and row["saved_bytes"] > 0 and row["dtype"] == "float32"
+    assert {row["stage"] for row in rows if row["kind"] == "stage"} == STAGES
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert [p.name.split("_")[:2] for p in pngs] == [["memory", "small"], ["speedup", "small"]]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# GPU check on CPU") and "| expert bwd |" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_without_a_gpu_needs_small_mode(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check(["--out", str(tmp_path)])
+    assert "run with --small" in capsys.readouterr().err

@@ -321,9 +321,11 @@ def test_backward_falls_back_to_torch_with_one_warning():
     torch.testing.assert_close(problem.x.grad, ref_grad, atol=2e-5, rtol=2e-4)
 
 
-needs_gpu = pytest.mark.skipif(
-    not GPU, reason="needs a CUDA device: compiled kernels at sizes the interpreter cannot run"
-)
+def needs_gpu(test):
+    """A GPU-only test: marked ``gpu`` (what the GPU check's small mode selects) and
+    skipped without a CUDA device."""
+    reason = "needs a CUDA device: compiled kernels at sizes the interpreter cannot run"
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=reason)(test))
 
 
 @needs_gpu

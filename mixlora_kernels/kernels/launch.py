@@ -83,8 +83,8 @@ def _split_f(row_programs: int, F: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, max(row_programs, 1)), triton.cdiv(F, 128)))
 
 
-def _shrinks(x, lora, keep, scale):
-    """s * drop(x) A^T for all experts, (T, E, R) contiguous per projection."""
+def shrinks(x, lora, keep, scale):
+    """Stage "shrinks": s * drop(x) A^T for all experts, (T, E, R) contiguous per projection."""
     keep_gate, keep_up, _ = keep
 
     def shrink(a, keep_in):
@@ -107,21 +107,26 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(1) == 1 else t.contiguous()
 
 
-def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfig):
-    """The fused expert pass on the Triton kernels: (H (T, F), Y (T, d) or None)."""
+def check_pass_inputs(G, lora) -> int:
+    """The LoRA rank the Triton pass runs at; a clear error where it cannot run."""
     if G.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'backend="triton" supports {SUPPORTED_DTYPES}, got {G.dtype}; use backend="torch"')
-    T, F = G.shape
-    E = cfg.num_experts
-    K = experts.shape[1]
     ranks = {t.shape[1] for t in (lora.gate_A, lora.up_A, lora.down_A) if t is not None}
     if len(ranks) > 1:
         raise ValueError(f'backend="triton" needs one LoRA rank for all expert projections, got {sorted(ranks)}')
-    R = ranks.pop() if ranks else 1
-    xa_gate, xa_up = _shrinks(x, lora, keep, cfg.scale)
+    return ranks.pop() if ranks else 1
+
+
+def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, keep_down, cfg: PassConfig, rank: int):
+    """Stage "expert pass": the token-major or expert-sorted kernel, whichever the cost
+    model picks. Returns H (T, F) and the down LoRA's shrinks Zd (T, E*R) fp32 or None."""
+    T, F = G.shape
+    E = cfg.num_experts
+    K = experts.shape[1]
+    R = rank
     contiguous = lambda t: None if t is None else t.contiguous()
     B_gate, B_up, A_down = contiguous(lora.gate_B), contiguous(lora.up_B), contiguous(lora.down_A)
-    keep_down = _rows(keep[2])
+    keep_down = _rows(keep_down)
     G, U = _rows(G), _rows(U)
     w = weights.float().contiguous()
     experts = experts.contiguous()
@@ -133,21 +138,31 @@ def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfi
         H, Z = expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, experts, keep_down,
                                   r_pad=next_pow2(R), split_f=split, variable_k=cfg.variable_slots,
                                   **common)  # fmt: skip
-        Zd = None if Z is None else Z.sum(0).view(T, E * R)
-    else:
-        block_m = 16 if T * K <= 16 * E else 64
-        perm = permute_fwd(experts, E, block_m)
-        split = _split_f(perm.max_blocks_per_slot, F, G.device)
-        H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, keep_down,
-                                  r_pad=rank_pad(R), split_f=split, can_drop=cfg.first_slot_can_drop,
-                                  **common)  # fmt: skip
-        Zd = None
-        if Z is not None:
-            per_pair = Z.sum(0).view(T, K, R)
-            Zd = per_pair.new_zeros(T, E + 1, R).scatter_(1, experts.unsqueeze(-1).expand(T, K, R), per_pair)
-            Zd = Zd[:, :E].reshape(T, E * R)
-    Y = None
-    if Zd is not None:
-        B_down = lora.down_B.transpose(1, 2).reshape(E * R, -1)
-        Y = Zd.to(x.dtype) @ B_down
-    return H, Y
+        return H, None if Z is None else Z.sum(0).view(T, E * R)
+    block_m = 16 if T * K <= 16 * E else 64
+    perm = permute_fwd(experts, E, block_m)
+    split = _split_f(perm.max_blocks_per_slot, F, G.device)
+    H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, keep_down,
+                              r_pad=rank_pad(R), split_f=split, can_drop=cfg.first_slot_can_drop,
+                              **common)  # fmt: skip
+    if Z is None:
+        return H, None
+    per_pair = Z.sum(0).view(T, K, R)
+    Zd = per_pair.new_zeros(T, E + 1, R).scatter_(1, experts.unsqueeze(-1).expand(T, K, R), per_pair)
+    return H, Zd[:, :E].reshape(T, E * R)
+
+
+def down_expand(Zd, lora, dtype) -> torch.Tensor | None:
+    """Stage "down" (its LoRA part): Y = Zd B2^T, one GEMM E*R deep."""
+    if Zd is None:
+        return None
+    E, d, R = lora.down_B.shape
+    return Zd.to(dtype) @ lora.down_B.transpose(1, 2).reshape(E * R, d)
+
+
+def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfig):
+    """The fused expert pass on the Triton kernels: (H (T, F), Y (T, d) or None)."""
+    rank = check_pass_inputs(G, lora)
+    xa_gate, xa_up = shrinks(x, lora, keep, cfg.scale)
+    H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, keep[2], cfg, rank)
+    return H, down_expand(Zd, lora, x.dtype)

@@ -1,0 +1,172 @@
+"""``python -m bench.gpu_check --out DIR`` (``make gpu-check``): the whole GPU measurement
+as one command, for a short lease on a machine with PyTorch and Triton installed and no
+network. Run from the checkout with PYTHONPATH=. (nothing is installed).
+
+    1. the GPU tests: compiled kernels, bf16 and fp16, in parallel shards, time-boxed
+    2. the benchmark of LLaMA-2-7B's FFN at T = 16 and 4096 and Gemma-2B's at T = 4096
+       (E = 8, k = 2, r = 16; fwd and fwd+bwd; the four baselines; the stages)
+    3. plots of the rows, and a summary table with the SPEC targets beside the results
+
+Everything lands in DIR: rows.jsonl, tests.log, plots/*.png, summary.md. ``--small``
+runs the same steps at tiny shapes (on CPU: the torch backend, fp32), to check the
+command itself end to end without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import Shape
+from .harness import device_name, versions, write_rows
+from .suite import Settings, print_result, rows_for, run_shape
+from .targets import GPU_TARGETS, ratio
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_SHAPES = [
+    Shape("llama2-7b", 4096, 11008, 16),
+    Shape("llama2-7b", 4096, 11008, 4096),
+    Shape("gemma-2b", 2048, 16384, 4096),
+]
+SMALL_SHAPES = [Shape("small", 256, 512, 16), Shape("small", 256, 512, 256)]
+# The tests that run compiled kernels on a GPU (elsewhere they use the interpreter).
+GPU_TEST_FILES = ["tests/test_triton_forward.py"]
+
+
+def run_tests(out: Path, shards: int, timeout: float, only_marked: bool) -> dict:
+    """pytest over the GPU test files in ``shards`` parallel processes (kernel compilation
+    is CPU-bound; the GPU has room for all of them), each time-boxed. Output to tests.log.
+    ``only_marked`` selects the tests marked ``gpu`` (which skip without CUDA): the small
+    mode's check that the step runs, without the interpreter sweep."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    procs = []
+    for i in range(shards):
+        log = open(out / f"tests.shard{i}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES]
+        if only_marked:
+            cmd += ["-m", "gpu"]
+        shard_env = dict(env, MIXLORA_TEST_SHARD=f"{i}/{shards}")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=shard_env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc, log in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            codes.append("timeout")
+        log.close()
+    logs = [(out / f"tests.shard{i}.log").read_text(encoding="utf-8") for i in range(shards)]
+    (out / "tests.log").write_text("".join(logs), encoding="utf-8")
+    for i in range(shards):
+        (out / f"tests.shard{i}.log").unlink()
+    summaries = [log.strip().splitlines()[-1] if log.strip() else "(no output)" for log in logs]
+    # pytest exit code 5 is "no tests in this shard": fine when the shards outnumber them.
+    ok = all(code in (0, 5) for code in codes)
+    return {"ok": ok, "codes": codes, "summaries": summaries}
+
+
+def summary_table(results, label: str, tests: dict | None, seconds: float, small: bool) -> str:
+    lines = [f"# GPU check on {label}", "", f"{versions()}; wall time {seconds:.0f} s", ""]
+    if small:
+        lines += ["Small mode: tiny shapes, not a measurement of the targets.", ""]
+    if tests is not None:
+        verdict = "passed" if tests["ok"] else "FAILED"
+        lines += [f"GPU tests {verdict}: " + " | ".join(tests["summaries"]), ""]
+    lines += ["| shape | T | target | want | measured | |", "|---|---|---|---|---|---|"]
+    for result in results:
+        s = result.shape
+        found = {v.target.description: v for v in result.verdicts}
+        for t in GPU_TARGETS:
+            if t.decode != (s.T <= 64):
+                continue
+            v = found.get(t.description)
+            value = v.value if v else ratio(result.results, t.numerator, t.denominator, t.mode)
+            shown = "n/a" if value is None else f"{value:.3f}"
+            mark = ("met" if v.met else "**missed**") if v else "(no target here)"
+            lines.append(f"| {s.name} | {s.T} | {t.description} | {t.op} {t.bound} | {shown} | {mark} |")
+    lines.append("")
+    for result in results:
+        t = result.tuning
+        if t.get("tuned") or t.get("from_disk"):
+            lines.append(
+                f"- {result.shape.name} T={result.shape.T}: autotune {t['tuned']} buckets tuned in "
+                f"{t['seconds']:.1f} s, {t['from_disk']} from the disk cache"
+            )
+    for result in results:
+        if result.stage_rows:
+            lines += ["", f"Stages, {result.shape.label()} (expert pass: {result.organisation})", ""]
+            lines += ["| stage | ms | GB/s | TFLOP/s | of peak BW | of peak FLOP/s |", "|---|---|---|---|---|---|"]
+            pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+            for row in result.stage_rows:
+                lines.append(
+                    f"| {row['stage']} | {row['ms']:.3f} | {row['gb_per_s']:.1f} | {row['tflops']:.2f} | "
+                    f"{pct(row['bandwidth_of_peak'])} | {pct(row['compute_of_peak'])} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for rows, logs, plots and the summary")
+    p.add_argument("--small", action="store_true", help="tiny shapes: check the command end to end (CPU too)")
+    p.add_argument("--skip-tests", action="store_true", help="benchmark only")
+    p.add_argument("--shards", type=int, default=4, help="parallel pytest processes (default 4)")
+    p.add_argument("--test-timeout", type=float, default=210.0, help="seconds for the test step (default 210)")
+    args = p.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.small:
+        p.error("no CUDA device here: run with --small to check the command on CPU")
+    start = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    label = device_name(device)
+    print(f"GPU check on {label}; {versions()}; output in {out}", flush=True)
+
+    tests = None
+    if not args.skip_tests:
+        print(f"\n== GPU tests ({args.shards} shards, at most {args.test_timeout:.0f} s)", flush=True)
+        tests = run_tests(out, max(1, args.shards), args.test_timeout, only_marked=args.small)
+        for line in tests["summaries"]:
+            print(f"  {line}")
+
+    print("\n== benchmark", flush=True)
+    settings = Settings(
+        device,
+        torch.bfloat16 if on_gpu else torch.float32,
+        "triton" if on_gpu else "torch",
+        rounds=3 if args.small else 11,
+    )
+    shapes = SMALL_SHAPES if args.small else GPU_SHAPES
+    results = []
+    for shape in shapes:
+        result = run_shape(shape, settings, label)
+        print_result(result, label)
+        write_rows(str(out / "rows.jsonl"), rows_for(result, label, settings))
+        results.append(result)
+
+    print("\n== plots", flush=True)
+    try:
+        from .plots import load_rows, plot_rows
+
+        for path in plot_rows(load_rows([out / "rows.jsonl"]), out / "plots"):
+            print(f"  {path}")
+    except SystemExit as exc:  # matplotlib missing: the rows and the summary still count
+        print(f"  no plots: {exc}")
+
+    table = summary_table(results, label, tests, time.perf_counter() - start, args.small)
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    print("\n" + table)
+    return 0 if tests is None or tests["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

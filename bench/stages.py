@@ -1,0 +1,199 @@
+"""Per-stage microbenchmarks: the fused block cut at its stage boundaries, so that a missed
+target can be traced to a stage.
+
+    base gate/up    G = x W1^T, U = x W3^T (the floor's own GEMMs, for scale)
+    route           router logits and the routing kernel
+    permute         pairs grouped by expert (expert-sorted organisation; the torch
+                    backend's (slot, expert) groups)
+    shrinks         s * drop(x) A^T for every expert (Triton backend; the torch backend
+                    does this inside its expert pass)
+    expert pass     H = sum_j w_tj h_tj and the down LoRA's shrinks
+    down            down(H) through the base module, plus the rank-r expand
+    expert bwd      the expert pass's backward
+
+Each stage's bytes and FLOPs are a model of the least it must move and compute (the
+useful rank-r FLOPs, not what a masked dense tile spends), so achieved bandwidth and
+TFLOP/s read as a fraction of what the stage could reach on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mixlora_kernels import expert_pass_torch
+from mixlora_kernels.autograd import route as route_any
+from mixlora_kernels.expert_pass_torch import PassConfig, pair_groups
+from mixlora_kernels.routing import RoutingSpec, router_logits
+
+from .cases import Shape, Weights
+
+# Dense bf16 tensor-core peak (fp32 accumulation) and memory bandwidth of the GPUs we
+# expect, from the vendors' data sheets; matched against torch.cuda.get_device_name.
+DEVICE_PEAKS = {
+    "H200": (989e12, 4.8e12),
+    "H100 PCIe": (756e12, 2.0e12),
+    "H100": (989e12, 3.35e12),
+    "A100-SXM4-80GB": (312e12, 2.04e12),
+    "A100": (312e12, 1.56e12),
+    "L40S": (362e12, 0.864e12),
+    "RTX 4090": (165e12, 1.008e12),
+    "RTX 3090": (71e12, 0.936e12),
+}
+
+
+def device_peaks(label: str) -> tuple[float | None, float | None]:
+    """(FLOP/s, bytes/s) of a device by name; (None, None) when unknown (CPUs)."""
+    for name, peaks in DEVICE_PEAKS.items():
+        if name in label:
+            return peaks
+    return None, None
+
+
+@dataclass
+class Stage:
+    name: str
+    fn: Callable[[], object]
+    bytes: float
+    flops: float
+
+    def step(self) -> None:
+        # Stages are timed as kernels, outside autograd (the weights require grad).
+        with torch.no_grad():
+            self.fn()
+
+
+def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tuple[list[Stage], str]:
+    """The stages of one fused forward and backward at this shape, with inputs computed
+    once; and the expert-pass organisation they ran (or "torch")."""
+    T, d, f, E, k, r = shape.T, shape.d, shape.f, shape.E, shape.k, shape.r
+    elem = x.element_size()
+    x = x.detach()
+    experts = w.experts
+    spec = RoutingSpec("mixlora", top_k=k)
+    cfg = PassConfig(E, "silu", w.scaling, backend)
+    no_keep = (None, None, None)
+    with torch.no_grad():
+        G, U = w.gate_proj(x), w.up_proj(x)
+        routing = route_any(router_logits(x, w.router), spec, T, backend)
+        weights = routing.weights.to(x.dtype)
+        H, Y = (
+            _triton_pass(x, G, U, weights, routing.experts, experts, cfg)
+            if backend == "triton"
+            else expert_pass_torch.expert_pass_fwd(x, G, U, weights, routing.experts, experts, no_keep, cfg)
+        )
+    dH, dY = torch.randn_like(H), torch.randn_like(x)
+
+    def base():
+        w.gate_proj(x), w.up_proj(x)
+
+    def route():
+        route_any(router_logits(x, w.router), spec, T, backend)
+
+    # The torch backend adds the down LoRA inside its expert pass; the Triton backend
+    # expands Z after it, as part of the down stage.
+    down_lora = lambda: Y
+
+    def down():
+        y = w.down_proj(H)
+        lora_out = down_lora()
+        if lora_out is not None:
+            y += lora_out
+
+    def backward():
+        expert_pass_torch.expert_pass_bwd(dH, dY, x, G, U, weights, routing.experts, experts, no_keep, cfg)
+
+    pairs = T * k
+    stages = [
+        Stage("base gate/up", base, elem * (T * d + 2 * f * d + 2 * T * f), 4.0 * T * d * f),
+        Stage("route", route, elem * T * d + 4 * (E * d + T * E) + 12 * pairs, 2.0 * T * d * E),
+    ]
+    rank_flops = 6.0 * pairs * f * r  # gate and up expands, the down shrink
+    pass_bytes = elem * 3 * T * f + 4 * T * E * r
+    if backend == "triton":
+        from mixlora_kernels.kernels.launch import choose_organisation, down_expand, fused_pass, shrinks
+        from mixlora_kernels.kernels.permute import permute_fwd
+
+        organisation = choose_organisation(T, f, E, r, k, elem)
+        xa_gate, xa_up = shrinks(x, experts, no_keep, w.scaling)
+        stages += [
+            Stage("permute", lambda: permute_fwd(routing.experts, E, 64), 8 * 3 * pairs, 0.0),
+            Stage(
+                "shrinks",
+                lambda: shrinks(x, experts, no_keep, w.scaling),
+                elem * (T * d + 2 * E * r * d + 2 * T * E * r),
+                4.0 * T * d * E * r,
+            ),
+            Stage(
+                f"expert pass ({organisation.replace('_', '-')})",
+                lambda: fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, None, cfg, r),
+                pass_bytes,
+                rank_flops,
+            ),
+        ]
+        _, Zd = fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, None, cfg, r)
+        down_lora = lambda: down_expand(Zd, experts, x.dtype)
+    else:
+        organisation = "torch"
+        stages += [
+            Stage("permute", lambda: pair_groups(routing.experts, E), 8 * 3 * pairs, 0.0),
+            Stage(
+                "expert pass (with shrinks)",
+                lambda: expert_pass_torch.expert_pass_fwd(x, G, U, weights, routing.experts, experts, no_keep, cfg),
+                pass_bytes + elem * (T * d + 2 * E * r * d),
+                rank_flops + 4.0 * T * d * r * k,
+            ),
+        ]
+    stages += [
+        Stage("down", down, elem * (T * f + f * d + 2 * T * d), 2.0 * T * f * d + 2.0 * T * E * r * d),
+        # Reads dH, G, U and the output gradient; writes dG and dU; the rank-r work is the
+        # forward's recomputed plus twice it for the gradients.
+        Stage("expert bwd", backward, elem * (5 * T * f + 2 * T * d), 3 * rank_flops),
+    ]
+    return stages, organisation
+
+
+def _triton_pass(x, G, U, weights, routed, experts, cfg):
+    from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
+
+    return expert_pass_fwd_triton(x, G, U, weights, routed, experts, (None, None, None), cfg)
+
+
+def stage_rows(stages: list[Stage], timed: dict, label: str) -> list[dict]:
+    """One row per stage: time, modelled bytes and FLOPs, achieved rates and their
+    fraction of the device's peak (None where the peak is unknown)."""
+    peak_flops, peak_bytes = device_peaks(label)
+    rows = []
+    for stage in stages:
+        med, q20, q80 = timed[stage.name]
+        seconds = med * 1e-3
+        gbps, tflops = stage.bytes / seconds / 1e9, stage.flops / seconds / 1e12
+        rows.append(
+            {
+                "kind": "stage",
+                "stage": stage.name,
+                "ms": med,
+                "ms_q20": q20,
+                "ms_q80": q80,
+                "bytes_model": stage.bytes,
+                "flops_model": stage.flops,
+                "gb_per_s": gbps,
+                "tflops": tflops,
+                "bandwidth_of_peak": None if peak_bytes is None else stage.bytes / seconds / peak_bytes,
+                "compute_of_peak": None if peak_flops is None else stage.flops / seconds / peak_flops,
+            }
+        )
+    return rows
+
+
+def print_stages(rows: list[dict], organisation: str) -> None:
+    print(f"  stages (expert pass: {organisation}); bytes and FLOPs are the stage's modelled minimum")
+    print(f"  {'stage':<30}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'of peak BW':>12}{'of peak FLOP/s':>16}")
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+    for row in rows:
+        print(
+            f"  {row['stage']:<30}{row['ms']:>9.3f}{row['gb_per_s']:>9.1f}{row['tflops']:>9.2f}"
+            f"{pct(row['bandwidth_of_peak']):>12}{pct(row['compute_of_peak']):>16}"
+        )

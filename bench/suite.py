@@ -1,0 +1,209 @@
+"""One benchmark run: every case and mode at each shape, the stages, the printed tables and
+the result rows. ``python -m bench`` and ``python -m bench.gpu_check`` both run it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mixlora_kernels.tuning.cache import reset_tuning_events, tuning_events
+
+from .cases import Shape, Weights, calibrate_top_p, make_cases
+from .harness import (
+    MODES,
+    make_step,
+    noisy,
+    peak_memory,
+    saved_bytes,
+    time_cpu,
+    time_cuda,
+    versions,
+)
+from .stages import make_stages, print_stages, stage_rows
+from .targets import Verdict, ratio, targets_for, verdicts
+
+CASES = ("fused", "fused_top_p", "dense", "dense_lora", "shared_w13", "vanilla")
+NOISY_SPREAD = 1.15  # q80 / q20 above this and a median means little
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    cases: tuple[str, ...] = CASES
+    rounds: int = 11  # CPU: interleaved timing rounds
+    stages: bool = True
+
+
+@dataclass
+class ShapeResult:
+    shape: Shape
+    results: dict  # {(case, mode): {"ms": (med, q20, q80), "peak": bytes}, (case, "saved"): bytes}
+    verdicts: list[Verdict]
+    stage_rows: list[dict] = field(default_factory=list)
+    organisation: str | None = None
+    tuning: dict = field(default_factory=dict)  # {"seconds": ..., "tuned": n, "from_disk": n}
+    warnings: list[str] = field(default_factory=list)
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _time(steps: dict, settings: Settings) -> dict:
+    if settings.device.type == "cuda":
+        return time_cuda(steps)
+    return time_cpu(steps, settings.rounds)
+
+
+def _no_grad(fn, x):
+    def step():
+        with torch.no_grad():
+            fn(x)
+
+    return step
+
+
+def measure(shape: Shape, settings: Settings) -> dict:
+    """{(case, mode): {"ms": (med, q20, q80), "peak": bytes}, (case, "saved"): bytes, ...}"""
+    device, dtype = settings.device, settings.dtype
+    w = Weights(shape, dtype, device)
+    x = torch.randn(shape.T, shape.d, device=device, dtype=dtype, requires_grad=True)
+    results = {}
+    top_p = None
+    if "fused_top_p" in settings.cases:
+        top_p, used = calibrate_top_p(w, x)
+        results[("fused_top_p", "routing")] = {"top_p": top_p, "experts_per_token": used}
+    all_cases = make_cases(w, settings.backend, top_p)
+    cases = {name: all_cases[name] for name in settings.cases}
+    params = w.parameters()
+    frozen = [m.weight for m in w.base.values()] + params
+    for name, fn in cases.items():
+        results[(name, "saved")] = saved_bytes(fn, x, frozen)
+    for mode in MODES:
+        start = time.perf_counter()
+        progress(f"{shape.name} T={shape.T}: timing {mode} of {len(cases)} cases")
+        if mode == "fwd" and shape.T <= 64:
+            # Decode: forward only, no autograd graph.
+            steps = {name: _no_grad(fn, x) for name, fn in cases.items()}
+        else:
+            steps = {name: make_step(fn, x, params, mode) for name, fn in cases.items()}
+        for name, t in _time(steps, settings).items():
+            results[(name, mode)] = {"ms": t, "peak": peak_memory(steps[name], device)}
+        progress(f"{shape.name} T={shape.T}: {mode} done in {time.perf_counter() - start:.1f} s")
+    return results
+
+
+def run_shape(shape: Shape, settings: Settings, label: str) -> ShapeResult:
+    reset_tuning_events()
+    results = measure(shape, settings)
+    result = ShapeResult(shape, results, verdicts(results, targets_for(shape, settings.device, settings.dtype)))
+    events = tuning_events()
+    tuned = [e for e in events if e.source == "tuned"]
+    result.tuning = {
+        "tuned": len(tuned),
+        "from_disk": sum(e.source == "disk" for e in events),
+        "seconds": sum(e.seconds for e in tuned),
+    }
+    result.warnings = [
+        f"{case} {mode}: q80/q20 = {spread:.2f}, the machine was noisy; rerun, or raise --rounds"
+        for (case, mode), value in results.items()
+        if mode in MODES and (spread := noisy(value["ms"], NOISY_SPREAD))
+    ]
+    if settings.stages and "fused" in settings.cases:
+        progress(f"{shape.name} T={shape.T}: timing the stages")
+        w = Weights(shape, settings.dtype, settings.device)
+        x = torch.randn(shape.T, shape.d, device=settings.device, dtype=settings.dtype)
+        stages, result.organisation = make_stages(shape, w, x, settings.backend)
+        timed = _time({s.name: s.step for s in stages}, settings)
+        result.stage_rows = stage_rows(stages, timed, label)
+    return result
+
+
+def print_result(result: ShapeResult, label: str) -> None:
+    shape, results = result.shape, result.results
+    print(f"\n{shape.label()}  [{label}]")
+    header = f"{'case':<12}{'fwd ms':>10}{'fwd+bwd ms':>12}{'x floor':>9}{'fused speedup':>15}{'us/token':>10}"
+    header += f"{'TFLOP/s':>9}{'saved MB':>10}{'saved/vanilla':>15}"
+    print(header)
+    nan = float("nan")
+    for case in [c for c in CASES if (c, "fwd") in results]:
+        fwd, fb = results.get((case, "fwd")), results.get((case, "fwd_bwd"))
+        ms_fb = fb["ms"][0] if fb else nan
+        floor = ratio(results, case, "dense", "fwd_bwd")
+        speedup = ratio(results, case, "fused", "fwd_bwd")
+        saved = results.get((case, "saved"), 0) / 2**20
+        vs_vanilla = ratio(results, case, "vanilla", "saved")
+        print(
+            f"{case:<12}{fwd['ms'][0] if fwd else nan:>10.3f}{ms_fb:>12.3f}"
+            f"{floor or nan:>9.2f}{speedup or nan:>15.2f}"
+            f"{1e3 * ms_fb / shape.T:>10.2f}{flops(shape, 'fwd_bwd') / (ms_fb * 1e9):>9.2f}"
+            f"{saved:>10.1f}{vs_vanilla or nan:>15.2f}"
+        )
+    routing = results.get(("fused_top_p", "routing"))
+    if routing:
+        ratios = [ratio(results, "fused_top_p", "fused", mode) for mode in MODES]
+        print(
+            f"  top-p routing (top_p={routing['top_p']:.3f}, {routing['experts_per_token']:.2f} experts/token) "
+            f"/ top-k (k={shape.k}): fwd {ratios[0] or nan:.2f}, fwd+bwd {ratios[1] or nan:.2f}"
+        )
+    tuning = result.tuning
+    if tuning.get("tuned") or tuning.get("from_disk"):
+        print(
+            f"  autotune: {tuning['tuned']} shape buckets tuned in {tuning['seconds']:.1f} s, "
+            f"{tuning['from_disk']} read from the disk cache"
+        )
+    if result.stage_rows:
+        print_stages(result.stage_rows, result.organisation)
+    if not result.verdicts:
+        print("  no targets are defined for this shape, device and dtype: ratios only")
+    for v in result.verdicts:
+        t = v.target
+        print(f"  target {t.description}: {v.value:.3f} (want {t.op} {t.bound}) {'met' if v.met else 'MISSED'}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
+
+
+def flops(shape: Shape, mode: str) -> float:
+    """FLOPs of the dense FFN (the floor's useful work), to express rates comparably."""
+    per_gemm = 2.0 * shape.T * shape.d * shape.f
+    return per_gemm * (3 if mode == "fwd" else 6)
+
+
+def rows_for(result: ShapeResult, label: str, settings: Settings) -> list[dict]:
+    shape, results = result.shape, result.results
+    meta = {
+        "device": label,
+        "dtype": str(settings.dtype).replace("torch.", ""),
+        "backend": settings.backend,
+        **versions(),
+    }
+    meta.update({k: getattr(shape, k) for k in ("name", "d", "f", "T", "E", "k", "r")})
+    rows = []
+    for (case, mode), value in results.items():
+        if mode not in MODES:
+            continue
+        med, q20, q80 = value["ms"]
+        rows.append(
+            {
+                **meta,
+                "kind": "case",
+                "case": case,
+                "mode": mode,
+                "ms": med,
+                "ms_q20": q20,
+                "ms_q80": q80,
+                "us_per_token": 1e3 * med / shape.T,
+                "tflops_dense_equiv": flops(shape, mode) / (med * 1e9),
+                "peak_bytes": value["peak"],
+                "saved_bytes": results.get((case, "saved")),
+                **results.get((case, "routing"), {}),
+            }
+        )
+    extra = {"organisation": result.organisation, "tuning_seconds": result.tuning.get("seconds")}
+    rows += [{**meta, **row, **extra} for row in result.stage_rows]
+    return rows
