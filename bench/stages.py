@@ -105,6 +105,11 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
     def backward():
         expert_pass_torch.expert_pass_bwd(dH, dY, x, G, U, weights, routing.experts, experts, no_keep, cfg)
 
+    def backward_triton():
+        from mixlora_kernels.kernels.launch import expert_pass_bwd_triton
+
+        expert_pass_bwd_triton(dH, dY, x, G, U, weights, routing.experts, experts, cfg, Zd)
+
     pairs = T * k
     stages = [
         Stage("base gate/up", base, elem * (T * d + 2 * f * d + 2 * T * f), 4.0 * T * d * f),
@@ -113,28 +118,30 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
     rank_flops = 6.0 * pairs * f * r  # gate and up expands, the down shrink
     pass_bytes = elem * 3 * T * f + 4 * T * E * r
     if backend == "triton":
-        from mixlora_kernels.kernels.launch import choose_organisation, down_expand, fused_pass, shrinks
+        from mixlora_kernels.kernels.launch import backward_fits, choose_organisation, down_expand, fused_pass, shrinks
         from mixlora_kernels.kernels.permute import permute_fwd
 
         organisation = choose_organisation(T, f, E, r, k, elem)
-        xa_gate, xa_up = shrinks(x, experts, no_keep, w.scaling)
+        xa_gate, xa_up = shrinks(x, experts, w.scaling)
         stages += [
             Stage("permute", lambda: permute_fwd(routing.experts, E, 64), 8 * 3 * pairs, 0.0),
             Stage(
                 "shrinks",
-                lambda: shrinks(x, experts, no_keep, w.scaling),
+                lambda: shrinks(x, experts, w.scaling),
                 elem * (T * d + 2 * E * r * d + 2 * T * E * r),
                 4.0 * T * d * E * r,
             ),
             Stage(
                 f"expert pass ({organisation.replace('_', '-')})",
-                lambda: fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, None, cfg, r),
+                lambda: fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, cfg, r),
                 pass_bytes,
                 rank_flops,
             ),
         ]
-        _, Zd = fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, None, cfg, r)
+        _, Zd = fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, cfg, r)
         down_lora = lambda: down_expand(Zd, experts, x.dtype)
+        if backward_fits(E, r):
+            backward = backward_triton
     else:
         organisation = "torch"
         stages += [
@@ -158,7 +165,7 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
 def _triton_pass(x, G, U, weights, routed, experts, cfg):
     from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
 
-    return expert_pass_fwd_triton(x, G, U, weights, routed, experts, (None, None, None), cfg)
+    return expert_pass_fwd_triton(x, G, U, weights, routed, experts, cfg)
 
 
 def stage_rows(stages: list[Stage], timed: dict, label: str) -> list[dict]:

@@ -1,8 +1,9 @@
 """Autograd nodes that compose the stages: routing and the fused expert pass.
 
-The backward passes run in PyTorch ops (the torch backend's); with backend="triton" the
-forward runs the Triton kernels and saves exactly what the torch backward needs, so the
-gradients are the same whichever forward ran.
+With backend="triton" the expert pass runs the Triton kernels both ways (the backward for
+layers whose stacked expert ranks fit the token-major kernels; wider ones run the torch
+backend's backward on what the Triton forward saved, which is the same). The router's
+backward is a few (T, E) PyTorch ops.
 """
 
 from __future__ import annotations
@@ -26,34 +27,62 @@ class ExpertPassFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, G, U, weights, experts, *rest):
-        *lora_tensors, keep_gate, keep_up, keep_down, cfg = rest
+        *lora_tensors, keep_gate, keep_up, keep_down, seed, cfg = rest
         lora = ExpertLoRA(*lora_tensors)
         keep = (keep_gate, keep_up, keep_down)
+        Zd = None
         if cfg.backend == "triton":
-            from .kernels.launch import expert_pass_fwd_triton
+            from .kernels.launch import check_pass_inputs, down_expand, fused_pass, shrinks
 
-            H, Y = expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg)
+            dropout = _dropout(cfg, seed)
+            rank = check_pass_inputs(G, lora)
+            xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout)
+            H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg, rank, dropout)
+            Y = down_expand(Zd, lora, x.dtype)
         else:
             H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, keep, cfg)
-        ctx.save_for_backward(x, G, U, weights, experts, *lora_tensors, *keep)
+        # The Triton path saves the down LoRA's weighted shrinks (T, E*R) and its dropout
+        # seed, O(T); the torch path its dropout masks.
+        ctx.save_for_backward(x, G, U, weights, experts, *lora_tensors, *keep, seed, Zd)
         ctx.cfg = cfg
         return H, Y
 
     @staticmethod
     def backward(ctx, dH, dY):
         cfg = ctx.cfg
-        if cfg.backend == "triton":
-            _warn_torch_backward_once()
         x, G, U, weights, experts, *rest = ctx.saved_tensors
-        lora, keep = ExpertLoRA(*rest[:6]), tuple(rest[6:])
+        lora, keep, seed, Zd = ExpertLoRA(*rest[:6]), tuple(rest[6:9]), rest[9], rest[10]
         if dH is None:
             dH = torch.zeros_like(G)
         if dY is None and lora.down_A is not None:
             dY = torch.zeros_like(x)
-        dx, dG, dU, dweights, dlora = expert_pass_torch.expert_pass_bwd(
-            dH, dY, x, G, U, weights, experts, lora, keep, cfg
-        )
-        return (dx, dG, dU, dweights, None, *dlora.values(), None, None, None, None)
+        if cfg.backend == "triton" and _triton_backward_fits(cfg, lora):
+            from .kernels.launch import expert_pass_bwd_triton
+
+            dx, dG, dU, dweights, dlora = expert_pass_bwd_triton(
+                dH, dY, x, G, U, weights, experts, lora, cfg, Zd, _dropout(cfg, seed)
+            )
+        else:
+            if cfg.backend == "triton":
+                _warn_torch_backward_once()
+            dx, dG, dU, dweights, dlora = expert_pass_torch.expert_pass_bwd(
+                dH, dY, x, G, U, weights, experts, lora, keep, cfg
+            )
+        return (dx, dG, dU, dweights, None, *dlora.values(), None, None, None, None, None)
+
+
+def _dropout(cfg, seed):
+    """The Triton path's dropout (probability and seed tensor), or None."""
+    from .kernels.dropout import Dropout
+
+    return None if seed is None else Dropout(cfg.dropout, seed)
+
+
+def _triton_backward_fits(cfg, lora) -> bool:
+    from .kernels.launch import backward_fits
+
+    rank = next((t.shape[1] for t in (lora.gate_A, lora.up_A, lora.down_A) if t is not None), 1)
+    return backward_fits(cfg.num_experts, rank)
 
 
 _warned_torch_backward = False
@@ -64,8 +93,9 @@ def _warn_torch_backward_once() -> None:
     if not _warned_torch_backward:
         _warned_torch_backward = True
         warnings.warn(
-            "mixlora_kernels: the Triton backend has forward kernels only; the backward "
-            "pass of the expert stage runs the torch backend (same gradients, slower).",
+            "mixlora_kernels: the Triton backward covers layers whose stacked expert ranks "
+            "(E * r, padded to powers of two) are at most 128; this layer's expert pass runs "
+            "the torch backend's backward (same gradients, slower).",
             stacklevel=3,
         )
 

@@ -36,6 +36,7 @@ class PassConfig(NamedTuple):
     scale: float  # s / (1 - p): LoRA scale times the dropout keep scale
     backend: str  # "torch" or "triton"
     routing: str = "mixlora"  # the routing strategy, which decides where sentinel experts occur
+    dropout: float = 0.0  # LoRA dropout probability of the Triton path's in-kernel masks
 
     @property
     def first_slot_can_drop(self) -> bool:

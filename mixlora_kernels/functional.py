@@ -185,8 +185,9 @@ def mixlora_ffn(
         scaling: LoRA scale s (alpha / r, or alpha / sqrt(r) with rslora).
         dropout, jitter_noise: LoRA dropout and router jitter, applied when ``training``.
         ffn_dropout: dropout on the block output when ``training`` ("mixlora-switch" only).
-        seed: seed of the training-time randomness (see ``noise.draw_noise``); drawn from
-            torch's default generator when None.
+        seed: seed of the training-time randomness (see ``noise.draw_noise``; the Triton
+            path draws its LoRA dropout masks in the kernels from it, see
+            ``kernels.dropout``); drawn from torch's default generator when None.
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
 
     Returns:
@@ -215,13 +216,22 @@ def mixlora_ffn(
     f = G.shape[-1]
 
     noise = Noise(None, None, None, None, 1.0)
+    lora_dropout = dropout if training else 0.0
+    # The Triton path draws its LoRA dropout masks inside the kernels from a seed tensor
+    # (nothing T x f stored); the torch path draws and keeps them here.
+    drop_seed = None
     if training and (dropout > 0 or jitter_noise > 0 or ffn_dropout > 0):
         shared_a = experts.up_A is None or experts.up_A is experts.gate_A
+        seed = new_seed() if seed is None else seed
+        in_kernel = backend == "triton" and dropout > 0
         noise = draw_noise(
-            new_seed() if seed is None else seed,
-            tokens=T, hidden=d, intermediate=f, dropout=dropout, jitter=jitter_noise,
+            seed, tokens=T, hidden=d, intermediate=f, dropout=0.0 if in_kernel else dropout, jitter=jitter_noise,
             has_up_mask=not shared_a, device=x.device, dtype=xf.dtype, ffn_dropout=ffn_dropout,
         )  # fmt: skip
+        if in_kernel:
+            from .kernels.dropout import new_dropout
+
+            drop_seed = new_dropout(dropout, x.device, seed).seed
 
     router_in = xf if noise.jitter is None else xf * noise.jitter
     logits = router_logits(router_in, router_weight)
@@ -231,10 +241,11 @@ def mixlora_ffn(
     lora = [None if t is None else t.to(xf.dtype) for t in experts]
     if experts.up_A is not None and experts.up_A is experts.gate_A:
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
-    cfg = PassConfig(num_experts, kind, scaling * noise.keep_scale, backend, spec.strategy)
+    keep_scale = 1.0 / (1.0 - lora_dropout)
+    cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
     H, Y = ExpertPassFunction.apply(
         xf, G, U, routing.weights.to(xf.dtype), routing.experts, *lora,
-        noise.gate, noise.up, noise.down, cfg,
+        noise.gate, noise.up, noise.down, drop_seed, cfg,
     )  # fmt: skip
     y = down_proj(H)
     if Y is not None:

@@ -58,6 +58,16 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
         assert row["bandwidth_of_peak"] is None  # no known peak for a CPU
 
 
+def test_bench_times_the_triton_stages(capsys):
+    """The Triton backend (here through the interpreter): its stages, backward included."""
+    argv = ["--backend", "triton", "--shape", "tiny:32:64:32:4:2:4", "--rounds", "1", "--cases", "fused,dense"]
+    assert main([*argv, "--no-save"]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("shrinks", "expert pass (token-major)", "expert bwd"):
+        assert f"  {stage} " in printed
+    assert "no targets checked" in printed
+
+
 def test_rows_go_to_the_user_cache_unless_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     before = set(RECORD_DIR.iterdir())

@@ -96,19 +96,20 @@ def column_chunks(F: int, splits: int, configs) -> tuple[int, int]:
     return per_chunk, triton.cdiv(F, per_chunk)
 
 
-def expert_pass_args(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, keep_down, H, Z, **scalars) -> dict:
+def expert_pass_args(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, dropout, H, Z, **scalars) -> dict:
     """The arguments both expert-pass kernels share. An absent tensor is passed as G: its
-    HAS_* flag is off, so the kernel never reads it."""
+    HAS_* flag is off, so the kernel never reads it. ``dropout`` (a ``kernels.dropout.
+    Dropout`` or None) drops the down LoRA's input inside the kernel."""
     present = lambda t: G if t is None else t
     T = G.shape[0]
     return dict(
         g_ptr=G, u_ptr=present(U), xag_ptr=present(xa_gate), xau_ptr=present(xa_up),
         bg_ptr=present(B_gate), bu_ptr=present(B_up), ad_ptr=present(A_down), w_ptr=weights,
-        keep_ptr=present(keep_down), h_ptr=H, z_ptr=present(Z), T=T, F=G.shape[1],
+        seed_ptr=weights if dropout is None else dropout.seed, h_ptr=H, z_ptr=present(Z), T=T, F=G.shape[1],
         stride_gt=G.stride(0), stride_ut=0 if U is None else U.stride(0),
-        stride_kt=0 if keep_down is None else keep_down.stride(0), stride_ht=H.stride(0),
+        p_drop=0.0 if dropout is None else dropout.p, stride_ht=H.stride(0),
         T_BUCKET=token_bucket(T), HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
-        HAS_DOWN=A_down is not None, HAS_KEEP=keep_down is not None, PRECISION=dot_precision(G.dtype),
+        HAS_DOWN=A_down is not None, HAS_KEEP=dropout is not None, PRECISION=dot_precision(G.dtype),
         **scalars,
     )  # fmt: skip
 
@@ -126,3 +127,21 @@ def activation(g, ACT: tl.constexpr):
         return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
     else:
         return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def activation_grad(g, ACT: tl.constexpr):
+    """(sigma(g), sigma'(g)) in fp32 for the codes of ACT_CODES."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    elif ACT == 1:
+        # With s = sigmoid(2a): sigma = g s and 1 + tanh(a) = 2 s, 1 - tanh(a)^2 = 4 s (1 - s).
+        sig = tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        da = 1.5957691216057308 * (1.0 + 0.134145 * g * g)
+        return g * sig, sig + g * sig * (1.0 - sig) * da
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+    else:
+        return tl.maximum(g, 0.0), tl.where(g > 0, 1.0, 0.0)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..tuning.configs import EXPERT_SORTED, expert_sorted_smem, make_pruner
 from .common import activation, column_chunks, expert_pass_args, launch
+from .dropout import keep_tile
 from .permute import Permutation
 
 
@@ -38,7 +39,7 @@ def _expert_pass_es_fwd_kernel(
     bu_ptr,  # (E, F, R) contiguous up B
     ad_ptr,  # (E, R, F) contiguous down A (HAS_DOWN)
     w_ptr,  # (T*K,) routing weights, fp32
-    keep_ptr,  # (T, F) bool keep-mask of the down LoRA input (HAS_KEEP)
+    seed_ptr,  # (1,) int64 seed of the LoRA dropout (HAS_KEEP: the down input is dropped)
     h_ptr,  # (T, F) in/out: H, accumulated over the slots' launches
     z_ptr,  # (SPLIT_F, T*K, R) out fp32: w * scale * drop(h) A_e^T per pair
     T,
@@ -49,7 +50,7 @@ def _expert_pass_es_fwd_kernel(
     slot,
     stride_gt,
     stride_ut,
-    stride_kt,
+    p_drop,  # LoRA dropout probability (HAS_KEEP)
     stride_ht,
     f_per_split,  # columns of f per program along axis 1, a multiple of BLOCK_F
     T_BUCKET,
@@ -110,7 +111,7 @@ def _expert_pass_es_fwd_kernel(
         tl.store(h_ptrs, out.to(dt), mask=tmask)
         if HAS_DOWN:
             if HAS_KEEP:
-                h = h * tl.load(keep_ptr + tok[:, None] * stride_kt + cols[None, :], mask=tmask, other=0).to(tl.float32)
+                h = h * keep_tile(seed_ptr, tok.to(tl.int64), cols, F, p_drop, 2)  # stream DOWN
             ad = tl.load(ad_ptr + expert * R * F + rr[None, :] * F + cols[:, None],
                          mask=rmask[None, :] & fmask[:, None], other=0.0)  # fmt: skip
             z += tl.dot(h.to(dt), ad, input_precision=PRECISION)
@@ -132,7 +133,7 @@ _expert_pass_es_fwd_autotuned = triton.autotune(
 )(_expert_pass_es_fwd_kernel)
 
 
-def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm: Permutation, keep_down, *,
+def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm: Permutation, dropout, *,
                        num_experts: int, rank: int, r_pad: int, act: int, scale: float, split_f: int,
                        can_drop: bool):  # fmt: skip
     """Launch the expert-sorted pass once per slot. Returns H (T, F) and Z
@@ -148,7 +149,7 @@ def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm
         alloc = torch.zeros if can_drop else torch.empty
         Z = alloc(split_f, T * K, R, device=G.device, dtype=torch.float32)
     base = expert_pass_args(
-        G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, keep_down, H, Z,
+        G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, dropout, H, Z,
         sorted_ptr=perm.sorted_pairs, block_group_ptr=perm.block_group, slot_blocks_ptr=perm.slot_blocks,
         E=E, R=R, scale=scale, f_per_split=f_per_split, K=K, R_PAD=r_pad, ACT=act, BLOCK_M=perm.block_m,
     )  # fmt: skip

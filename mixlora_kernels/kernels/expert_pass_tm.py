@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
 from .common import activation, column_chunks, expert_pass_args, launch, token_major_width
+from .dropout import keep_tile
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _expert_pass_tm_fwd_kernel(
     ex_ptr,  # (T, K) contiguous int64 experts; E marks a slot without an expert
     order_ptr,  # (T,) int32 tokens by decreasing number of experts (VARIABLE_K)
     nslots_ptr,  # (T,) int32 experts of the token at each position of order (VARIABLE_K)
-    keep_ptr,  # (T, F) bool keep-mask of the down LoRA input (HAS_KEEP)
+    seed_ptr,  # (1,) int64 seed of the LoRA dropout (HAS_KEEP: the down input is dropped)
     h_ptr,  # (T, F) out: sum_j w_tj h_tj, x dtype
     z_ptr,  # (SPLIT_F, T, E, R) out fp32: sum_j w_tj * scale * drop(h_tj) A_e^T at e = e_tj
     T,
@@ -84,7 +85,7 @@ def _expert_pass_tm_fwd_kernel(
     scale,
     stride_gt,
     stride_ut,
-    stride_kt,
+    p_drop,  # LoRA dropout probability (HAS_KEEP)
     stride_ht,
     f_per_split,  # columns of f per program along axis 1, a multiple of BLOCK_F
     T_BUCKET,
@@ -142,7 +143,7 @@ def _expert_pass_tm_fwd_kernel(
             u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
         keep = 0
         if HAS_KEEP:
-            keep = tl.load(keep_ptr + rows64[:, None] * stride_kt + cols[None, :], mask=tmask, other=0).to(tl.float32)
+            keep = keep_tile(seed_ptr, rows64, cols, F, p_drop, 2)  # stream DOWN
         h_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
         if VARIABLE_K:
             for j in range(0, n_slots):
@@ -184,7 +185,7 @@ def slot_order(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return order.to(torch.int32), slots
 
 
-def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, experts, keep_down, *,
+def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, experts, dropout, *,
                        num_experts: int, rank: int, r_pad: int, act: int, scale: float, split_f: int,
                        variable_k: bool = False):  # fmt: skip
     """Launch the token-major pass. Returns H (T, F) and Z (split_f, T, E, R) fp32 or None.
@@ -201,7 +202,7 @@ def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, expe
     # Without top-p the kernel never reads the order: the experts stand in for it.
     order, slots = slot_order(experts, E) if variable_k else (experts, experts)
     args = expert_pass_args(
-        G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, keep_down, H, Z,
+        G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, dropout, H, Z,
         ex_ptr=experts, order_ptr=order, nslots_ptr=slots, E=E, R=R, scale=scale, f_per_split=f_per_split,
         K=experts.shape[1], ER=er, R_PAD=er // triton.next_power_of_2(E), ACT=act, VARIABLE_K=variable_k,
     )  # fmt: skip

@@ -1,10 +1,14 @@
-"""The Triton forward composed from its stages, and the choice between the two
-organisations of the fused expert pass.
+"""The Triton expert pass composed from its stages, forward and backward, and the choice
+between the two organisations of the forward.
 
     shrinks      xa = s * drop(x) A^T for every expert at once (one cuBLAS GEMM, E*R wide)
     expert pass  token-major or expert-sorted kernel -> H (T, F), Z partial sums
     down         Y = Z B2^T (one GEMM, E*R deep); the caller runs down(H) through the
                  base module and adds Y
+
+    backward     shrinks recomputed; dZ = dY B2 and dB2 = Z^T dY (GEMMs); the token
+                 kernel (dG, dU, dw, shrink gradients) and the weight kernel (dB1, dB3,
+                 dA2); dA1, dA3 and dx's LoRA share from the shrink gradients (GEMMs)
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import torch
 import triton
 
 from ..expert_pass_torch import PassConfig
-from .common import ACT_CODES, interpreting, next_pow2, rank_pad, token_major_width
+from .common import ACT_CODES, dot_precision, interpreting, next_pow2, rank_pad, token_major_width
+from .dropout import GATE, UP, Dropout, keep_mask
+from .expert_pass_bwd import bwd_args, expert_pass_tm_bwd, expert_pass_tm_wgrad
 from .expert_pass_es import expert_pass_es_fwd
-from .expert_pass_tm import expert_pass_tm_fwd
+from .expert_pass_tm import expert_pass_tm_fwd, slot_order
 from .permute import permute_fwd
 
 ORGANISATIONS = ("token_major", "expert_sorted")
@@ -83,13 +89,24 @@ def _split_f(row_programs: int, F: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, max(row_programs, 1)), triton.cdiv(F, 128)))
 
 
-def shrinks(x, lora, keep, scale):
-    """Stage "shrinks": s * drop(x) A^T for all experts, (T, E, R) contiguous per projection."""
-    keep_gate, keep_up, _ = keep
+def input_masks(x, lora, dropout: Dropout | None):
+    """The keep-masks (T, d) of the gate and the up LoRA inputs (one mask when they share
+    A; None without dropout). Drawn where they are used and dropped: never stored."""
+    if dropout is None:
+        return None, None
+    gate = keep_mask(dropout, GATE, *x.shape)
+    shared = lora.up_A is None or lora.up_A is lora.gate_A
+    return gate, gate if shared else keep_mask(dropout, UP, *x.shape)
 
-    def shrink(a, keep_in):
-        inp = x if keep_in is None else x * keep_in
+
+def shrinks(x, lora, scale, dropout: Dropout | None = None, masks=None):
+    """Stage "shrinks": s * drop(x) A^T for all experts, (T, E, R) contiguous per projection.
+    ``masks``: the input masks when the caller has drawn them already."""
+    keep_gate, keep_up = input_masks(x, lora, dropout) if masks is None else masks
+
+    def shrink(a, keep):
         E, R, d = a.shape
+        inp = x if keep is None else x * keep
         return (inp @ a.reshape(E * R, d).t()).mul_(scale).view(-1, E, R)
 
     xa_gate = None if lora.gate_A is None else shrink(lora.gate_A, keep_gate)
@@ -117,7 +134,7 @@ def check_pass_inputs(G, lora) -> int:
     return ranks.pop() if ranks else 1
 
 
-def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, keep_down, cfg: PassConfig, rank: int):
+def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg: PassConfig, rank: int, dropout=None):
     """Stage "expert pass": the token-major or expert-sorted kernel, whichever the cost
     model picks. Returns H (T, F) and the down LoRA's shrinks Zd (T, E*R) fp32 or None."""
     T, F = G.shape
@@ -126,7 +143,6 @@ def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, keep_down, cfg: Pas
     R = rank
     contiguous = lambda t: None if t is None else t.contiguous()
     B_gate, B_up, A_down = contiguous(lora.gate_B), contiguous(lora.up_B), contiguous(lora.down_A)
-    keep_down = _rows(keep_down)
     G, U = _rows(G), _rows(U)
     w = weights.float().contiguous()
     experts = experts.contiguous()
@@ -135,14 +151,14 @@ def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, keep_down, cfg: Pas
     common = dict(num_experts=E, rank=R, act=act, scale=cfg.scale)
     if organisation == "token_major":
         split = _split_f(triton.cdiv(T, 64), F, G.device)
-        H, Z = expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, experts, keep_down,
+        H, Z = expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, experts, dropout,
                                   r_pad=next_pow2(R), split_f=split, variable_k=cfg.variable_slots,
                                   **common)  # fmt: skip
         return H, None if Z is None else Z.sum(0).view(T, E * R)
     block_m = 16 if T * K <= 16 * E else 64
     perm = permute_fwd(experts, E, block_m)
     split = _split_f(perm.max_blocks_per_slot, F, G.device)
-    H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, keep_down,
+    H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, dropout,
                               r_pad=rank_pad(R), split_f=split, can_drop=cfg.first_slot_can_drop,
                               **common)  # fmt: skip
     if Z is None:
@@ -160,9 +176,69 @@ def down_expand(Zd, lora, dtype) -> torch.Tensor | None:
     return Zd.to(dtype) @ lora.down_B.transpose(1, 2).reshape(E * R, d)
 
 
-def expert_pass_fwd_triton(x, G, U, weights, experts, lora, keep, cfg: PassConfig):
+def expert_pass_fwd_triton(x, G, U, weights, experts, lora, cfg: PassConfig, dropout: Dropout | None = None):
     """The fused expert pass on the Triton kernels: (H (T, F), Y (T, d) or None)."""
     rank = check_pass_inputs(G, lora)
-    xa_gate, xa_up = shrinks(x, lora, keep, cfg.scale)
-    H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, keep[2], cfg, rank)
+    xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout)
+    H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg, rank, dropout)
     return H, down_expand(Zd, lora, x.dtype)
+
+
+def backward_fits(E: int, R: int) -> bool:
+    """Whether the Triton backward (token-major, dense over the stacked expert ranks)
+    covers this layer; wider layers run the torch backend's backward."""
+    return token_major_fits(E, R)
+
+
+def _split_t(T: int, F: int, device: torch.device) -> int:
+    """Token ranges of the weight-gradient kernel: enough programs to fill the GPU with
+    its f tiles, no range under 256 tokens."""
+    if device.type != "cuda":
+        return 2 if T > 32 else 1  # the interpreter: exercise the partial sums, stay small
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(F, 32)), triton.cdiv(T, 256)))
+
+
+def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassConfig, Zd, dropout=None):
+    """Gradients of the fused expert pass on the Triton kernels, from what the forward
+    saved (``Zd``: its weighted down shrinks; ``dropout``: its seed, from which every mask
+    is drawn again). Returns what ``expert_pass_torch.expert_pass_bwd`` returns: (dx LoRA
+    share or None, dG, dU, dweights, {name: grad})."""
+    R = check_pass_inputs(G, lora)
+    T, F = G.shape
+    E, d = cfg.num_experts, x.shape[1]
+    dlora = dict.fromkeys(lora._asdict())
+    masks = input_masks(x, lora, dropout)
+    xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout, masks)
+    dZ = None
+    if lora.down_A is not None:
+        B_down = lora.down_B.transpose(1, 2).reshape(E * R, d)
+        dZ = (dY @ B_down.t()).float()
+        dlora["down_B"] = (Zd.to(x.dtype).t() @ dY).view(E, R, d).transpose(1, 2).contiguous()
+    order, slots = slot_order(experts, E) if cfg.variable_slots else (experts, experts)
+    contiguous = lambda t: None if t is None else t.contiguous()
+    args = bwd_args(
+        _rows(G), _rows(U), _rows(dH), xa_gate, xa_up, dZ, contiguous(lora.gate_B), contiguous(lora.up_B),
+        contiguous(lora.down_A), weights.float().contiguous(), experts.contiguous(), order, slots, dropout,
+        num_experts=E, rank=R, r_pad=next_pow2(R), act=ACT_CODES[cfg.kind], scale=cfg.scale,
+        variable_k=cfg.variable_slots, precision=dot_precision(G.dtype),
+    )  # fmt: skip
+    dG, dU, dw, dxa_gate, dxa_up = expert_pass_tm_bwd(args, _split_f(triton.cdiv(T, 64), F, G.device))
+    dB_gate, dB_up, dA_down = expert_pass_tm_wgrad(args, _split_t(T, F, G.device))
+    for name, grad in (("gate_B", dB_gate), ("up_B", dB_up), ("down_A", dA_down)):
+        if grad is not None:
+            dlora[name] = grad.to(getattr(lora, name).dtype)
+    # xa = s * drop(x) A^T: dA = s dxa^T drop(x), and dx gains s drop'(dxa A), where
+    # drop(x) = keep * x (the 1 / (1 - p) is in s), so drop'(v) = keep * v = drop(v).
+    dx = None
+    for role, dxa, keep in (("gate", dxa_gate, masks[0]), ("up", dxa_up, masks[1])):
+        A = getattr(lora, f"{role}_A")
+        if A is None:
+            continue
+        da = (dxa.view(T, E * R) * cfg.scale).to(x.dtype)
+        dlora[f"{role}_A"] = (da.t() @ (x if keep is None else x * keep)).view(E, R, d)
+        part = da @ A.reshape(E * R, d)
+        if keep is not None:
+            part = part * keep
+        dx = part if dx is None else dx + part
+    return dx, dG, dU, dw.to(weights.dtype), dlora

@@ -40,7 +40,9 @@ ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 # pipelining, far more registers. So each class is compiled as the model shapes run it
 # ("aligned": registers, spills and shared memory are read there) and, for one config,
 # with nothing known ("unaligned", as odd test shapes run it), which must still compile.
-ALIGNED_ARGS = frozenset({"F", "stride_gt", "stride_ut", "stride_kt", "stride_ht", "f_per_split", "T_BUCKET"})
+ALIGNED_ARGS = frozenset(
+    {"F", "stride_gt", "stride_ut", "stride_ht", "stride_dt", "f_per_split", "t_per_split", "T_BUCKET"}
+)
 ANY_POINTER = "*"
 
 # Headline classes (bf16 and fp16; E = 8 with r = 8 and 16, E = 4 with r = 16; k = 1
@@ -48,6 +50,14 @@ ANY_POINTER = "*"
 # pick for them must be spill-free, and there must be one.
 HEADLINE_EXPERTS_RANKS = ((8, 8), (8, 16), (4, 16))
 HEADLINE_FLAGS = ("gate_up_down", "gate_up_down+keep")
+
+
+# The MLP layouts of the token-major kernels: gate/up/down with and without dropout, fc1/fc2.
+TM_FLAG_SETS = {
+    "gate_up_down+keep": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=True),
+    "gate_up_down": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=False),
+    "fc1_fc2": dict(HAS_U=False, HAS_GATE=True, HAS_UP=False, HAS_DOWN=True, HAS_KEEP=False),
+}
 
 
 def _aligned(r: int) -> frozenset:
@@ -89,11 +99,6 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
     from .configs import TOKEN_MAJOR, token_major_smem
 
     jobs = []
-    flag_sets = {
-        "gate_up_down+keep": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=True),
-        "gate_up_down": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=False),
-        "fc1_fc2": dict(HAS_U=False, HAS_GATE=True, HAS_UP=False, HAS_DOWN=True, HAS_KEEP=False),
-    }
     family_configs = [c for c in TOKEN_MAJOR if family in c.families]
     experts_ranks = [(2, r) for r in (4, 8, 16, 64)] + [(4, 16)] + [(8, r) for r in (4, 8, 16, 64)]
     for dtype in ("fp16", "bf16"):
@@ -103,7 +108,7 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                 continue  # the launchers send such shapes to the expert-sorted pass
             # Routing classes: top-k / switch with K = 1 or 2 slots; top-p with K = E.
             for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
-                for flags_name, flags in flag_sets.items():
+                for flags_name, flags in TM_FLAG_SETS.items():
                     headline = (E, r) in HEADLINE_EXPERTS_RANKS and not variable and flags_name in HEADLINE_FLAGS
                     # Every config for the headline classes; the others with the first.
                     configs = family_configs if headline else family_configs[:1]
@@ -113,9 +118,9 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                         "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
                         "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
                         "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "ex_ptr": "*i64", "order_ptr": order,
-                        "nslots_ptr": order, "keep_ptr": "*i1", "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
+                        "nslots_ptr": order, "seed_ptr": "*i64", "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
                         "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32", "stride_gt": "i32",
-                        "stride_ut": "i32", "stride_kt": "i32", "stride_ht": "i32", "f_per_split": "i32",
+                        "stride_ut": "i32", "p_drop": "fp32", "stride_ht": "i32", "f_per_split": "i32",
                         "T_BUCKET": "i32",
                     }  # fmt: skip
                     variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
@@ -130,6 +135,62 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                         jobs.append(Job("expert_pass_tm_fwd", arch, _cfg(cfg), f"{variant} {spec}",
                                         {**sig, **{name: "constexpr" for name in const}}, const, estimate,
                                         divisible, headline_key))  # fmt: skip
+    return jobs
+
+
+def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
+    """The token-major backward's token kernel and weight kernel, over the classes of the
+    forward's token-major pass (the backward covers the same E * R)."""
+    from ..kernels.common import next_pow2, token_major_width
+    from ..kernels.launch import TOKEN_MAJOR_MAX_ER
+    from .configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, token_major_bwd_smem
+
+    experts_ranks = [(2, r) for r in (4, 8, 16, 64)] + [(4, 16)] + [(8, r) for r in (4, 8, 16, 64)]
+    jobs = []
+    for kernel, space in (("expert_pass_tm_bwd", TOKEN_MAJOR_BWD), ("expert_pass_tm_wgrad", TOKEN_MAJOR_WGRAD)):
+        family_configs = [c for c in space if family in c.families]
+        for dtype in ("fp16", "bf16"):
+            for E, r in experts_ranks:
+                er = token_major_width(E, next_pow2(r))
+                if er > TOKEN_MAJOR_MAX_ER:
+                    continue  # the torch backward takes these
+                for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
+                    for flags_name, flags in TM_FLAG_SETS.items():
+                        headline = (E, r) in HEADLINE_EXPERTS_RANKS and not variable and flags_name in HEADLINE_FLAGS
+                        # Outside the headline, one variant per routing and layout shows it compiles.
+                        if not headline and (K == 1 or (variable and flags_name != "gate_up_down+keep")):
+                            continue
+                        configs = family_configs if headline else family_configs[:1]
+                        order = "*i32" if variable else "*i64"
+                        sig = {
+                            "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "dh_ptr": _ptr(dtype),
+                            "xag_ptr": _ptr(dtype), "xau_ptr": _ptr(dtype), "dz_ptr": "*fp32",
+                            "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype), "ad_ptr": _ptr(dtype), "w_ptr": "*fp32",
+                            "ex_ptr": "*i64", "order_ptr": order, "nslots_ptr": order, "seed_ptr": "*i64",
+                        }  # fmt: skip
+                        if kernel == "expert_pass_tm_bwd":
+                            sig.update(dg_ptr=_ptr(dtype), du_ptr=_ptr(dtype), dw_ptr="*fp32", dxag_ptr="*fp32",
+                                       dxau_ptr="*fp32")  # fmt: skip
+                        else:
+                            sig.update(dbg_ptr="*fp32", dbu_ptr="*fp32", dad_ptr="*fp32")
+                        chunk = "f_per_split" if kernel == "expert_pass_tm_bwd" else "t_per_split"
+                        sig.update({"T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32",
+                                    "stride_gt": "i32", "stride_ut": "i32", "p_drop": "fp32", "stride_dt": "i32",
+                                    chunk: "i32", "T_BUCKET": "i32"})  # fmt: skip
+                        variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
+                        key = (kernel, dtype, E, r, K, flags_name) if headline else None
+                        specialisations = [(cfg, _aligned(r), "aligned", key) for cfg in configs]
+                        if flags_name == "gate_up_down+keep" and dtype == "bf16":
+                            specialisations.append((family_configs[0], frozenset(), "unaligned", None))
+                        for cfg, divisible, spec, headline_key in specialisations:
+                            const = dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32",
+                                         VARIABLE_K=variable, **flags, **cfg.kwargs)  # fmt: skip
+                            if kernel == "expert_pass_tm_bwd":
+                                const["K_PAD"] = next_pow2(K)
+                            jobs.append(Job(kernel, arch, _cfg(cfg), f"{variant} {spec}",
+                                            {**sig, **{name: "constexpr" for name in const}}, const,
+                                            token_major_bwd_smem(cfg, er, 2, kernel == "expert_pass_tm_wgrad"),
+                                            divisible, headline_key))  # fmt: skip
     return jobs
 
 
@@ -171,9 +232,9 @@ def _es_job(arch, dtype, r, block_m, K, accumulate, keep, cfg, headline, aligned
         "sorted_ptr": "*i32", "block_group_ptr": "*i32", "slot_blocks_ptr": "*i32",
         "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
         "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
-        "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "keep_ptr": "*i1", "h_ptr": _ptr(dtype),
+        "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "seed_ptr": "*i64", "h_ptr": _ptr(dtype),
         "z_ptr": "*fp32", "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32",
-        "slot": "i32", "stride_gt": "i32", "stride_ut": "i32", "stride_kt": "i32",
+        "slot": "i32", "stride_gt": "i32", "stride_ut": "i32", "p_drop": "fp32",
         "stride_ht": "i32", "f_per_split": "i32", "T_BUCKET": "i32",
     }  # fmt: skip
     const = dict(K=K, R_PAD=r_pad, ACT=0, HAS_U=True, HAS_GATE=True, HAS_UP=True,
@@ -232,15 +293,25 @@ def _route_permute_jobs(arch: str) -> list[Job]:
     return jobs
 
 
+def _dropout_jobs(arch: str) -> list[Job]:
+    from ..kernels.dropout import GATE, UP
+
+    sig = {"seed_ptr": "*i64", "keep_ptr": "*i1", "T": "i32", "W": "i32", "p": "fp32"}
+    return [_job("dropout_keep", arch, f"stream={s}", sig, dict(STREAM=s, BLOCK_T=16, BLOCK_W=128)) for s in (GATE, UP)]
+
+
 def _cfg(cfg) -> dict:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _kernel(name: str):
-    from ..kernels import expert_pass_es, expert_pass_tm, permute, route
+    from ..kernels import dropout, expert_pass_bwd, expert_pass_es, expert_pass_tm, permute, route
 
     return {
+        "dropout_keep": dropout._dropout_keep_kernel,
         "expert_pass_tm_fwd": expert_pass_tm._expert_pass_tm_fwd_kernel,
+        "expert_pass_tm_bwd": expert_pass_bwd._expert_pass_tm_bwd_kernel,
+        "expert_pass_tm_wgrad": expert_pass_bwd._expert_pass_tm_wgrad_kernel,
         "expert_pass_es_fwd": expert_pass_es._expert_pass_es_fwd_kernel,
         "route_topk_fwd": route._route_topk_fwd_kernel,
         "route_top_p_fwd": route._route_top_p_fwd_kernel,
@@ -339,7 +410,8 @@ def jobs_for(arch: str) -> list[Job]:
     from .configs import family_of
 
     family = family_of(ARCHS[arch])
-    return _tm_jobs(arch, family) + _es_jobs(arch, family) + _route_permute_jobs(arch)
+    jobs = _tm_jobs(arch, family) + _tm_bwd_jobs(arch, family) + _es_jobs(arch, family)
+    return jobs + _route_permute_jobs(arch) + _dropout_jobs(arch)
 
 
 def _spill_report(results: list[Result]) -> int:
