@@ -2,7 +2,7 @@
 
 A target is a ratio of two cases in one run. The GPU targets hold for the SPEC shapes in
 bf16 on a CUDA device: the training ones at a training batch (T > 64), the decode one at
-T <= 64. The CPU targets hold for the CPU comparison shape in fp32. Other shapes get their
+T <= 64. The CPU targets hold for the CPU comparison shape in fp32 at T >= 2048. Other shapes get their
 ratios printed and no verdict.
 """
 
@@ -24,6 +24,7 @@ SPEC_MODELS = (
     ("llama2-13b", 5120, 13824),
 )
 CPU_MODEL = ("cpu-small", 1024, 2816)
+CPU_TARGET_T = 2048  # the CPU targets were set for this batch
 
 
 class Target(NamedTuple):
@@ -63,7 +64,7 @@ def targets_for(shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple
     decode = shape.T <= DECODE_MAX_T
     if device.type == "cuda" and dtype == torch.bfloat16 and any(_is_model(shape, m) for m in SPEC_MODELS):
         return tuple(t for t in GPU_TARGETS if t.decode == decode)
-    if device.type == "cpu" and dtype == torch.float32 and _is_model(shape, CPU_MODEL) and not decode:
+    if device.type == "cpu" and dtype == torch.float32 and _is_model(shape, CPU_MODEL) and shape.T >= CPU_TARGET_T:
         return CPU_TARGETS
     return ()
 

@@ -120,6 +120,7 @@ def test_targets_apply_only_where_defined():
     assert targets_for(Shape("llama2-7b", 4096, 11008, 4096, r=64), CUDA, torch.bfloat16) == ()
     assert targets_for(Shape("cpu-small", 1024, 2816, 2048), CPU, torch.float32) == CPU_TARGETS
     assert targets_for(Shape("cpu-small", 1024, 2816, 16), CPU, torch.float32) == ()
+    assert targets_for(Shape("cpu-small", 1024, 2816, 512), CPU, torch.float32) == ()
 
 
 def test_noisy_spread_is_flagged():

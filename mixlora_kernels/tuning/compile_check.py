@@ -443,10 +443,10 @@ def _spill_report(results: list[Result]) -> int:
     headline: dict[tuple, list[Result]] = {}
     for res in results:
         if res.job.headline is not None and res.error is None:
-            headline.setdefault((res.job.arch, res.job.variant), []).append(res)
+            # Kernels share variant names (the forward and backward token-major classes).
+            headline.setdefault((res.job.kernel, res.job.arch, res.job.variant), []).append(res)
     outside = []
-    for (arch, variant), group in sorted(headline.items()):
-        kernel = group[0].job.kernel
+    for (kernel, arch, variant), group in sorted(headline.items()):
         cfg = lambda r: ",".join(f"{k}={v}" for k, v in r.job.config.items())
         if all(r.spills for r in group):
             print(f"{kernel} on {arch}, headline class {variant}: no spill-free config")

@@ -43,12 +43,13 @@ ALL = {"sm_80", "sm_86", "sm_90"}
 
 # Token-major expert pass: BLOCK_T tokens x BLOCK_F columns of f per step. The masked
 # (BLOCK_T, E*R) shrink tiles, their fp32 z accumulator and three (E*R, BLOCK_F) B tiles
-# are live together: the compile check finds every 64-token tile, 32-token tiles on 4
-# warps and the 16 x 32 tile on 8 warps (at k = 1) spilling inside the loop for the
-# headline classes (E*R = 128) on sm_86 and sm_90, so the space holds the tiles that do
-# not: 16 x 32 on 4 warps, 32 x 32 and 32 x 64 on 8.
-TOKEN_MAJOR = _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [4], [1]) + _configs(
-    ALL, {"BLOCK_T": [32], "BLOCK_F": [32, 64]}, [8], [2]
+# are live together: the compile check finds every 64-token tile, and 32-token tiles on
+# 4 warps, spilling inside the loop for the headline classes (E*R = 128) on every family,
+# so the space holds the tiles that do not: 16 x 32 (4 or 8 warps) up to 32 x 64 on 8.
+TOKEN_MAJOR = (
+    _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [4], [1])
+    + _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [8], [2])
+    + _configs(ALL, {"BLOCK_T": [32], "BLOCK_F": [32, 64]}, [8], [2])
 )
 
 # Expert-sorted expert pass: BLOCK_M comes from the permutation, so only the f tiling,
@@ -61,12 +62,15 @@ EXPERT_SORTED = _configs(ALL, {"BLOCK_F": [32, 64]}, [4], [3]) + _configs(
 
 # Token-major backward. The token kernel adds to the forward's live set the dH tile, the dG
 # and dU sums and two (BLOCK_T, E*R) fp32 accumulators of the shrink gradients: 32-token
-# tiles, and 64-column ones on sm_90, spill inside the loop for the headline classes, so
-# its tile is 16 x 32. The weight kernel keeps three (E*R, BLOCK_F) fp32
-# accumulators across its token loop: 32-column tiles spill inside it (sm_86), so its f
-# tile is 16 columns; on 4 warps it spills on sm_90 (outside the loop), so not there.
-TOKEN_MAJOR_BWD = _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [4], [1]) + _configs(
-    ALL, {"BLOCK_T": [16], "BLOCK_F": [32]}, [8], [2]
+# tiles, and 16 x 32 on 8 warps, spill inside the loop for the headline classes; 16 x 32
+# on 4 warps spills outside it on sm_80 and 16 x 16 on 4 warps on sm_86 and sm_90. The
+# weight kernel keeps three (E*R, BLOCK_F) fp32 accumulators across its token loop:
+# 32-column tiles spill inside it (sm_86), so its f tile is 16 columns; on 4 warps it
+# spills on sm_90 (outside the loop), so not there.
+TOKEN_MAJOR_BWD = (
+    _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [16]}, [8], [2])
+    + _configs({"sm_86", "sm_90"}, {"BLOCK_T": [16], "BLOCK_F": [32]}, [4], [1])
+    + _configs({"sm_80"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [4], [1])
 )
 TOKEN_MAJOR_WGRAD = _configs(ALL, {"BLOCK_T": [16, 32], "BLOCK_F": [16]}, [8], [2]) + _configs(
     {"sm_80", "sm_86"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [4], [1]
