@@ -89,33 +89,36 @@ def _split_f(row_programs: int, F: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, max(row_programs, 1)), triton.cdiv(F, 128)))
 
 
-def input_masks(x, lora, dropout: Dropout | None):
-    """The keep-masks (T, d) of the gate and the up LoRA inputs (one mask when they share
-    A; None without dropout). Drawn where they are used and dropped: never stored."""
+def lora_inputs(x, lora, dropout: Dropout | None):
+    """((keep, drop(x)) of the gate LoRA, the same of the up LoRA): the keep-masks (T, d)
+    (None without dropout) and the inputs they leave, one pair when gate and up share A.
+    Drawn where they are used and dropped: never stored."""
     if dropout is None:
-        return None, None
-    gate = keep_mask(dropout, GATE, *x.shape)
-    shared = lora.up_A is None or lora.up_A is lora.gate_A
-    return gate, gate if shared else keep_mask(dropout, UP, *x.shape)
+        return (None, x), (None, x)
+    keep = keep_mask(dropout, GATE, *x.shape)
+    gate = (keep, x * keep)
+    if lora.up_A is None or lora.up_A is lora.gate_A:
+        return gate, gate
+    keep = keep_mask(dropout, UP, *x.shape)
+    return gate, (keep, x * keep)
 
 
-def shrinks(x, lora, scale, dropout: Dropout | None = None, masks=None):
+def shrinks(x, lora, scale, dropout: Dropout | None = None, inputs=None):
     """Stage "shrinks": s * drop(x) A^T for all experts, (T, E, R) contiguous per projection.
-    ``masks``: the input masks when the caller has drawn them already."""
-    keep_gate, keep_up = input_masks(x, lora, dropout) if masks is None else masks
+    ``inputs``: ``lora_inputs`` when the caller has drawn them already."""
+    (_, x_gate), (_, x_up) = lora_inputs(x, lora, dropout) if inputs is None else inputs
 
-    def shrink(a, keep):
+    def shrink(a, inp):
         E, R, d = a.shape
-        inp = x if keep is None else x * keep
         return (inp @ a.reshape(E * R, d).t()).mul_(scale).view(-1, E, R)
 
-    xa_gate = None if lora.gate_A is None else shrink(lora.gate_A, keep_gate)
+    xa_gate = None if lora.gate_A is None else shrink(lora.gate_A, x_gate)
     if lora.up_A is None:
         xa_up = None
     elif lora.up_A is lora.gate_A:
         xa_up = xa_gate
     else:
-        xa_up = shrink(lora.up_A, keep_up)
+        xa_up = shrink(lora.up_A, x_up)
     return xa_gate, xa_up
 
 
@@ -208,8 +211,8 @@ def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassCon
     T, F = G.shape
     E, d = cfg.num_experts, x.shape[1]
     dlora = dict.fromkeys(lora._asdict())
-    masks = input_masks(x, lora, dropout)
-    xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout, masks)
+    inputs = lora_inputs(x, lora, dropout)
+    xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout, inputs)
     dZ = None
     if lora.down_A is not None:
         B_down = lora.down_B.transpose(1, 2).reshape(E * R, d)
@@ -231,12 +234,12 @@ def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassCon
     # xa = s * drop(x) A^T: dA = s dxa^T drop(x), and dx gains s drop'(dxa A), where
     # drop(x) = keep * x (the 1 / (1 - p) is in s), so drop'(v) = keep * v = drop(v).
     dx = None
-    for role, dxa, keep in (("gate", dxa_gate, masks[0]), ("up", dxa_up, masks[1])):
+    for role, dxa, (keep, x_in) in (("gate", dxa_gate, inputs[0]), ("up", dxa_up, inputs[1])):
         A = getattr(lora, f"{role}_A")
         if A is None:
             continue
         da = (dxa.view(T, E * R) * cfg.scale).to(x.dtype)
-        dlora[f"{role}_A"] = (da.t() @ (x if keep is None else x * keep)).view(E, R, d)
+        dlora[f"{role}_A"] = (da.t() @ x_in).view(E, R, d)
         part = da @ A.reshape(E * R, d)
         if keep is not None:
             part = part * keep
