@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,10 +68,34 @@ def run_tests(out: Path, shards: int, timeout: float, only_marked: bool) -> dict
     (out / "tests.log").write_text("".join(logs), encoding="utf-8")
     for i in range(shards):
         (out / f"tests.shard{i}.log").unlink()
-    summaries = [log.strip().splitlines()[-1] if log.strip() else "(no output)" for log in logs]
+    summaries = [shard_summary(log, code, timeout) for log, code in zip(logs, codes)]
     # pytest exit code 5 is "no tests in this shard": fine when the shards outnumber them.
     ok = all(code in (0, 5) for code in codes)
     return {"ok": ok, "codes": codes, "summaries": summaries}
+
+
+_PROGRESS = re.compile(r"^([.FEsxX]+)(?:\s+\[\s*\d+%\])?$")  # pytest -q's progress lines
+
+
+def shard_summary(log: str, code, timeout: float) -> str:
+    """pytest's last line for a shard that finished; for one stopped at the time box, how
+    far it got (its progress dots: passed, F failed, E errors, s skipped)."""
+    lines = log.strip().splitlines()
+    if code != "timeout":
+        return lines[-1] if lines else "(no output)"
+    progress = "".join(m.group(1) for m in map(_PROGRESS.match, lines) if m)
+    counts = {mark: progress.count(mark) for mark in ".FEs"}
+    return (
+        f"stopped at {timeout:.0f} s: {counts['.']} passed, {counts['F']} failed, "
+        f"{counts['E']} errors, {counts['s']} skipped so far"
+    )
+
+
+def default_shards() -> int:
+    """Kernel compilation is CPU-bound and the GPU has room for many test processes: one
+    per CPU, less two for the rest (4 shards on 16 cores ran 161 of 248 tests in 180 s on
+    an H100 machine)."""
+    return max(2, min(12, (os.cpu_count() or 4) - 2))
 
 
 def summary_table(results, label: str, tests: dict | None, seconds: float, small: bool) -> str:
@@ -118,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for rows, logs, plots and the summary")
     p.add_argument("--small", action="store_true", help="tiny shapes: check the command end to end (CPU too)")
     p.add_argument("--skip-tests", action="store_true", help="benchmark only")
-    p.add_argument("--shards", type=int, default=4, help="parallel pytest processes (default 4)")
+    p.add_argument(
+        "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
+    )
     p.add_argument("--test-timeout", type=float, default=210.0, help="seconds for the test step (default 210)")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()

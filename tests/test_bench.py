@@ -13,6 +13,7 @@ import torch
 from bench.__main__ import RECORD_DIR, main
 from bench.cases import Shape, Weights, calibrate_top_p
 from bench.gpu_check import main as gpu_check
+from bench.gpu_check import shard_summary
 from bench.harness import noisy
 from bench.stages import device_peaks
 from bench.suite import CASES
@@ -162,3 +163,9 @@ def test_gpu_check_without_a_gpu_needs_small_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_check(["--out", str(tmp_path)])
     assert "run with --small" in capsys.readouterr().err
+
+
+def test_gpu_check_reports_how_far_a_timed_out_shard_got():
+    log = "....F..s [ 12%]\n..E.\n"
+    assert shard_summary(log, "timeout", 180) == "stopped at 180 s: 9 passed, 1 failed, 1 errors, 1 skipped so far"
+    assert shard_summary("....\n4 passed in 3.2s\n", 0, 180) == "4 passed in 3.2s"
