@@ -11,6 +11,8 @@ only by algorithm:
     fused_top_p  the same with top-p ("mixlora-dynamic") routing, top_p set so that a
                  token uses k experts on average: the cost of routing by probability
                  mass against top-k at equal work
+    fused_compiled  ``fused`` under torch.compile (the default inductor backend): what
+                 fusing the elementwise work around the operators buys
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ def calibrate_top_p(w: Weights, x: torch.Tensor, iterations: int = 40) -> tuple[
     return high, mean(high)
 
 
-def make_cases(w: Weights, backend: str, top_p: float | None = None) -> dict:
+def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: bool = False) -> dict:
+    """The cases by name; ``fused_compiled`` only when ``compiled`` (compiling takes a
+    while, so it is built only when asked for)."""
     s = w.shape
     top_p_case = {}
     if top_p is not None:
@@ -101,14 +105,20 @@ def make_cases(w: Weights, backend: str, top_p: float | None = None) -> dict:
             x, w.router, w.experts, **w.base, routing_strategy="mixlora-dynamic", top_p=top_p, scaling=w.scaling,
             backend=backend,
         ).out  # fmt: skip
-    return top_p_case | {
-        "dense": lambda x: reference.dense_ffn(x, **w.base),
-        "dense_lora": lambda x: reference.dense_lora_ffn(x, w.dense_lora, **w.base, scaling=w.scaling),
-        "vanilla": lambda x: reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling).out,
-        "shared_w13": lambda x: reference.shared_w13_mixlora_ffn(
-            x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling
-        ),
-        "fused": lambda x: (
-            mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend).out
-        ),
-    }
+    fused = lambda x: mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend).out
+    compiled_case = {"fused_compiled": torch.compile(fused)} if compiled else {}
+    return (
+        top_p_case
+        | compiled_case
+        | {
+            "dense": lambda x: reference.dense_ffn(x, **w.base),
+            "dense_lora": lambda x: reference.dense_lora_ffn(x, w.dense_lora, **w.base, scaling=w.scaling),
+            "vanilla": lambda x: (
+                reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling).out
+            ),
+            "shared_w13": lambda x: reference.shared_w13_mixlora_ffn(
+                x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling
+            ),
+            "fused": fused,
+        }
+    )

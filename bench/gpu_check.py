@@ -37,7 +37,12 @@ GPU_SHAPES = [
 ]
 SMALL_SHAPES = [Shape("small", 256, 512, 16), Shape("small", 256, 512, 256)]
 # The tests that run compiled kernels on a GPU (elsewhere they use the interpreter).
-GPU_TEST_FILES = ["tests/test_triton_forward.py", "tests/test_triton_backward.py"]
+GPU_TEST_FILES = [
+    "tests/test_triton_forward.py",
+    "tests/test_triton_backward.py",
+    "tests/test_cuda_graphs.py",
+    "tests/test_compile.py",
+]
 
 
 def run_tests(out: Path, shards: int, timeout: float, only_marked: bool) -> dict:

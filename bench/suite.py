@@ -25,7 +25,7 @@ from .harness import (
 from .stages import make_stages, print_stages, stage_rows
 from .targets import Verdict, ratio, targets_for, verdicts
 
-CASES = ("fused", "fused_top_p", "dense", "dense_lora", "shared_w13", "vanilla")
+CASES = ("fused", "fused_top_p", "fused_compiled", "dense", "dense_lora", "shared_w13", "vanilla")
 NOISY_SPREAD = 1.15  # q80 / q20 above this and a median means little
 
 
@@ -68,6 +68,11 @@ def _no_grad(fn, x):
     return step
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(shape: Shape, settings: Settings) -> dict:
     """{(case, mode): {"ms": (med, q20, q80), "peak": bytes}, (case, "saved"): bytes, ...}"""
     device, dtype = settings.device, settings.dtype
@@ -78,7 +83,7 @@ def measure(shape: Shape, settings: Settings) -> dict:
     if "fused_top_p" in settings.cases:
         top_p, used = calibrate_top_p(w, x)
         results[("fused_top_p", "routing")] = {"top_p": top_p, "experts_per_token": used}
-    all_cases = make_cases(w, settings.backend, top_p)
+    all_cases = make_cases(w, settings.backend, top_p, compiled="fused_compiled" in settings.cases)
     cases = {name: all_cases[name] for name in settings.cases}
     params = w.parameters()
     frozen = [m.weight for m in w.base.values()] + params
@@ -92,6 +97,13 @@ def measure(shape: Shape, settings: Settings) -> dict:
             steps = {name: _no_grad(fn, x) for name, fn in cases.items()}
         else:
             steps = {name: make_step(fn, x, params, mode) for name, fn in cases.items()}
+        if "fused_compiled" in steps:
+            # The first call compiles (forward, and backward in fwd_bwd): its time is the
+            # compile time a user waits once per shape and mode.
+            start_compile = time.perf_counter()
+            steps["fused_compiled"]()
+            _synchronize(device)
+            results[("fused_compiled", f"compile_{mode}")] = time.perf_counter() - start_compile
         for name, t in _time(steps, settings).items():
             results[(name, mode)] = {"ms": t, "peak": peak_memory(steps[name], device)}
         progress(f"{shape.name} T={shape.T}: {mode} done in {time.perf_counter() - start:.1f} s")
@@ -127,7 +139,7 @@ def run_shape(shape: Shape, settings: Settings, label: str) -> ShapeResult:
 def print_result(result: ShapeResult, label: str) -> None:
     shape, results = result.shape, result.results
     print(f"\n{shape.label()}  [{label}]")
-    header = f"{'case':<12}{'fwd ms':>10}{'fwd+bwd ms':>12}{'x floor':>9}{'fused speedup':>15}{'us/token':>10}"
+    header = f"{'case':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'x floor':>9}{'fused speedup':>15}{'us/token':>10}"
     header += f"{'TFLOP/s':>9}{'saved MB':>10}{'saved/vanilla':>15}"
     print(header)
     nan = float("nan")
@@ -139,7 +151,7 @@ def print_result(result: ShapeResult, label: str) -> None:
         saved = results.get((case, "saved"), 0) / 2**20
         vs_vanilla = ratio(results, case, "vanilla", "saved")
         print(
-            f"{case:<12}{fwd['ms'][0] if fwd else nan:>10.3f}{ms_fb:>12.3f}"
+            f"{case:<16}{fwd['ms'][0] if fwd else nan:>10.3f}{ms_fb:>12.3f}"
             f"{floor or nan:>9.2f}{speedup or nan:>15.2f}"
             f"{1e3 * ms_fb / shape.T:>10.2f}{flops(shape, 'fwd_bwd') / (ms_fb * 1e9):>9.2f}"
             f"{saved:>10.1f}{vs_vanilla or nan:>15.2f}"
@@ -150,6 +162,13 @@ def print_result(result: ShapeResult, label: str) -> None:
         print(
             f"  top-p routing (top_p={routing['top_p']:.3f}, {routing['experts_per_token']:.2f} experts/token) "
             f"/ top-k (k={shape.k}): fwd {ratios[0] or nan:.2f}, fwd+bwd {ratios[1] or nan:.2f}"
+        )
+    if ("fused_compiled", "fwd") in results:
+        ratios = [ratio(results, "fused_compiled", "fused", mode) for mode in MODES]
+        seconds = [results.get(("fused_compiled", f"compile_{mode}"), nan) for mode in MODES]
+        print(
+            f"  torch.compile / eager (fused): fwd {ratios[0] or nan:.2f}, fwd+bwd {ratios[1] or nan:.2f}; "
+            f"first calls (compiling) {seconds[0]:.1f} s fwd, {seconds[1]:.1f} s fwd+bwd"
         )
     tuning = result.tuning
     if tuning.get("tuned") or tuning.get("from_disk"):
@@ -202,6 +221,11 @@ def rows_for(result: ShapeResult, label: str, settings: Settings) -> list[dict]:
                 "peak_bytes": value["peak"],
                 "saved_bytes": results.get((case, "saved")),
                 **results.get((case, "routing"), {}),
+                **(
+                    {"compile_seconds": results[(case, f"compile_{mode}")]}
+                    if (case, f"compile_{mode}") in results
+                    else {}
+                ),
             }
         )
     extra = {"organisation": result.organisation, "tuning_seconds": result.tuning.get("seconds")}

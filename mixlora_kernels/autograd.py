@@ -1,74 +1,220 @@
-"""Autograd nodes that compose the stages: routing and the fused expert pass.
+"""The stages as PyTorch operators: the fused expert pass and the Triton routing kernels
+registered with ``torch.library``, each with a fake implementation (shapes from the
+inputs alone) and its backward attached with ``register_autograd``. ``torch.compile``
+sees each as one node, with no graph break, and nothing here synchronises with the host,
+so a step can be captured in a CUDA graph.
 
-With backend="triton" the expert pass runs the Triton kernels both ways (the backward for
-layers whose stacked expert ranks fit the token-major kernels; wider ones run the torch
-backend's backward on what the Triton forward saved, which is the same). The router's
-backward is a few (T, E) PyTorch ops.
+    mixlora::expert_pass            (x, G, U, routing, LoRA, dropout) -> (H, Y, Zd)
+    mixlora::expert_pass_backward   its gradients, from what the forward saved
+    mixlora::route_topk             logits -> (weights, experts, counts)   Triton
+    mixlora::route_top_p            logits -> (weights, experts, counts)   Triton
+    mixlora::route_switch           logits -> (weights, experts, bypass, counts)  Triton
+
+An operator's outputs are tensors, never None: an output that a call does not produce
+(Y without a down LoRA, the saved shrinks Zd outside the Triton path, the gradient of an
+absent weight) is an empty tensor, and the wrappers here turn it back into None. Which
+outputs exist follows from the arguments, so the fake implementations know it too.
+
+With backend="triton" the expert pass runs the Triton kernels both ways (the backward
+for layers whose stacked expert ranks fit the token-major kernels; wider ones run the
+torch backend's backward on what the Triton forward saved). The router's backward is a
+few (T, E) PyTorch ops.
 """
-
-from __future__ import annotations
 
 import warnings
 
 import torch
+from torch import Tensor
 
 from . import expert_pass_torch
 from .containers import ExpertLoRA
+from .expert_pass_torch import PassConfig
 from .routing import Routing, RoutingSpec
 from .routing import route as route_torch
 
+_LORA = ExpertLoRA._fields  # gate_A, gate_B, up_A, up_B, down_A, down_B
 
-class ExpertPassFunction(torch.autograd.Function):
-    """The fused expert pass as one autograd node: (x, G, U, routing, LoRA) -> (H, Y).
 
-    Saves x, G, U, the routing, the dropout masks and the (small) expert weights:
-    nothing of length f per (token, slot) pair. The backward recomputes h.
-    """
+def _lora(gate_A, gate_B, up_A, up_B, down_A, down_B, shared_a: bool) -> ExpertLoRA:
+    """The ExpertLoRA of an operator's arguments. A gate/up LoRA that shares its A (Phi3's
+    fused gate_up_proj) travels once, as gate_A, with ``shared_a``; the backends see it
+    as the same tensor in both places, which is how they recognise the sharing."""
+    return ExpertLoRA(gate_A, gate_B, gate_A if shared_a else up_A, up_B, down_A, down_B)
 
-    @staticmethod
-    def forward(ctx, x, G, U, weights, experts, *rest):
-        *lora_tensors, keep_gate, keep_up, keep_down, seed, cfg = rest
-        lora = ExpertLoRA(*lora_tensors)
-        keep = (keep_gate, keep_up, keep_down)
-        Zd = None
-        if cfg.backend == "triton":
-            from .kernels.launch import check_pass_inputs, down_expand, fused_pass, shrinks
 
-            dropout = _dropout(cfg, seed)
-            rank = check_pass_inputs(G, lora)
-            xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout)
-            H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg, rank, dropout)
-            Y = down_expand(Zd, lora, x.dtype)
+def _saves_shrinks(backend: str, down_A: Tensor | None) -> bool:
+    """Whether the forward returns Zd, the down LoRA's weighted shrinks (Triton path)."""
+    return backend == "triton" and down_A is not None
+
+
+def _nothing(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("mixlora::expert_pass", mutates_args=())
+def expert_pass_op(
+    x: Tensor,  # (T, d)
+    G: Tensor,  # (T, f) gate projection
+    U: Tensor | None,  # (T, f) up projection; None for fc1/fc2 MLPs
+    weights: Tensor,  # (T, K) routing weights, x dtype
+    experts: Tensor,  # (T, K) int64; >= num_experts marks an unused slot
+    gate_A: Tensor | None,
+    gate_B: Tensor | None,
+    up_A: Tensor | None,
+    up_B: Tensor | None,
+    down_A: Tensor | None,
+    down_B: Tensor | None,
+    keep_gate: Tensor | None,  # (T, d) bool; torch path's dropout masks
+    keep_up: Tensor | None,  # (T, d) bool
+    keep_down: Tensor | None,  # (T, f) bool
+    seed: Tensor | None,  # (1,) int64; Triton path's in-kernel dropout seed
+    num_experts: int,
+    kind: str,
+    scale: float,
+    backend: str,
+    routing: str,
+    dropout: float,
+    shared_a: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(H (T, f), Y (T, d) or empty, Zd (T, E*R) fp32 or empty)."""
+    cfg = PassConfig(num_experts, kind, scale, backend, routing, dropout)
+    lora = _lora(gate_A, gate_B, up_A, up_B, down_A, down_B, shared_a)
+    Zd = None
+    if backend == "triton":
+        from .kernels.launch import check_pass_inputs, down_expand, fused_pass, shrinks
+
+        drop = _dropout(cfg, seed)
+        rank = check_pass_inputs(G, lora)
+        xa_gate, xa_up = shrinks(x, lora, cfg.scale, drop)
+        H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg, rank, drop)
+        Y = down_expand(Zd, lora, x.dtype)
+    else:
+        H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, (keep_gate, keep_up, keep_down), cfg)
+    return (
+        H.contiguous(),
+        _nothing(x) if Y is None else Y,
+        Zd if Zd is not None else _nothing(x).float(),
+    )
+
+
+@expert_pass_op.register_fake
+def _(x, G, U, weights, experts, gate_A, gate_B, up_A, up_B, down_A, down_B, keep_gate, keep_up, keep_down, seed,
+      num_experts, kind, scale, backend, routing, dropout, shared_a):  # fmt: skip
+    T = x.shape[0]
+    H = G.new_empty(T, G.shape[1])
+    Y = _nothing(x) if down_A is None else x.new_empty(T, down_B.shape[1])
+    Zd = (
+        x.new_empty(T, num_experts * down_A.shape[1], dtype=torch.float32)
+        if _saves_shrinks(backend, down_A)
+        else _nothing(x).float()
+    )
+    return H, Y, Zd
+
+
+@torch.library.custom_op("mixlora::expert_pass_backward", mutates_args=())
+def expert_pass_backward_op(
+    dH: Tensor,
+    dY: Tensor | None,
+    x: Tensor,
+    G: Tensor,
+    U: Tensor | None,
+    weights: Tensor,
+    experts: Tensor,
+    gate_A: Tensor | None,
+    gate_B: Tensor | None,
+    up_A: Tensor | None,
+    up_B: Tensor | None,
+    down_A: Tensor | None,
+    down_B: Tensor | None,
+    keep_gate: Tensor | None,
+    keep_up: Tensor | None,
+    keep_down: Tensor | None,
+    seed: Tensor | None,
+    Zd: Tensor | None,
+    num_experts: int,
+    kind: str,
+    scale: float,
+    backend: str,
+    routing: str,
+    dropout: float,
+    shared_a: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx's LoRA share, dG, dU, dweights, d gate_A .. d down_B); absent ones empty. With
+    ``shared_a`` the shared A's gradient is returned as d gate_A."""
+    cfg = PassConfig(num_experts, kind, scale, backend, routing, dropout)
+    lora = _lora(gate_A, gate_B, up_A, up_B, down_A, down_B, shared_a)
+    if dY is None and down_A is not None:
+        dY = torch.zeros(x.shape[0], down_B.shape[1], device=x.device, dtype=x.dtype)
+    if backend == "triton" and _triton_backward_fits(cfg, lora):
+        from .kernels.launch import expert_pass_bwd_triton
+
+        dx, dG, dU, dw, dlora = expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg, Zd,
+                                                       _dropout(cfg, seed))  # fmt: skip
+    else:
+        if backend == "triton":
+            _warn_torch_backward_once()
+            keep = _triton_masks(cfg, seed, x, G)
         else:
-            H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, keep, cfg)
-        # The Triton path saves the down LoRA's weighted shrinks (T, E*R) and its dropout
-        # seed, O(T); the torch path its dropout masks.
-        ctx.save_for_backward(x, G, U, weights, experts, *lora_tensors, *keep, seed, Zd)
-        ctx.cfg = cfg
-        return H, Y
+            keep = (keep_gate, keep_up, keep_down)
+        dx, dG, dU, dw, dlora = expert_pass_torch.expert_pass_bwd(dH, dY, x, G, U, weights, experts, lora, keep, cfg)
+    if shared_a and dlora["gate_A"] is not None:
+        dlora["gate_A"] = dlora["gate_A"] + dlora["up_A"]
+        dlora["up_A"] = None
+    grads = (dx, dG, dU, dw, *(dlora[name] for name in _LORA))
+    return tuple(_nothing(x) if g is None else g.contiguous() for g in grads)
 
-    @staticmethod
-    def backward(ctx, dH, dY):
-        cfg = ctx.cfg
-        x, G, U, weights, experts, *rest = ctx.saved_tensors
-        lora, keep, seed, Zd = ExpertLoRA(*rest[:6]), tuple(rest[6:9]), rest[9], rest[10]
-        if dH is None:
-            dH = torch.zeros_like(G)
-        if dY is None and lora.down_A is not None:
-            dY = torch.zeros_like(x)
-        if cfg.backend == "triton" and _triton_backward_fits(cfg, lora):
-            from .kernels.launch import expert_pass_bwd_triton
 
-            dx, dG, dU, dweights, dlora = expert_pass_bwd_triton(
-                dH, dY, x, G, U, weights, experts, lora, cfg, Zd, _dropout(cfg, seed)
-            )
-        else:
-            if cfg.backend == "triton":
-                _warn_torch_backward_once()
-            dx, dG, dU, dweights, dlora = expert_pass_torch.expert_pass_bwd(
-                dH, dY, x, G, U, weights, experts, lora, keep, cfg
-            )
-        return (dx, dG, dU, dweights, None, *dlora.values(), None, None, None, None, None)
+@expert_pass_backward_op.register_fake
+def _(dH, dY, x, G, U, weights, experts, gate_A, gate_B, up_A, up_B, down_A, down_B, keep_gate, keep_up, keep_down,
+      seed, Zd, num_experts, kind, scale, backend, routing, dropout, shared_a):  # fmt: skip
+    like = lambda t: _nothing(x) if t is None else t.new_empty(t.shape)
+    dx = _nothing(x) if gate_A is None and up_A is None else x.new_empty(x.shape)
+    dlora = [like(t) for t in (gate_A, gate_B, None if shared_a else up_A, up_B, down_A, down_B)]
+    return (dx, G.new_empty(G.shape), like(U), weights.new_empty(weights.shape), *dlora)
+
+
+def _setup_expert_pass(ctx, inputs, output) -> None:
+    x, G, U, weights, experts, *rest = inputs
+    lora, masks, seed, params = rest[:6], rest[6:9], rest[9], rest[10:]
+    Zd = output[2] if _saves_shrinks(params[3], lora[4]) else None
+    # x, G, U, the routing, the dropout masks or seed, the (small) expert weights and, on
+    # the Triton path, Zd (T, E*R): nothing of length f per (token, slot) pair.
+    ctx.save_for_backward(x, G, U, weights, experts, *lora, *masks, seed, Zd)
+    ctx.params = params
+
+
+def _backward_expert_pass(ctx, dH, dY, _dZd):
+    x, G, U, weights, experts, *rest = ctx.saved_tensors
+    lora = rest[:6]
+    grads = expert_pass_backward_op(dH, None if lora[4] is None else dY, x, G, U, weights, experts, *rest,
+                                    *ctx.params)  # fmt: skip
+    shared_a = ctx.params[-1]
+    present = (
+        lora[0] is not None or lora[2] is not None or shared_a,
+        True,
+        U is not None,
+        True,
+        *(t is not None for t in lora),
+    )
+    dx, dG, dU, dw, *dlora = (g if keep else None for g, keep in zip(grads, present))
+    # x, G, U, weights, experts, 6 LoRA tensors, 3 masks, seed and the 7 numbers.
+    return (dx, dG, dU, dw, None, *dlora, None, None, None, None, *([None] * len(ctx.params)))
+
+
+torch.library.register_autograd("mixlora::expert_pass", _backward_expert_pass, setup_context=_setup_expert_pass)
+
+
+def expert_pass(x, G, U, weights, experts, lora: ExpertLoRA, keep: tuple, seed, cfg: PassConfig):
+    """The fused expert pass: (H (T, f), Y (T, d) or None), differentiable in x, G, U, the
+    weights and every LoRA tensor. ``keep``: the torch path's dropout masks (gate, up,
+    down) or Nones; ``seed``: the Triton path's dropout seed tensor or None."""
+    shared_a = lora.up_A is not None and lora.up_A is lora.gate_A
+    tensors = list(lora)
+    if shared_a:
+        tensors[2] = None
+    H, Y, _ = expert_pass_op(x, G, U, weights, experts, *tensors, *keep, seed, cfg.num_experts, cfg.kind,
+                             float(cfg.scale), cfg.backend, cfg.routing, float(cfg.dropout), shared_a)  # fmt: skip
+    return H, None if lora.down_A is None else Y
 
 
 def _dropout(cfg, seed):
@@ -76,6 +222,16 @@ def _dropout(cfg, seed):
     from .kernels.dropout import Dropout
 
     return None if seed is None else Dropout(cfg.dropout, seed)
+
+
+def _triton_masks(cfg, seed, x, G) -> tuple:
+    """The Triton path's dropout masks as tensors, for the torch backward."""
+    if seed is None:
+        return None, None, None
+    from .kernels.dropout import dropout_masks
+
+    masks = dropout_masks(_dropout(cfg, seed), x.shape[0], x.shape[1], G.shape[1])
+    return masks["gate"], masks["up"], masks["down"]
 
 
 def _triton_backward_fits(cfg, lora) -> bool:
@@ -100,95 +256,127 @@ def _warn_torch_backward_once() -> None:
         )
 
 
-def _softmax_backward(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
+def _softmax_backward(p: Tensor, dp: Tensor) -> Tensor:
     return p * (dp - (dp * p).sum(-1, keepdim=True))
 
 
-class RouteTopkFunction(torch.autograd.Function):
-    """Triton top-k routing: logits -> (weights, experts, counts); backward in torch ops."""
-
-    @staticmethod
-    def forward(ctx, logits, top_k):
-        from .kernels.route import route_topk_fwd
-
-        weights, experts, counts = route_topk_fwd(logits.contiguous(), top_k)
-        ctx.save_for_backward(logits, experts)
-        ctx.mark_non_differentiable(experts, counts)
-        return weights, experts, counts
-
-    @staticmethod
-    def backward(ctx, dweights, _dexperts, _dcounts):
-        logits, experts = ctx.saved_tensors
-        p = logits.softmax(-1)
-        chosen = p.gather(1, experts)
-        total = chosen.sum(-1, keepdim=True)
-        w = chosen / total
-        dchosen = (dweights - (dweights * w).sum(-1, keepdim=True)) / total
-        return _softmax_backward(p, torch.zeros_like(p).scatter_(1, experts, dchosen)), None
+def _counts(per_block: Tensor) -> Tensor:
+    """(E,) int64 pairs per expert from the kernels' per-block (and per-slot) counts."""
+    return per_block.reshape(-1, per_block.shape[-1]).sum(0).long()
 
 
-class RouteTopPFunction(torch.autograd.Function):
-    """Triton top-p routing: logits -> (weights, experts, counts); backward in torch ops."""
+@torch.library.custom_op("mixlora::route_topk", mutates_args=())
+def route_topk_op(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(weights (T, k) fp32, experts (T, k) int64, counts (E,) int64)."""
+    from .kernels.route import route_topk_fwd
 
-    @staticmethod
-    def forward(ctx, logits, top_p, temperature):
-        from .kernels.route import route_top_p_fwd
-
-        weights, experts, counts = route_top_p_fwd(logits.contiguous(), top_p, temperature)
-        ctx.save_for_backward(logits, experts)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(experts, counts)
-        return weights, experts, counts
-
-    @staticmethod
-    def backward(ctx, dweights, _dexperts, _dcounts):
-        logits, experts = ctx.saved_tensors
-        p = logits.softmax(-1)
-        T, E = p.shape
-        if ctx.temperature > 0:
-            dweights = dweights / ctx.temperature
-        # A kept weight is p of its expert; unused slots (expert E) land in a spare column.
-        dp = dweights.new_zeros(T, E + 1).scatter_(1, experts, dweights)[:, :E]
-        return _softmax_backward(p, dp), None, None
+    weights, experts, counts = route_topk_fwd(logits.contiguous(), top_k)
+    return weights, experts, _counts(counts)
 
 
-class RouteSwitchFunction(torch.autograd.Function):
-    """Triton switch routing: logits -> (weights, experts, bypass, counts)."""
-
-    @staticmethod
-    def forward(ctx, logits, seq_len, capacity):
-        from .kernels.route import route_switch_fwd
-
-        weights, experts, bypass, counts = route_switch_fwd(logits.contiguous(), seq_len, capacity)
-        ctx.save_for_backward(logits, experts)
-        ctx.mark_non_differentiable(experts, counts)
-        return weights, experts, bypass, counts
-
-    @staticmethod
-    def backward(ctx, dweights, _dexperts, dbypass, _dcounts):
-        logits, experts = ctx.saved_tensors
-        p = logits.softmax(-1)
-        kept = experts[:, 0] < logits.shape[-1]
-        dp_max = torch.zeros_like(p[:, 0])
-        if dweights is not None:
-            dp_max = torch.where(kept, dweights[:, 0], dp_max)
-        if dbypass is not None:
-            dp_max = torch.where(kept, dp_max, dbypass)
-        dp = torch.zeros_like(p).scatter_(1, p.argmax(-1, keepdim=True), dp_max.unsqueeze(1))
-        return _softmax_backward(p, dp), None, None
+@route_topk_op.register_fake
+def _(logits, top_k):
+    T, E = logits.shape
+    return (logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int64),
+            logits.new_empty(E, dtype=torch.int64))  # fmt: skip
 
 
-def route(logits: torch.Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Routing:
+def _setup_route_topk(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _backward_route_topk(ctx, dweights, _dexperts, _dcounts):
+    logits, experts = ctx.saved_tensors
+    p = logits.softmax(-1)
+    chosen = p.gather(1, experts)
+    total = chosen.sum(-1, keepdim=True)
+    w = chosen / total
+    dchosen = (dweights - (dweights * w).sum(-1, keepdim=True)) / total
+    return _softmax_backward(p, torch.zeros_like(p).scatter_(1, experts, dchosen)), None
+
+
+torch.library.register_autograd("mixlora::route_topk", _backward_route_topk, setup_context=_setup_route_topk)
+
+
+@torch.library.custom_op("mixlora::route_top_p", mutates_args=())
+def route_top_p_op(logits: Tensor, top_p: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(weights (T, E) fp32, experts (T, E) int64, counts (E,) int64), most probable first."""
+    from .kernels.route import route_top_p_fwd
+
+    weights, experts, counts = route_top_p_fwd(logits.contiguous(), top_p, temperature)
+    return weights, experts, _counts(counts)
+
+
+@route_top_p_op.register_fake
+def _(logits, top_p, temperature):
+    T, E = logits.shape
+    return (logits.new_empty(T, E, dtype=torch.float32), logits.new_empty(T, E, dtype=torch.int64),
+            logits.new_empty(E, dtype=torch.int64))  # fmt: skip
+
+
+def _setup_route_top_p(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+    ctx.temperature = inputs[2]
+
+
+def _backward_route_top_p(ctx, dweights, _dexperts, _dcounts):
+    logits, experts = ctx.saved_tensors
+    p = logits.softmax(-1)
+    T, E = p.shape
+    if ctx.temperature > 0:
+        dweights = dweights / ctx.temperature
+    # A kept weight is p of its expert; unused slots (expert E) land in a spare column.
+    dp = dweights.new_zeros(T, E + 1).scatter_(1, experts, dweights)[:, :E]
+    return _softmax_backward(p, dp), None, None
+
+
+torch.library.register_autograd("mixlora::route_top_p", _backward_route_top_p, setup_context=_setup_route_top_p)
+
+
+@torch.library.custom_op("mixlora::route_switch", mutates_args=())
+def route_switch_op(logits: Tensor, seq_len: int, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(weights (T, 1) fp32, experts (T, 1) int64, bypass (T,) fp32, counts (E,) int64)."""
+    from .kernels.route import route_switch_fwd
+
+    weights, experts, bypass, counts = route_switch_fwd(logits.contiguous(), seq_len, capacity)
+    return weights, experts, bypass, _counts(counts)
+
+
+@route_switch_op.register_fake
+def _(logits, seq_len, capacity):
+    T, E = logits.shape
+    f32, i64 = torch.float32, torch.int64
+    return (logits.new_empty(T, 1, dtype=f32), logits.new_empty(T, 1, dtype=i64), logits.new_empty(T, dtype=f32),
+            logits.new_empty(E, dtype=i64))  # fmt: skip
+
+
+def _setup_route_switch(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _backward_route_switch(ctx, dweights, _dexperts, dbypass, _dcounts):
+    logits, experts = ctx.saved_tensors
+    p = logits.softmax(-1)
+    kept = experts[:, 0] < logits.shape[-1]
+    dp_max = torch.where(kept, dweights[:, 0], dbypass)
+    dp = torch.zeros_like(p).scatter_(1, p.argmax(-1, keepdim=True), dp_max.unsqueeze(1))
+    return _softmax_backward(p, dp), None, None
+
+
+torch.library.register_autograd("mixlora::route_switch", _backward_route_switch, setup_context=_setup_route_switch)
+
+
+def route(logits: Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Routing:
     """Route with the Triton kernels (backend "triton") or PyTorch ops."""
     if backend != "triton":
         return route_torch(logits, spec, seq_len)
-    if spec.strategy == "mixlora-switch":
-        weights, experts, bypass, counts = RouteSwitchFunction.apply(logits, seq_len, spec.expert_capacity)
-        kept = experts[:, 0] < logits.shape[-1]
-        return Routing(logits, weights.to(logits.dtype), experts, kept, bypass.to(logits.dtype), counts.sum(0).long())
-    if spec.strategy == "mixlora":
-        weights, experts, counts = RouteTopkFunction.apply(logits, spec.top_k)
-    else:
-        weights, experts, counts = RouteTopPFunction.apply(logits, spec.top_p, spec.temperature)
     kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return Routing(logits, weights.to(logits.dtype), experts, kept, None, counts.sum(0).long())
+    if spec.strategy == "mixlora-switch":
+        weights, experts, bypass, counts = route_switch_op(logits, seq_len, spec.expert_capacity)
+        kept = experts[:, 0] < logits.shape[-1]
+        return Routing(logits, weights.to(logits.dtype), experts, kept, bypass.to(logits.dtype), counts)
+    if spec.strategy == "mixlora":
+        weights, experts, counts = route_topk_op(logits, spec.top_k)
+    else:
+        weights, experts, counts = route_top_p_op(logits, float(spec.top_p), float(spec.temperature))
+    return Routing(logits, weights.to(logits.dtype), experts, kept, None, counts)

@@ -17,11 +17,11 @@ import os
 import torch
 
 from .activations import activation_kind
-from .autograd import ExpertPassFunction, route
+from .autograd import expert_pass, route
 from .config import STRATEGY_FIELDS, is_int, is_number
 from .containers import ExpertLoRA, MixLoraOutput
 from .expert_pass_torch import PassConfig
-from .noise import Noise, draw_noise, new_seed
+from .noise import Noise, draw_noise
 from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec, router_logits
 
 BACKENDS = ("auto", "torch", "triton")
@@ -187,7 +187,10 @@ def mixlora_ffn(
         ffn_dropout: dropout on the block output when ``training`` ("mixlora-switch" only).
         seed: seed of the training-time randomness (see ``noise.draw_noise``; the Triton
             path draws its LoRA dropout masks in the kernels from it, see
-            ``kernels.dropout``); drawn from torch's default generator when None.
+            ``kernels.dropout``). When None (the default) everything is drawn from the
+            device's default generator, with no host synchronisation: what
+            torch.compile and CUDA graphs need. An explicit seed is for reproducing a
+            step; it builds a torch.Generator, which torch.compile does not trace.
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
 
     Returns:
@@ -222,7 +225,6 @@ def mixlora_ffn(
     drop_seed = None
     if training and (dropout > 0 or jitter_noise > 0 or ffn_dropout > 0):
         shared_a = experts.up_A is None or experts.up_A is experts.gate_A
-        seed = new_seed() if seed is None else seed
         in_kernel = backend == "triton" and dropout > 0
         noise = draw_noise(
             seed, tokens=T, hidden=d, intermediate=f, dropout=0.0 if in_kernel else dropout, jitter=jitter_noise,
@@ -243,10 +245,8 @@ def mixlora_ffn(
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
     keep_scale = 1.0 / (1.0 - lora_dropout)
     cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
-    H, Y = ExpertPassFunction.apply(
-        xf, G, U, routing.weights.to(xf.dtype), routing.experts, *lora,
-        noise.gate, noise.up, noise.down, drop_seed, cfg,
-    )  # fmt: skip
+    keep = (noise.gate, noise.up, noise.down)
+    H, Y = expert_pass(xf, G, U, routing.weights.to(xf.dtype), routing.experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
     y = down_proj(H)
     if Y is not None:
         y = y + Y

@@ -1,8 +1,10 @@
 """Training-time randomness of a MixLoRA block, drawn from one seed.
 
 Router jitter, the three LoRA dropout masks and the switch block-output dropout
-(``ffn_dropout``) come from a single generator seeded per forward, so that a test (or a
-debugger) can redraw exactly what a forward used. A token's dropout mask is the same for
+(``ffn_dropout``) are drawn in a fixed order: from torch's default generator of the
+device (what torch.compile traces and a CUDA graph redraws at each replay, with no host
+synchronisation), or from a generator seeded with an explicit seed, so that a test (or
+a debugger) can redraw exactly what a forward used. A token's dropout mask is the same for
 each of the k experts it visits: the experts of one projection share its dropout draw,
 as a dense LoRA on that projection would.
 """
@@ -30,13 +32,8 @@ class Noise(NamedTuple):
         return None if mask is None else mask.to(dtype) * scale
 
 
-def new_seed() -> int:
-    """A fresh seed from torch's default CPU generator (no device synchronisation)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 def draw_noise(
-    seed: int,
+    seed: int | None,
     *,
     tokens: int,
     hidden: int,
@@ -49,9 +46,11 @@ def draw_noise(
     ffn_dropout: float = 0.0,
 ) -> Noise:
     """Draw jitter factors, dropout masks and the block-output mask in a fixed order
-    from ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    from ``seed``, or from the device's default generator when it is None."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
 
     def keep(p: float, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=gen, device=device) >= p

@@ -106,8 +106,14 @@ def _selected(probs: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     return probs.argmax(dim=-1, keepdim=True)
 
 
-def _real_rows(logits: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
-    return logits if row_mask is None else logits[row_mask.reshape(-1).to(torch.bool)]
+def _rows_that_count(logits: torch.Tensor, row_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
+    """(keep (T,) bool or None, their number, at least 1: an int, or a tensor with a mask).
+    Padding rows are weighted out rather than indexed out: boolean indexing would wait for
+    the host to learn how many rows remain."""
+    if row_mask is None:
+        return None, max(logits.shape[0], 1)
+    keep = row_mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
+    return keep, keep.sum().clamp(min=1).to(logits.dtype)
 
 
 def load_balance_loss(logits: torch.Tensor, spec: RoutingSpec, row_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,22 +121,25 @@ def load_balance_loss(logits: torch.Tensor, spec: RoutingSpec, row_mask: torch.T
     out): c_e the share of rows that route to e in any slot (so sum_e c_e is the mean
     number of experts per row: k for top-k), P_e the mean router probability of e. For
     top-k this is HF Mixtral's ``load_balancing_loss_func``; for switch (argmax before
-    capacity) and top-p the same sum over MoE-PEFT's selections."""
-    logits = _real_rows(logits, row_mask)
+    capacity) and top-p the same sum over MoE-PEFT's selections. 0 without rows."""
     num_experts = logits.shape[-1]
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
+    keep, rows = _rows_that_count(logits, row_mask)
     probs = logits.softmax(dim=-1)
-    counts = expert_counts(_selected(probs, spec), num_experts).to(probs.dtype)
-    return num_experts * torch.dot(counts / logits.shape[0], probs.mean(dim=0))
+    selected = _selected(probs, spec)
+    if keep is not None:
+        selected = selected.masked_fill(~keep.unsqueeze(1), num_experts)
+        probs = torch.where(keep.unsqueeze(1), probs, 0.0)
+    counts = expert_counts(selected, num_experts).to(probs.dtype)
+    return num_experts * torch.dot(counts / rows, probs.sum(dim=0) / rows)
 
 
 def z_loss(logits: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over rows of logsumexp(logits)^2 (ST-MoE's router z-loss)."""
-    logits = _real_rows(logits, row_mask)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    """Mean over rows of logsumexp(logits)^2 (ST-MoE's router z-loss); 0 without rows."""
+    keep, rows = _rows_that_count(logits, row_mask)
+    squares = torch.logsumexp(logits, dim=-1).square()
+    if keep is not None:
+        squares = torch.where(keep, squares, 0.0)
+    return squares.sum() / rows
 
 
 def router_loss(

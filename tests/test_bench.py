@@ -44,7 +44,8 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     printed = captured.out
     assert "top-p routing (top_p=" in printed and "experts/token) / top-k (k=2)" in printed
     assert "no targets are defined for this shape" in printed
-    assert "timing fwd_bwd of 6 cases" in captured.err  # progress goes to stderr
+    assert "timing fwd_bwd of 7 cases" in captured.err  # progress goes to stderr
+    assert "torch.compile / eager (fused): fwd " in printed
     rows = read_rows(tmp_path)
     cases = [row for row in rows if row["kind"] == "case"]
     assert {row["case"] for row in cases} == set(CASES)
@@ -52,6 +53,9 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     top_p_rows = [row for row in cases if row["case"] == "fused_top_p"]
     assert all(row["experts_per_token"] == pytest.approx(2.0, abs=0.1) for row in top_p_rows)
     assert all(row["ms"] > 0 and row["device"].startswith("CPU") for row in cases)
+    compiled = [row for row in cases if row["case"] == "fused_compiled"]
+    assert len(compiled) == 2 and all(row["compile_seconds"] > 0 for row in compiled)
+    assert all("compile_seconds" not in row for row in cases if row["case"] != "fused_compiled")
     stages = [row for row in rows if row["kind"] == "stage"]
     assert {row["stage"] for row in stages} == STAGES
     for row in stages:
