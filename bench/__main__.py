@@ -101,7 +101,10 @@ def parse_device(text: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    # Named as it was called: the mixlora-bench console script, or python -m bench.
+    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    prog = called if called.startswith("mixlora-bench") else "python -m bench"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--device", type=parse_device, default=None, help="cpu or cuda[:N] (default: cuda if present)")
     add("--dtype", type=parse_dtype, default=None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, bf16 on GPU)")

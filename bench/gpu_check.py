@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
-    p.add_argument("--test-timeout", type=float, default=210.0, help="seconds for the test step (default 210)")
+    p.add_argument("--test-timeout", type=float, default=300.0, help="seconds for the test step (default 300)")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.small:

@@ -7,6 +7,8 @@ does not know are kept in ``extra`` and written back unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import math
 import os
@@ -32,15 +34,34 @@ SHARED_DEFAULTS: dict[str, dict[str, float]] = {
 }
 CONFIG_NAME = "adapter_config.json"
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2")
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_type -> every attention and MLP projection of that model: what ``target_modules``
+# means when a config leaves it out (None), so that one config serves every model type.
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_TARGETS,
+    "mistral": _LLAMA_TARGETS,
+    "qwen2": _LLAMA_TARGETS,
+    "gemma": _LLAMA_TARGETS,
+    "gemma2": _LLAMA_TARGETS,
+    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+# Keys that other writers of adapter_config.json put there and this package keeps (in
+# ``extra``, written back) without using: PEFT's PeftConfig and LoraConfig fields, and
+# MoE-PEFT's. Any other unknown key is likely a misspelling and gets a warning.
+KNOWN_FOREIGN_KEYS = frozenset(
+    {
+        # PEFT
+        "auto_mapping", "peft_version", "revision", "inference_mode", "fan_in_fan_out", "bias",
+        "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+        "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+        "use_qalora", "qalora_group_size", "layer_replication", "runtime_config", "lora_bias",
+        "target_parameters", "exclude_modules", "trainable_token_indices", "alora_invocation_tokens",
+        "arrow_config", "ensure_weight_tying",
+        # MoE-PEFT
+        "name", "task_name", "lora_init", "router_dyn_loss_coef", "entropy_index", "entropy_type", "entropy_eps",
+    }
+)  # fmt: skip
 _EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout")
 # Flags MoE-PEFT's export writes into expert_lora (inherited from the top level unless set).
 _EXPERT_LORA_FLAGS = ("use_rslora", "use_dora")
@@ -65,6 +86,23 @@ def without_foreign_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
             stacklevel=3,
         )
     return {k: v for k, v in data.items() if k not in foreign}
+
+
+def _warn_unknown_keys(extra: dict[str, Any], known: set[str], source: str) -> None:
+    unknown = [key for key in extra if key not in KNOWN_FOREIGN_KEYS]
+    if not unknown:
+        return
+
+    def described(key: str) -> str:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6) if isinstance(key, str) else []
+        return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+    warnings.warn(
+        f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(described, unknown))}: "
+        "not a field of MixLoRA, PEFT or MoE-PEFT configs; kept and written back, but not used",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def is_int(value: Any) -> bool:
@@ -102,7 +140,8 @@ class MixLoraConfig:
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    target_modules: list[str] | dict[str, bool] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    # None: every projection of the model type (DEFAULT_TARGET_MODULES), resolved at injection.
+    target_modules: list[str] | dict[str, bool] | None = None
     routing_strategy: str = "mixlora"
     num_experts: int = 8
     # top-k ("mixlora")
@@ -204,6 +243,8 @@ class MixLoraConfig:
 
     def _validate_target_modules(self) -> None:
         tm = self.target_modules
+        if tm is None:
+            return
         if isinstance(tm, dict):
             ok = all(isinstance(k, str) and k and isinstance(v, bool) for k, v in tm.items())
         elif isinstance(tm, (list, tuple)):
@@ -211,14 +252,31 @@ class MixLoraConfig:
         else:
             ok = False
         if not ok:
-            _fail("target_modules", tm, "must be a list of names or a {name: bool} dict")
+            _fail("target_modules", tm, "must be None, a list of names or a {name: bool} dict")
 
     @property
     def target_module_names(self) -> frozenset[str]:
-        """The module names enabled in ``target_modules``."""
+        """The module names enabled in ``target_modules`` (which must not be None: see
+        ``for_model_type``)."""
+        if self.target_modules is None:
+            raise ValueError(
+                "MixLoraConfig.target_modules is None, which means the model type's defaults: "
+                "resolve them with config.for_model_type(model_type)"
+            )
         if isinstance(self.target_modules, dict):
             return frozenset(k for k, v in self.target_modules.items() if v)
         return frozenset(self.target_modules)
+
+    def for_model_type(self, model_type: str) -> MixLoraConfig:
+        """This config with ``target_modules`` filled in with the model type's defaults
+        when it is None (itself otherwise)."""
+        if self.target_modules is not None:
+            return self
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"no default target_modules for model type {model_type!r}; known: {', '.join(DEFAULT_TARGET_MODULES)}"
+            )
+        return dataclasses.replace(self, target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
 
     @property
     def expert_r(self) -> int:
@@ -266,12 +324,16 @@ class MixLoraConfig:
         return RoutingSpec(self.routing_strategy, **own)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MixLoraConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "MixLoraConfig.from_dict") -> MixLoraConfig:
+        """The config of an adapter_config.json's contents. Keys it does not know are kept
+        in ``extra`` (and written back); those that are not known fields of PEFT or
+        MoE-PEFT either get one warning, naming ``source`` and the closest field."""
         if not isinstance(data, dict):
             raise ValueError(f"MixLoraConfig.from_dict expects a dict, got {type(data).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
+        extra = {k: v for k, v in data.items() if k not in known and k != "extra"}
+        _warn_unknown_keys(extra, known, source)
         extra.update(data.get("extra", {}) if isinstance(data.get("extra"), dict) else {})
         return cls(**kwargs, extra=extra)
 
@@ -303,7 +365,7 @@ class MixLoraConfig:
             raise ValueError(f"{file} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{file} holds a JSON {type(data).__name__}, expected an object")
-        return cls.from_dict(without_foreign_fields(data, file))
+        return cls.from_dict(without_foreign_fields(data, file), source=file)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into directory ``path`` (created if needed)."""

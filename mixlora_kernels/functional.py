@@ -134,6 +134,19 @@ def _validate(x, router_weight, experts: ExpertLoRA):
                 raise ValueError(f"mixlora_ffn: {name} is {t.dtype} but x is {x.dtype}; cast one of them")
 
 
+def _check_arguments(scaling, dropout, jitter_noise, training, seed) -> None:
+    """The numeric and flag arguments, each against its valid range; the error names it."""
+    if not is_number(scaling):
+        raise ValueError(f"mixlora_ffn: scaling={scaling!r} must be a finite number")
+    for name, value in (("dropout", dropout), ("jitter_noise", jitter_noise)):
+        if not is_number(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"mixlora_ffn: {name}={value!r} must be a number in [0, 1)")
+    if not isinstance(training, bool):
+        raise TypeError(f"mixlora_ffn: training={training!r} must be a bool")
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"mixlora_ffn: seed={seed!r} must be an integer or None")
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -199,6 +212,7 @@ def mixlora_ffn(
         first, unused slots hold expert E and weight 0) and (T, 1) for switch.
     """
     _validate(x, router_weight, experts)
+    _check_arguments(scaling, dropout, jitter_noise, training, seed)
     num_experts, d = router_weight.shape
     spec = _routing_spec(num_experts, routing_strategy, ffn_dropout, top_k=top_k, top_p=top_p,
                          temperature=temperature, expert_capacity=expert_capacity)  # fmt: skip

@@ -94,7 +94,8 @@ class FusedMixLoraFFN(nn.Module):
         self.num_experts = config.num_experts
         self.scaling = config.expert_scaling
 
-        targeted = [name for name in projections if name in config.target_module_names]
+        # target_modules None (the model type's defaults) means every projection of the MLP.
+        targeted = [name for name in projections if config.target_modules is None or name in config.target_module_names]
         if not targeted:
             raise ValueError(
                 f"MixLoraConfig.target_modules={sorted(config.target_module_names)} names none of "

@@ -6,6 +6,10 @@ one-command GPU check runs in its small mode."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -173,3 +177,22 @@ def test_gpu_check_reports_how_far_a_timed_out_shard_got():
     log = "....F..s [ 12%]\n..E.\n"
     assert shard_summary(log, "timeout", 180) == "stopped at 180 s: 9 passed, 1 failed, 1 errors, 1 skipped so far"
     assert shard_summary("....\n4 passed in 3.2s\n", 0, 180) == "4 passed in 3.2s"
+
+
+def test_the_console_script_runs_the_benchmark_from_any_directory(tmp_path):
+    """mixlora-bench is an installed entry point (pyproject [project.scripts]) and needs
+    no checkout: run it from an empty directory."""
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "mixlora-bench"]
+    assert script.value == "bench.__main__:main"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    argv = ["--shape", "tiny:64:96:16:4:2:4", "--cases", "fused,dense", "--no-stages", "--rounds", "2", "--out", "rows"]
+    code = "import sys; from bench.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tiny d=64 f=96 T=16" in done.stdout and list((tmp_path / "rows").glob("*.jsonl"))
+    installed = shutil.which("mixlora-bench")
+    if installed:
+        done = subprocess.run([installed, "--rounds", "0"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and "usage: mixlora-bench" in done.stderr and "--rounds" in done.stderr

@@ -47,9 +47,61 @@ def test_dict_round_trip_with_every_field():
         router_z_loss_coef=0.002, router_init_range=0.1, jitter_noise=0.01, router_loss=False,
         extra={"custom": [1, 2]},
     )  # fmt: skip
-    again = MixLoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    with pytest.warns(UserWarning, match="unknown key 'custom'"):
+        again = MixLoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.target_module_names == {"gate_proj"}
+
+
+def test_a_misspelled_key_warns_with_the_closest_field_and_is_not_used():
+    with pytest.warns(UserWarning, match=r"'topk' \(did you mean 'top_k'\?\)") as caught:
+        cfg = MixLoraConfig.from_dict({"num_experts": 4, "topk": 1, "routing_strategy": "mixlora"})
+    assert len(caught) == 1
+    assert cfg.top_k == 2 and cfg.extra == {"topk": 1}  # loaded as written: the default, and the key kept
+    assert cfg.to_dict()["topk"] == 1
+    with pytest.warns(UserWarning, match=r"'num_expert' \(did you mean 'num_experts'\?\)"):
+        MixLoraConfig.from_dict({"num_expert": 4})
+
+
+def test_one_warning_names_every_unknown_key_of_a_file(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"num_experts": 4, "topk": 1, "lora_alpa": 8}))
+    with pytest.warns(UserWarning) as caught:
+        MixLoraConfig.from_pretrained(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert str(tmp_path) in messages[0] and "'topk' (did you mean 'top_k'?)" in messages[0]
+    assert "'lora_alpa' (did you mean 'lora_alpha'?)" in messages[0]
+
+
+def test_fields_of_peft_and_moe_peft_configs_load_without_a_warning(recwarn):
+    peft = {"bias": "none", "inference_mode": False, "fan_in_fan_out": False, "init_lora_weights": True}
+    moe_peft = {"lora_init": "original", "task_name": "causal", "router_dyn_loss_coef": 0.01, "entropy_index": 1.4,
+                "entropy_type": "tsallis", "entropy_eps": 1e-5}  # fmt: skip
+    data = {"num_experts": 4, "modules_to_save": None, **peft, **moe_peft}
+    cfg = MixLoraConfig.from_dict(data)
+    assert not [w for w in recwarn if "unknown key" in str(w.message)]
+    assert cfg.extra["entropy_type"] == "tsallis" and cfg.to_dict()["bias"] == "none"
+
+
+def test_keyword_arguments_reject_unknown_names():
+    with pytest.raises(TypeError, match="topk"):
+        MixLoraConfig(topk=1)
+
+
+def test_target_modules_left_out_means_the_model_types_defaults():
+    cfg = MixLoraConfig()
+    assert cfg.target_modules is None
+    with pytest.raises(ValueError, match="for_model_type"):
+        _ = cfg.target_module_names
+    assert cfg.for_model_type("phi").target_module_names == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
+    assert cfg.for_model_type("phi3").target_module_names == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert cfg.for_model_type("llama").target_module_names == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    explicit = MixLoraConfig(target_modules=["q_proj"])
+    assert explicit.for_model_type("phi3") is explicit
+    with pytest.raises(ValueError, match="no default target_modules for model type 'bert'"):
+        cfg.for_model_type("bert")
 
 
 def test_expert_lora_overrides_and_scaling():

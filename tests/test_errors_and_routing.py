@@ -70,6 +70,31 @@ def test_bad_input(problem, overrides, match):
         call(problem, **overrides(problem))
 
 
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"dropout": 1.0}, ValueError, r"dropout=1.0 must be a number in \[0, 1\)"),
+        ({"dropout": 1.5}, ValueError, r"dropout=1.5 must be a number in \[0, 1\)"),
+        ({"dropout": -0.5}, ValueError, r"dropout=-0.5 must be"),
+        ({"dropout": float("nan")}, ValueError, r"dropout=nan must be"),
+        ({"dropout": "0.1"}, ValueError, r"dropout='0.1' must be"),
+        ({"jitter_noise": 2.0}, ValueError, r"jitter_noise=2.0 must be a number in \[0, 1\)"),
+        ({"jitter_noise": -0.1}, ValueError, r"jitter_noise=-0.1"),
+        ({"scaling": float("nan")}, ValueError, r"scaling=nan must be a finite number"),
+        ({"scaling": float("inf")}, ValueError, r"scaling=inf must be a finite number"),
+        ({"scaling": None}, ValueError, r"scaling=None must be a finite number"),
+        ({"training": "yes"}, TypeError, r"training='yes' must be a bool"),
+        ({"seed": 1.5}, TypeError, r"seed=1.5 must be an integer or None"),
+        ({"top_k": 2.0}, ValueError, r"top_k=2.0 must be an integer"),
+        ({"top_k": True}, ValueError, r"top_k=True must be an integer"),
+    ],
+    ids=lambda v: repr(v) if not isinstance(v, type) else v.__name__,
+)
+def test_every_numeric_argument_is_checked_against_its_range(problem, overrides, error, match):
+    with pytest.raises(error, match=match):
+        call(problem, training=True, **overrides) if "training" not in overrides else call(problem, **overrides)
+
+
 def test_integer_input_is_rejected(problem):
     with pytest.raises(TypeError, match="floating-point"):
         call(problem, x=torch.ones(6, 8, dtype=torch.long))

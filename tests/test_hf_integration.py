@@ -180,3 +180,29 @@ def test_bf16_model_gets_a_bf16_adapter_and_runs():
     assert {p.dtype for p in model.parameters() if p.requires_grad and p.dim() > 2} == {torch.bfloat16}
     logits = _logits(model, tokens())
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "attention", "mlp"),
+    [
+        ("phi", {"q_proj", "k_proj", "v_proj", "dense"}, {"fc1", "fc2"}),
+        ("phi3", {"qkv_proj", "o_proj"}, {"gate_up_proj", "down_proj"}),
+        ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}),
+    ],
+)
+def test_the_default_config_injects_every_projection_of_the_model_type(model_type, attention, mlp, recwarn):
+    model = inject_mixlora(tiny_model(model_type), MixLoraConfig(num_experts=4, r=4), backend="torch")
+    layer = model.model.layers[0]
+    lora_attention = {name for name, child in layer.self_attn.named_children() if isinstance(child, LoraLinear)}
+    assert lora_attention == attention
+    assert set(layer.mlp.lora_A.keys()) == mlp
+    assert model.mixlora_config.target_module_names == attention | mlp  # saved adapters name them
+    assert not [w for w in recwarn if "target_modules" in str(w.message)]
+
+
+def test_target_names_the_model_lacks_are_skipped_with_a_warning():
+    llama_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    with pytest.warns(UserWarning, match=r"names \['gate_proj', 'k_proj', 'q_proj', 'up_proj', 'v_proj'\].*phi3"):
+        model = inject_mixlora(tiny_model("phi3"), MixLoraConfig(num_experts=4, r=4, target_modules=llama_names))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, LoraLinear) and not isinstance(layer.self_attn.qkv_proj, LoraLinear)

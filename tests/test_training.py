@@ -9,48 +9,20 @@ import pathlib
 
 import pytest
 import torch
-from hf_models import injected, mixlora_config, tiny_config, tiny_model, tokens
+from hf_models import injected, mixlora_config, tiny_model, tokens
 
 from mixlora_kernels import (
-    MixLoraConfig,
     expert_load_stats,
     inject_mixlora,
     load_adapter,
     reset_expert_load,
     router_aux_loss,
-    save_adapter,
 )
 from mixlora_kernels.modules import mixlora_blocks
 from mixlora_kernels.routing import route_top_p
 from reference.mixlora import router_loss as reference_router_loss
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def test_readme_three_line_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config("llama")
-    batches = [{"input_ids": tokens(seed=s)} for s in range(3)]
-
-    # --- the README's code, verbatim ---
-    model = inject_mixlora(AutoModelForCausalLM.from_config(cfg), MixLoraConfig(num_experts=8, top_k=2, r=8))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for batch in batches:
-        out = model(**batch, labels=batch["input_ids"])
-        loss = out.loss + router_aux_loss(model)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    save_adapter(model, "my-adapter")
-    # --- end ---
-
-    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
-    reloaded = load_adapter(AutoModelForCausalLM.from_config(cfg), "my-adapter")
-    saved = {k: v for k, v in model.state_dict().items() if "lora_" in k or "moe_gate" in k}
-    got = reloaded.state_dict()
-    assert all(torch.equal(got[k], v) for k, v in saved.items())
 
 
 def test_router_loss_has_a_gradient_reaching_every_router():
@@ -239,3 +211,49 @@ def test_lora_dropout_is_off_in_eval_for_attention_lora():
     torch.testing.assert_close(lora(x), expected)
     lora.train()
     assert not torch.allclose(lora(x), expected)
+
+
+def _adapter_weights(model) -> dict[str, torch.Tensor]:
+    from mixlora_kernels import adapter_state_dict
+
+    return {k: v.clone() for k, v in adapter_state_dict(model).items()}
+
+
+def test_trainer_checkpoints_are_adapters_that_load_and_resume(tmp_path):
+    config = mixlora_config(lora_dropout=0.0)
+    _, model = injected(config=config)
+    start = _adapter_weights(model)
+    run = tmp_path / "run"
+    trainer = _trainer(model, run, max_steps=4, save_strategy="steps", save_steps=2, seed=3)
+    trainer.train()
+    final = _adapter_weights(model)
+
+    checkpoint = run / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert (checkpoint / "adapter_model.safetensors").stat().st_size <= adapter_bytes + 16384  # header only on top
+
+    # The last checkpoint is the trained adapter, readable by load_adapter.
+    reloaded = load_adapter(tiny_model(), run / "checkpoint-4", backend="torch")
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+    # Resuming from step 2 in a fresh model lands on the uninterrupted run's weights.
+    _, fresh = injected(config=config)
+    assert all(torch.equal(v, start[k]) for k, v in _adapter_weights(fresh).items())
+    resumed = _trainer(fresh, tmp_path / "resumed", max_steps=4, save_strategy="no", seed=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    for key, value in _adapter_weights(fresh).items():
+        torch.testing.assert_close(value, final[key], atol=1e-6, rtol=1e-5, msg=key)
+
+    # save_model writes the adapter too.
+    resumed.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+    again = load_adapter(tiny_model(), tmp_path / "saved", backend="torch")
+    for key, value in _adapter_weights(again).items():
+        torch.testing.assert_close(value, final[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -76,7 +76,7 @@ def read_adapter_config(path: str | os.PathLike) -> MixLoraConfig:
     elif isinstance(targets, dict):
         data["target_modules"] = {_LEGACY_PROJECTIONS.get(name, name): on for name, on in targets.items()}
     try:
-        return MixLoraConfig.from_dict(without_foreign_fields(data, file))
+        return MixLoraConfig.from_dict(without_foreign_fields(data, file), source=file)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
 
@@ -178,6 +178,9 @@ def read_adapter_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
 
 
 def _check_compatible(model: nn.Module, have: MixLoraConfig, want: MixLoraConfig, file: str) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if want.target_modules is None and model_type is not None:
+        want = want.for_model_type(model_type)
     for name, get in _STRUCTURAL_FIELDS.items():
         if get(have) != get(want):
             raise ValueError(

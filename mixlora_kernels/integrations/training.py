@@ -9,12 +9,15 @@ built on first access, so importing this package does not import the Trainer sta
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ..config import CONFIG_NAME
 from ..modules import mixlora_blocks, router_aux_loss
+from .adapter import load_adapter, save_adapter
 
 
 class ExpertLoad(NamedTuple):
@@ -61,14 +64,51 @@ def load_imbalance(counts: torch.Tensor) -> torch.Tensor:
 
 
 class MixLoraTrainerMixin:
-    """Adds the router loss to a Trainer's training loss and logs it with the expert load.
+    """Adds the router loss to a Trainer's training loss and logs it with the expert load,
+    and makes its checkpoints adapter-only.
 
     ``compute_loss`` adds ``router_aux_loss(model)`` in training mode (evaluation losses
     stay the language-model loss), scaled the way the Trainer scales the model's loss for
     gradient accumulation. Each training log gains ``router_loss`` (mean since the last
     log) and ``expert_load_imbalance/layer_{i}`` (max/mean tokens per expert since the
     last log).
+
+    Checkpoints and ``save_model()`` write the adapter (``adapter_config.json`` and
+    ``adapter_model.safetensors``, what ``save_adapter`` writes and ``load_adapter``
+    reads) instead of the whole model: megabytes rather than the frozen base's gigabytes.
+    The Trainer's optimizer, scheduler, RNG and trainer state files sit beside it as
+    usual, so ``train(resume_from_checkpoint=...)`` resumes, loading the adapter back
+    into the model, and ``load_best_model_at_end`` loads the best checkpoint's adapter.
     """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not mixlora_blocks(self.model):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(self.model, output_dir)  # every rank: FSDP2 gathers; rank 0 writes
+        if not self.args.should_save:
+            return None
+        processor = self.processing_class
+        if processor is None:
+            processor = getattr(self.data_collator, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.model if model is None else model
+        if _holds_adapter(resume_from_checkpoint) and mixlora_blocks(model):
+            load_adapter(model, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is not None and _holds_adapter(best) and mixlora_blocks(self.model):
+            load_adapter(self.model, best)
+            return
+        super()._load_best_model()
 
     def compute_loss(
         self,
@@ -115,6 +155,10 @@ class MixLoraTrainerMixin:
                 for i, value in enumerate(load_imbalance(since).tolist()):
                     logs[f"expert_load_imbalance/layer_{i}"] = value
         super().log(logs, *args, **kwargs)
+
+
+def _holds_adapter(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_NAME))
 
 
 def _build_trainer() -> type:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..config import MLP_PROJECTIONS, MixLoraConfig
+from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig
 from ..lora import LoraLinear
 from ..modules import FusedMixLoraFFN, mixlora_blocks
 from ..state import _block_targets
@@ -110,14 +111,29 @@ def _forward_argument_names(module: nn.Module) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in positional)[1:]  # drop self
 
 
-def _attention_targets(model_type: str, config: MixLoraConfig) -> list[str]:
-    unknown = sorted(config.target_module_names - _KNOWN_PROJECTIONS)
+def _attention_targets(model_type: str, config: MixLoraConfig, mlp: nn.Module) -> list[str]:
+    """The attention projections to give LoRA. A name no supported model has is an error;
+    one that this model lacks (llama's q_proj on Phi3, whose attention is qkv_proj) is
+    skipped, as the ``mixlora`` package skips it, with a warning naming what it has."""
+    names = config.target_module_names
+    unknown = sorted(names - _KNOWN_PROJECTIONS)
     if unknown:
         raise ValueError(
             f"MixLoraConfig.target_modules names {unknown}, which no supported model has; "
             f"known projections: {sorted(_KNOWN_PROJECTIONS)}"
         )
-    return [name for name in SUPPORTED_MODEL_TYPES[model_type] if name in config.target_module_names]
+    attention = SUPPORTED_MODEL_TYPES[model_type]
+    mlp_names = [name for name, _ in mlp.named_children() if name in MLP_PROJECTIONS]
+    absent = sorted(names - set(attention) - set(mlp_names))
+    if absent:
+        warnings.warn(
+            f"inject_mixlora: target_modules names {absent}, which this {model_type} model does not have "
+            f"(attention: {list(attention)}; MLP: {mlp_names}); they get no LoRA. Leave target_modules "
+            f"out for every projection of the model type: {list(DEFAULT_TARGET_MODULES[model_type])}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return [name for name in attention if name in names]
 
 
 def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -138,7 +154,8 @@ def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.
     decoder = decoder_of(model)
     if mixlora_blocks(model):
         raise ValueError("inject_mixlora: the model already holds MixLoRA blocks; load weights with load_adapter")
-    attention = _attention_targets(model_type, config)
+    config = config.for_model_type(model_type)
+    attention = _attention_targets(model_type, config, decoder.layers[0].mlp) if len(decoder.layers) else []
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
 
@@ -187,10 +204,13 @@ def inject_mixlora(
 
     Every decoder layer's MLP becomes a ``FusedMixLoraFFN`` (``backend``: "auto",
     "torch" or "triton") and the attention projections in ``config.target_modules`` get a
-    plain ``LoraLinear``; names the model lacks are skipped, as the ``mixlora`` package
-    does. Only the adapter parameters require grad afterwards (embeddings, lm_head and the
-    base weights are frozen). Adapter weights are created in ``dtype`` (default: each base
-    layer's own). The config is kept as ``model.mixlora_config``.
+    plain ``LoraLinear``; ``target_modules`` None (the default) means every attention and
+    MLP projection of the model type (``config.DEFAULT_TARGET_MODULES``), and names the
+    model lacks are skipped with a warning, as the ``mixlora`` package skips them. Only the
+    adapter parameters require grad afterwards (embeddings, lm_head and the base weights
+    are frozen). Adapter weights are created in ``dtype`` (default: each base
+    layer's own). The config is kept as ``model.mixlora_config``, its target_modules
+    filled in.
 
     Supported model types: llama, mistral, qwen2, gemma, gemma2, phi, phi3; any other
     raises ValueError naming it.
