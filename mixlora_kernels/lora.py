@@ -16,6 +16,35 @@ from torch import nn
 from .config import MixLoraConfig
 
 
+def check_base_projection(module: nn.Module, where: str) -> None:
+    """A frozen base projection must compute x W^T (+ b) from a weight we can read the
+    shape of: an ``nn.Linear``, including bitsandbytes' ``Linear4bit`` and ``Linear8bitLt``
+    (which subclass it and quantise their weight), or a module with a floating-point 2-D
+    weight. Other quantised layers (packed integer weights, as GPTQ or AWQ write them)
+    are refused here, before anything is built, rather than misread."""
+    if isinstance(module, nn.Linear):
+        return
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2:
+        return
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    raise TypeError(
+        f"{where} is a {kind}, which is not supported as a frozen base projection: use torch.nn.Linear, "
+        "bitsandbytes' Linear4bit / Linear8bitLt (load_in_4bit / load_in_8bit), or a module with a "
+        "floating-point 2-D weight"
+    )
+
+
+def adapter_dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype adapter weights on this base projection default to: its weight's, or for a
+    quantised weight (integer storage) the layer's compute dtype, else fp32."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    compute = getattr(module, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.float32
+
+
 def linear_features(linear: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a linear-like module (quantised
     linears keep the attributes; others have a 2-D weight)."""
@@ -44,6 +73,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"LoraLinear: r={r!r} must be a positive integer")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraLinear: dropout={dropout!r} must be in [0, 1)")
+        check_base_projection(base, f"LoraLinear base {type(base).__name__}")
         self.in_features, self.out_features = linear_features(base)
         self.r = r
         self.scaling = scaling
@@ -52,8 +82,7 @@ class LoraLinear(nn.Module):
         weight = getattr(base, "weight", None)
         device = weight.device if isinstance(weight, torch.Tensor) else None
         if dtype is None:
-            floating = isinstance(weight, torch.Tensor) and weight.is_floating_point()
-            dtype = weight.dtype if floating else torch.float32
+            dtype = adapter_dtype_of(base)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)

@@ -16,7 +16,7 @@ from torch import nn
 from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
-from .lora import linear_features
+from .lora import adapter_dtype_of, check_base_projection, linear_features
 from .routing import expert_counts, router_loss
 
 # The routing fields of MixLoraConfig that mixlora_ffn takes; the config holds None for
@@ -83,6 +83,8 @@ class FusedMixLoraFFN(nn.Module):
         activation_kind(self.activation)  # fail early on an unsupported activation
         projections = MLP_STYLES[self.style]
         for name in projections:
+            check_base_projection(getattr(mlp, name), f"{type(mlp).__name__}.{name}")
+        for name in projections:
             base = getattr(mlp, name)
             base.requires_grad_(False)
             self.add_module(name, base)
@@ -104,7 +106,7 @@ class FusedMixLoraFFN(nn.Module):
         ref = getattr(self, last).weight if hasattr(getattr(self, last), "weight") else None
         device = ref.device if ref is not None else None
         if dtype is None:
-            dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+            dtype = adapter_dtype_of(getattr(self, last))
         self.moe_gate = nn.Linear(self.hidden_size, self.num_experts, bias=False, device=device, dtype=torch.float32)
         nn.init.normal_(self.moe_gate.weight, mean=0.0, std=config.router_init_range)
         r = config.expert_r

@@ -155,6 +155,10 @@ def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.
     if mixlora_blocks(model):
         raise ValueError("inject_mixlora: the model already holds MixLoRA blocks; load weights with load_adapter")
     config = config.for_model_type(model_type)
+    if dtype is None and any(not p.is_floating_point() for p in model.parameters()):
+        # A quantised base (bitsandbytes 4/8-bit) stores integer weights: its adapters take
+        # the dtype the model computes in, that of its embeddings.
+        dtype = model.get_input_embeddings().weight.dtype
     attention = _attention_targets(model_type, config, decoder.layers[0].mlp) if len(decoder.layers) else []
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
