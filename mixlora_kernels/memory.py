@@ -1,0 +1,156 @@
+"""What training a MixLoRA model holds in memory, part by part, for any model shape: the
+frozen base weights at 16, 8 or 4 bits, the adapter parameters with their gradients and
+AdamW state, and the activations each MixLoRA FFN block saves for backward.
+
+``ffn_saved_bytes`` lists what the block saves, tensor by tensor (the tests compare it
+with the bytes autograd actually saves, for every routing strategy and both backends):
+x and its fp32 copy for the router, the base projections G and U, the routing, and by
+path the Triton pass's weighted down shrinks Zd and dropout seed, or the torch pass's
+dropout masks. Attention, norms and the rest of a decoder layer save what the base model
+saves; that is not counted here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .config import MLP_PROJECTIONS, MixLoraConfig
+
+# Bytes per frozen weight element: bf16 / fp16; bitsandbytes LLM.int8 (one int8 per
+# element plus an fp32 scale per row, counted); nf4 / fp4 (half a byte per element plus an
+# fp32 absmax per block of 64, without double quantisation).
+_BLOCK_4BIT = 64
+
+
+def _frozen_linear_bytes(inp: int, out: int, bits: int) -> int:
+    if bits == 16:
+        return 2 * inp * out
+    if bits == 8:
+        return inp * out + 4 * out
+    if bits == 4:
+        return (inp * out + 1) // 2 + 4 * -(-inp * out // _BLOCK_4BIT)
+    raise ValueError(f"base_bits={bits!r} must be 16, 8 or 4")
+
+
+class ModelShape(NamedTuple):
+    """The dimensions of a decoder-only model that the accounting needs."""
+
+    model_type: str
+    hidden: int  # d
+    intermediate: int  # f
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def of(cls, hf_config) -> ModelShape:
+        """The shape of a Hugging Face model config (``AutoConfig``, ``model.config``)."""
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        return cls(
+            hf_config.model_type, hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_hidden_layers,
+            heads, getattr(hf_config, "num_key_value_heads", None) or heads, head_dim, hf_config.vocab_size,
+            bool(getattr(hf_config, "tie_word_embeddings", False)),
+        )  # fmt: skip
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear layer of one decoder layer, by name."""
+        d, f = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.model_type == "phi3":
+            return {"qkv_proj": (d, q + 2 * kv), "o_proj": (q, d), "gate_up_proj": (d, 2 * f), "down_proj": (f, d)}
+        attention = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv)}
+        if self.model_type == "phi":
+            return {**attention, "dense": (q, d), "fc1": (d, f), "fc2": (f, d)}
+        return {**attention, "o_proj": (q, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+# The two models of the README's table, from their published configs.
+LLAMA2_7B = ModelShape("llama", 4096, 11008, 32, 32, 32, 128, 32000)
+LLAMA3_8B = ModelShape("llama", 4096, 14336, 32, 32, 8, 128, 128256)
+
+
+class TrainingMemory(NamedTuple):
+    """Bytes of one training setup (``adapter_parameters`` is a count)."""
+
+    frozen_weights: int  # the base's linear layers at base_bits; embeddings and lm_head in 16 bits
+    adapter_parameters: int  # routers, expert LoRA and attention LoRA
+    adapter_bytes: int  # the adapter parameters, fp32
+    gradient_bytes: int  # their gradients, fp32
+    adamw_bytes: int  # AdamW's two moments, fp32
+    activations_per_layer: int  # saved for backward by one MixLoRA FFN block
+    activations: int  # by the MixLoRA FFN blocks of every layer
+
+    @property
+    def total(self) -> int:
+        return self.frozen_weights + self.adapter_bytes + self.gradient_bytes + self.adamw_bytes + self.activations
+
+
+def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str, element: int) -> int:
+    """What routing saves: the router's fp32 probabilities (T, E), the chosen experts
+    (int64) and their weights in x's dtype, and each path's own intermediates."""
+    slots = top_k if strategy == "mixlora" else E if strategy == "mixlora-dynamic" else 1
+    saved = T * E * 4 + T * slots * 8 + T * slots * element
+    if strategy == "mixlora-switch":  # the bypass weight p_max of dropped tokens, x's dtype
+        saved += T * element
+    if backend == "triton":
+        return saved
+    if strategy == "mixlora":  # the top-k probabilities (fp32) and their sum
+        return saved + T * top_k * 4 + T * 4
+    if strategy == "mixlora-dynamic":  # the sort order and the mask of kept slots
+        return saved + T * E * 8 + T * E
+    return saved + T * 8 + 2 * T  # switch: the argmax and two masks
+
+
+def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLoraConfig, *, element: int = 2,
+                    backend: str = "triton", training: bool = True, gated: bool = True,
+                    down_lora: bool = True, shared_dropout: bool = False) -> int:  # fmt: skip
+    """Bytes one MixLoRA FFN block saves for backward over ``tokens`` rows, with the
+    activations in ``element``-byte floats (2: bf16/fp16, 4: fp32).
+    ``gated``: gate/up MLPs (False for fc1/fc2, which have no U); ``down_lora``: the down
+    projection has expert LoRA; ``shared_dropout``: gate and up share one LoRA input
+    (Phi3). Dropout counts when ``training`` and the config's expert dropout is on."""
+    if element not in (2, 4):
+        raise ValueError(f"ffn_saved_bytes: element={element!r} must be 2 (bf16, fp16) or 4 (fp32)")
+    T, d, f = tokens, hidden, intermediate
+    E, r = config.num_experts, config.expert_r
+    x = T * d * element
+    router_input = T * d * 4 if element == 2 else 0  # the router's fp32 copy (fp32 input is its own)
+    projections = (2 if gated else 1) * T * f * element
+    saved = x + router_input + projections
+    saved += _routing_saved_bytes(T, E, config.routing_strategy, config.top_k or 0, backend, element)
+    dropout = training and config.expert_dropout > 0
+    if backend == "triton":
+        saved += T * E * r * 4 if down_lora else 0  # Zd, the weighted down shrinks, fp32
+        saved += 8 if dropout else 0  # the in-kernel dropout seed
+    elif dropout:  # bool keep-masks of the LoRA inputs
+        saved += T * d * (1 if shared_dropout or not gated else 2) + T * f
+    return saved
+
+
+def training_memory(shape: ModelShape, config: MixLoraConfig, *, batch: int, seq_len: int, base_bits: int = 16,
+                    element: int = 2, backend: str = "triton") -> TrainingMemory:  # fmt: skip
+    """The memory of training ``config`` on a model of ``shape`` with AdamW and fp32
+    adapter parameters, ``batch`` x ``seq_len`` tokens per step, the base at
+    ``base_bits`` (16, 8 or 4) and activations in ``element``-byte floats."""
+    projections = shape.projections()
+    frozen = shape.layers * sum(_frozen_linear_bytes(i, o, base_bits) for i, o in projections.values())
+    frozen += 2 * shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+
+    targets = config.for_model_type(shape.model_type).target_module_names
+    E, r = config.num_experts, config.expert_r
+    per_layer = E * shape.hidden  # the router
+    for name, (i, o) in projections.items():
+        if name in targets:
+            per_layer += E * r * (i + o) if name in MLP_PROJECTIONS else config.r * (i + o)
+    params = per_layer * shape.layers
+
+    mlp = [name for name in projections if name in MLP_PROJECTIONS]
+    per_block = ffn_saved_bytes(
+        batch * seq_len, shape.hidden, shape.intermediate, config, element=element, backend=backend,
+        gated=shape.model_type != "phi", down_lora=mlp[-1] in targets, shared_dropout=shape.model_type == "phi3",
+    )  # fmt: skip
+    return TrainingMemory(frozen, params, 4 * params, 4 * params, 8 * params, per_block, per_block * shape.layers)

@@ -1,0 +1,86 @@
+"""The memory accounting: ffn_saved_bytes against the bytes autograd actually saves in a
+MixLoRA FFN block (every routing strategy, dropout on and off, both backends, MLP styles),
+and training_memory's parts against the parameters of an injected model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import tiny_config, tiny_model
+from test_module import ALL_MLP, make_mlp
+
+from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, inject_mixlora
+from mixlora_kernels.memory import LLAMA2_7B, LLAMA3_8B, ModelShape, ffn_saved_bytes, training_memory
+
+STRATEGIES = {
+    "topk": {"routing_strategy": "mixlora", "top_k": 2},
+    "top_p": {"routing_strategy": "mixlora-dynamic", "top_p": 0.7},
+    "switch": {"routing_strategy": "mixlora-switch", "expert_capacity": 4},
+}
+CASES = [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
+
+
+def measured_saved_bytes(block, x) -> int:
+    """Distinct storages autograd saves in one forward, parameters left out."""
+    skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("backend", "dtype"), CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
+@pytest.mark.parametrize(
+    ("kind", "targets"),
+    [("llama", ALL_MLP), ("llama", ["gate_proj", "up_proj"]), ("phi", ALL_MLP), ("phi3", ALL_MLP)],
+    ids=["llama", "llama-no-down-lora", "phi", "phi3"],
+)
+def test_ffn_saved_bytes_is_what_autograd_saves(kind, targets, backend, dtype, strategy, dropout):
+    cfg = MixLoraConfig(num_experts=4, r=4, target_modules=targets, lora_dropout=dropout, jitter_noise=0.0,
+                        **STRATEGIES[strategy])  # fmt: skip
+    block = FusedMixLoraFFN.from_mlp(make_mlp(kind, dtype), cfg, backend=backend).train()
+    x = torch.randn(24, block.hidden_size, dtype=dtype, requires_grad=True)
+    expected = ffn_saved_bytes(
+        24, block.hidden_size, block.intermediate_size, cfg, element=x.element_size(), backend=backend,
+        gated=block.style != "fc", down_lora="down_proj" in block.lora_A or "fc2" in block.lora_A,
+        shared_dropout=block.style == "fused_gate_up",
+    )  # fmt: skip
+    assert measured_saved_bytes(block, x) == expected
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi", "phi3"])
+def test_training_memory_counts_the_adapter_and_base_of_an_injected_model(model_type):
+    config = MixLoraConfig(num_experts=4, r=4)
+    model = inject_mixlora(tiny_model(model_type), config, backend="torch")
+    shape = ModelShape.of(tiny_config(model_type))
+    memory = training_memory(shape, config, batch=2, seq_len=8)
+    assert memory.adapter_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n and not p.requires_grad)
+    assert memory.frozen_weights == 2 * (frozen - biases - norms)  # bf16 linears and embeddings
+    assert memory.adamw_bytes == 2 * memory.adapter_bytes == 8 * memory.adapter_parameters
+    assert memory.activations == memory.activations_per_layer * shape.layers
+
+
+def test_the_quantised_base_sizes_and_the_published_models():
+    config = MixLoraConfig(num_experts=8, top_k=2, r=16, lora_alpha=32)
+    sizes = {bits: training_memory(LLAMA2_7B, config, batch=1, seq_len=2048, base_bits=bits) for bits in (16, 8, 4)}
+    # LLaMA-2-7B: 6.74e9 parameters, 6.48e9 of them in the decoder layers' linear layers.
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    embeddings = 2 * 32000 * 4096
+    assert sizes[16].frozen_weights == 2 * (linear + embeddings)
+    assert sizes[8].frozen_weights == linear + 32 * 4 * (4 * 4096 + 2 * 11008 + 4096) + 2 * embeddings
+    assert sizes[4].frozen_weights == linear // 2 + 4 * linear // 64 + 2 * embeddings
+    assert LLAMA3_8B.projections()["k_proj"] == (4096, 1024)
+    with pytest.raises(ValueError, match="base_bits=3"):
+        training_memory(LLAMA2_7B, config, batch=1, seq_len=16, base_bits=3)
