@@ -93,6 +93,26 @@ def _ptr(dtype: str) -> str:
     return f"*{dtype}"
 
 
+def _tm_specialisations(family_configs: list, key, flags_name: str, dtype: str, r: int) -> list[tuple]:
+    """(config, divisibility, label, headline key) to compile for one token-major class:
+    every config of a headline class (``key`` set), the first config of any other, each as
+    the launcher specialises it ("aligned"); and for bf16 with dropout the first config
+    with nothing known ("unaligned")."""
+    configs = family_configs if key is not None else family_configs[:1]
+    specialisations = [(cfg, _aligned(r), "aligned", key) for cfg in configs]
+    if flags_name == "gate_up_down+keep" and dtype == "bf16":
+        specialisations.append((family_configs[0], frozenset(), "unaligned", None))
+    return specialisations
+
+
+def _tm_constants(cfg, K: int, E: int, er: int, variable: bool, flags: dict) -> dict:
+    """The constexprs the token-major kernels share, as the launchers pass them."""
+    from ..kernels.common import next_pow2
+
+    return dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32", VARIABLE_K=variable, **flags,
+                **cfg.kwargs)  # fmt: skip
+
+
 def _tm_jobs(arch: str, family: str) -> list[Job]:
     from ..kernels.common import next_pow2, token_major_width
     from ..kernels.launch import TOKEN_MAJOR_MAX_ER
@@ -110,8 +130,6 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
             for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
                 for flags_name, flags in TM_FLAG_SETS.items():
                     headline = (E, r) in HEADLINE_EXPERTS_RANKS and not variable and flags_name in HEADLINE_FLAGS
-                    # Every config for the headline classes; the others with the first.
-                    configs = family_configs if headline else family_configs[:1]
                     # Without top-p the launcher passes the experts in place of the order.
                     order = "*i32" if variable else "*i64"
                     sig = {
@@ -125,12 +143,9 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                     }  # fmt: skip
                     variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
                     key = ("expert_pass_tm_fwd", dtype, E, r, K, flags_name) if headline else None
-                    specialisations = [(cfg, _aligned(r), "aligned", key) for cfg in configs]
-                    if flags_name == "gate_up_down+keep" and dtype == "bf16":
-                        specialisations.append((family_configs[0], frozenset(), "unaligned", None))
+                    specialisations = _tm_specialisations(family_configs, key, flags_name, dtype, r)
                     for cfg, divisible, spec, headline_key in specialisations:
-                        const = dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32",
-                                     VARIABLE_K=variable, **flags, **cfg.kwargs)  # fmt: skip
+                        const = _tm_constants(cfg, K, E, er, variable, flags)
                         estimate = token_major_smem(cfg, er, 2, 2 if variable else K)
                         jobs.append(Job("expert_pass_tm_fwd", arch, _cfg(cfg), f"{variant} {spec}",
                                         {**sig, **{name: "constexpr" for name in const}}, const, estimate,
@@ -160,7 +175,6 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
                         # Outside the headline, one variant per routing and layout shows it compiles.
                         if not headline and (K == 1 or (variable and flags_name != "gate_up_down+keep")):
                             continue
-                        configs = family_configs if headline else family_configs[:1]
                         order = "*i32" if variable else "*i64"
                         sig = {
                             "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "dh_ptr": _ptr(dtype),
@@ -179,12 +193,9 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
                                     chunk: "i32", "T_BUCKET": "i32"})  # fmt: skip
                         variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
                         key = (kernel, dtype, E, r, K, flags_name) if headline else None
-                        specialisations = [(cfg, _aligned(r), "aligned", key) for cfg in configs]
-                        if flags_name == "gate_up_down+keep" and dtype == "bf16":
-                            specialisations.append((family_configs[0], frozenset(), "unaligned", None))
+                        specialisations = _tm_specialisations(family_configs, key, flags_name, dtype, r)
                         for cfg, divisible, spec, headline_key in specialisations:
-                            const = dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32",
-                                         VARIABLE_K=variable, **flags, **cfg.kwargs)  # fmt: skip
+                            const = _tm_constants(cfg, K, E, er, variable, flags)
                             if kernel == "expert_pass_tm_bwd":
                                 const["K_PAD"] = next_pow2(K)
                             jobs.append(Job(kernel, arch, _cfg(cfg), f"{variant} {spec}",
