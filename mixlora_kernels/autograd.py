@@ -370,7 +370,6 @@ def route(logits: Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Rout
     """Route with the Triton kernels (backend "triton") or PyTorch ops."""
     if backend != "triton":
         return route_torch(logits, spec, seq_len)
-    kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     if spec.strategy == "mixlora-switch":
         weights, experts, bypass, counts = route_switch_op(logits, seq_len, spec.expert_capacity)
         kept = experts[:, 0] < logits.shape[-1]
@@ -379,4 +378,5 @@ def route(logits: Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Rout
         weights, experts, counts = route_topk_op(logits, spec.top_k)
     else:
         weights, experts, counts = route_top_p_op(logits, float(spec.top_p), float(spec.temperature))
+    kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     return Routing(logits, weights.to(logits.dtype), experts, kept, None, counts)

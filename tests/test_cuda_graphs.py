@@ -9,11 +9,10 @@ import itertools
 
 import pytest
 import torch
+from test_compile import pin_dropout_seed
 from test_module import ALL_MLP, make_mlp
 
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, router_aux_loss
-from mixlora_kernels.kernels import dropout as dropout_module
-from mixlora_kernels.kernels.dropout import Dropout
 
 GPU = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA device: CUDA graphs, sync debug mode")]
@@ -120,8 +119,7 @@ def test_a_captured_training_step_with_dropout_replays_the_eager_step(monkeypatc
     """With the dropout seed pinned (a tensor the graph reads at each replay) a replay is
     the eager step with that seed, output and every gradient; a new seed value gives new
     masks in the same graph."""
-    seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
-    monkeypatch.setattr(dropout_module, "new_dropout", lambda p, device, seed_value=None: Dropout(p, seed))
+    seed = pin_dropout_seed(monkeypatch, 1234)
     block = _block(dropout=0.3, jitter=0.0).train()
     static_x = torch.randn(48, 16, device="cuda", dtype=torch.bfloat16)
     step = _training_step(block, static_x)

@@ -9,6 +9,7 @@ import torch
 from hf_models import tiny_config, tiny_model
 from test_module import ALL_MLP, make_mlp
 
+from bench.harness import saved_bytes
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, inject_mixlora
 from mixlora_kernels.memory import LLAMA2_7B, LLAMA3_8B, ModelShape, ffn_saved_bytes, training_memory
 
@@ -18,22 +19,6 @@ STRATEGIES = {
     "switch": {"routing_strategy": "mixlora-switch", "expert_capacity": 4},
 }
 CASES = [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
-
-
-def measured_saved_bytes(block, x) -> int:
-    """Distinct storages autograd saves in one forward, parameters left out."""
-    skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
@@ -54,7 +39,7 @@ def test_ffn_saved_bytes_is_what_autograd_saves(kind, targets, backend, dtype, s
         gated=block.style != "fc", down_lora="down_proj" in block.lora_A or "fc2" in block.lora_A,
         shared_dropout=block.style == "fused_gate_up",
     )  # fmt: skip
-    assert measured_saved_bytes(block, x) == expected
+    assert saved_bytes(block, x, list(block.parameters())) == expected
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi", "phi3"])
