@@ -54,7 +54,7 @@ def run_tests(out: Path, shards: int, timeout: float, only_marked: bool) -> dict
     procs = []
     for i in range(shards):
         log = open(out / f"tests.shard{i}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES]
+        cmd = [sys.executable, "-m", "pytest", "-v", "--durations=10", "-p", "no:cacheprovider", *GPU_TEST_FILES]
         if only_marked:
             cmd += ["-m", "gpu"]
         shard_env = dict(env, MIXLORA_TEST_SHARD=f"{i}/{shards}")
@@ -79,21 +79,36 @@ def run_tests(out: Path, shards: int, timeout: float, only_marked: bool) -> dict
     return {"ok": ok, "codes": codes, "summaries": summaries}
 
 
-_PROGRESS = re.compile(r"^([.FEsxX]+)(?:\s+\[\s*\d+%\])?$")  # pytest -q's progress lines
+# pytest -v's line for each test: "tests/x.py::name[id] PASSED   [ 12%]".
+_RESULT = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_SELECTED = re.compile(r"(\d+) selected|collected (\d+) items?\s*$")
 
 
 def shard_summary(log: str, code, timeout: float) -> str:
-    """pytest's last line for a shard that finished; for one stopped at the time box, how
-    far it got (its progress dots: passed, F failed, E errors, s skipped)."""
-    lines = log.strip().splitlines()
-    if code != "timeout":
-        return lines[-1] if lines else "(no output)"
-    progress = "".join(m.group(1) for m in map(_PROGRESS.match, lines) if m)
-    counts = {mark: progress.count(mark) for mark in ".FEs"}
-    return (
-        f"stopped at {timeout:.0f} s: {counts['.']} passed, {counts['F']} failed, "
-        f"{counts['E']} errors, {counts['s']} skipped so far"
+    """One line for a shard from its pytest -v log: the counts, the names of the tests that
+    failed, and for a shard stopped at the time box, how many of its tests never ran."""
+    counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0}
+    failed = []
+    for line in log.splitlines():
+        m = _RESULT.match(line)
+        if m is None:
+            continue
+        name, outcome = m.groups()
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome in ("FAILED", "ERROR") and name not in failed:
+            failed.append(name)
+    selected = next((int(a or b) for a, b in _SELECTED.findall(log)), None)
+    ran = sum(counts.values())
+    head = f"stopped at {timeout:.0f} s" if code == "timeout" else f"exit {code}"
+    text = (
+        f"{head}: {counts['PASSED']} passed, {counts['FAILED']} failed, {counts['ERROR']} errors, "
+        f"{counts['SKIPPED']} skipped"
     )
+    if selected is not None and ran < selected:
+        text += f", {selected - ran} not run"
+    if failed:
+        text += " (" + ", ".join(name.split("::", 1)[-1] for name in failed) + ")"
+    return text
 
 
 def default_shards() -> int:
@@ -148,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for rows, logs, plots and the summary")
     p.add_argument("--small", action="store_true", help="tiny shapes: check the command end to end (CPU too)")
     p.add_argument("--skip-tests", action="store_true", help="benchmark only")
+    p.add_argument("--skip-bench", action="store_true", help="tests only")
     p.add_argument(
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
-    p.add_argument("--test-timeout", type=float, default=300.0, help="seconds for the test step (default 300)")
+    p.add_argument("--test-timeout", type=float, default=420.0, help="seconds for the test step (default 420)")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.small:
@@ -170,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in tests["summaries"]:
             print(f"  {line}")
 
+    if args.skip_bench:
+        return 0 if tests is None or tests["ok"] else 1
     print("\n== benchmark", flush=True)
     settings = Settings(
         device,

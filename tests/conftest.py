@@ -92,6 +92,29 @@ def assert_rel_rms(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
 def _seed():
     torch.manual_seed(1234)
     yield
+    if torch.cuda.is_available():
+        # Parallel test processes share one GPU: hand cached blocks back after each test.
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def exclusive_gpu():
+    """For a test that needs a large share of the GPU's memory: under the GPU check's
+    parallel shards (MIXLORA_TEST_SHARD), one such test runs at a time, across processes."""
+    if not os.environ.get("MIXLORA_TEST_SHARD") or not torch.cuda.is_available():
+        yield
+        return
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
+    with open(Path(tempfile.gettempdir()) / "mixlora-kernels-gpu-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -99,11 +99,20 @@ def make_problem(
     activation: str = "silu",
     dtype=torch.float64,
     router_scale: float = 1.0,
+    lora_std: float | None = 0.3,
 ) -> Problem:
-    """A problem of T tokens (or ``shape`` + (d,)) with the given MLP style."""
+    """A problem of T tokens (or ``shape`` + (d,)) with the given MLP style.
+
+    The LoRA weights are drawn with standard deviation ``lora_std``, or with None,
+    1/sqrt(fan-in) as a trained adapter's are: every intermediate stays of order one, as
+    fp16 needs at model widths (0.3 at d = 4096 sends the r-wide gradients past 65504)."""
     x = torch.randn(*(shape or (T,)), d, dtype=dtype, requires_grad=True)
     router = (torch.randn(E, d, dtype=dtype) * router_scale).requires_grad_()
-    rand = lambda *s: (torch.randn(*s, dtype=dtype) * 0.3).requires_grad_()
+
+    def rand(*s):
+        std = s[-1] ** -0.5 if lora_std is None else lora_std
+        return (torch.randn(*s, dtype=dtype) * std).requires_grad_()
+
     if style == "gate_up_down":
         base = {"gate_proj": _linear(d, f, bias, dtype), "up_proj": _linear(d, f, bias, dtype)}
     elif style == "fused_gate_up":

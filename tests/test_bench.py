@@ -174,9 +174,18 @@ def test_gpu_check_without_a_gpu_needs_small_mode(tmp_path, capsys):
 
 
 def test_gpu_check_reports_how_far_a_timed_out_shard_got():
-    log = "....F..s [ 12%]\n..E.\n"
-    assert shard_summary(log, "timeout", 180) == "stopped at 180 s: 9 passed, 1 failed, 1 errors, 1 skipped so far"
-    assert shard_summary("....\n4 passed in 3.2s\n", 0, 180) == "4 passed in 3.2s"
+    log = (
+        "collected 40 items / 34 deselected / 6 selected\n\n"
+        "tests/a.py::test_one[x-1] PASSED    [ 16%]\n"
+        "tests/a.py::test_two FAILED    [ 33%]\n"
+        "tests/a.py::test_three SKIPPED (needs a GPU)    [ 50%]\n"
+        "tests/b.py::test_four ERROR    [ 66%]\n"
+    )
+    assert shard_summary(log, "timeout", 180) == (
+        "stopped at 180 s: 1 passed, 1 failed, 1 errors, 1 skipped, 2 not run (test_two, test_four)"
+    )
+    finished = "collected 1 item\n\ntests/a.py::test_one PASSED [100%]\n1 passed in 3.2s\n"
+    assert shard_summary(finished, 0, 180) == "exit 0: 1 passed, 0 failed, 0 errors, 0 skipped"
 
 
 def test_the_console_script_runs_the_benchmark_from_any_directory(tmp_path):

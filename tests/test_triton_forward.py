@@ -58,7 +58,7 @@ def nan_empty(monkeypatch):
 def on_device(problem):
     if not GPU:
         return problem
-    moved = problem.to(torch.float64)
+    moved = problem.to(problem.x.dtype)  # a copy with fresh leaves, in the problem's dtype
     moved.x = moved.x.detach().cuda().requires_grad_()
     moved.router = moved.router.detach().cuda().requires_grad_()
     # Move each distinct tensor once, so that a shared gate/up A stays shared.
@@ -330,10 +330,11 @@ def test_wide_layers_fall_back_to_the_torch_backward_with_one_warning(monkeypatc
 
 
 def needs_gpu(test):
-    """A GPU-only test: marked ``gpu`` (what the GPU check's small mode selects) and
-    skipped without a CUDA device."""
+    """A GPU-only test at model sizes: marked ``gpu`` (what the GPU check's small mode
+    selects), skipped without a CUDA device, and alone on the GPU among parallel shards."""
     reason = "needs a CUDA device: compiled kernels at sizes the interpreter cannot run"
-    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=reason)(test))
+    exclusive = pytest.mark.usefixtures("exclusive_gpu")
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason=reason)(exclusive(test)))
 
 
 @needs_gpu
@@ -342,7 +343,7 @@ def needs_gpu(test):
     "T,d,f,E,k,r", [(4096, 1024, 2816, 8, 2, 16), (16, 4096, 11008, 8, 2, 16), (2048, 2048, 5632, 64, 2, 16)]
 )
 def test_gpu_large_shapes(organisation, T, d, f, E, k, r, dtype):
-    problem = on_device(make_problem(T=T, d=d, f=f, E=E, r=r, top_k=k, router_scale=0.05))
+    problem = on_device(make_problem(T=T, d=d, f=f, E=E, r=r, top_k=k, router_scale=0.05, lora_std=None))
     out, expected, grads, ref_grads = run_pair(problem, dtype, "triton")
     assert_rel_rms(out.out, expected.out, dtype, "out")
     for name, g, rg in zip(leaf_names(problem), grads, ref_grads):
@@ -353,7 +354,9 @@ def test_gpu_large_shapes(organisation, T, d, f, E, k, r, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("T,d,f,E,r", [(4096, 1024, 2816, 8, 16), (2048, 2048, 5632, 64, 16)])
 def test_gpu_dynamic_large_shapes(organisation, T, d, f, E, r, dtype):
-    problem = make_problem(T=T, d=d, f=f, E=E, r=r, routing_strategy="mixlora-dynamic", top_p=0.5, router_scale=0.05)
+    problem = make_problem(
+        T=T, d=d, f=f, E=E, r=r, routing_strategy="mixlora-dynamic", top_p=0.5, router_scale=0.05, lora_std=None
+    )
     out, expected, grads, ref_grads = run_pair(on_device(problem), dtype, "triton")
     used = experts_used(out, E).float().mean()
     assert 1.5 < used < E / 2, f"{used:.2f} experts per token: the test wants a few"
