@@ -13,6 +13,9 @@ only by algorithm:
                  mass against top-k at equal work
     fused_compiled  ``fused`` under torch.compile (the default inductor backend): what
                  fusing the elementwise work around the operators buys
+    fused_dora   MixDoRA: ``fused`` with DoRA magnitudes on gate, up and down (the down
+                 projection then runs once per (token, expert) pair)
+    vanilla_dora the reference loop with the same DoRA experts (MoE-PEFT's MixDoRA)
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 from torch import nn
 
 import reference
-from mixlora_kernels import ExpertLoRA, mixlora_ffn
+from mixlora_kernels import ExpertDoRA, ExpertLoRA, mixlora_ffn
+from mixlora_kernels.dora import weight_sq_norms
 from mixlora_kernels.routing import route_top_p, router_logits
 
 
@@ -71,13 +75,25 @@ class Weights:
             for name, i, o in (("gate", d, f), ("up", d, f), ("down", f, d))
         }
         self.scaling = 2.0
+        # DoRA magnitudes around the frozen weights' row norms (where a fresh adapter starts).
+        sq = {name: weight_sq_norms(lin) for name, lin in (("gate", self.gate_proj), ("up", self.up_proj),
+                                                           ("down", self.down_proj))}  # fmt: skip
+        self.dora = ExpertDoRA(
+            *(
+                (
+                    sq[name].sqrt() * (1.0 + 0.1 * torch.randn(E, sq[name].shape[0], generator=gen).to(device))
+                ).requires_grad_()
+                for name in ("gate", "up", "down")
+            ),
+            *(sq[name] for name in ("gate", "up", "down")),
+        )
 
     @property
     def base(self) -> dict:
         return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
 
     def parameters(self) -> list[torch.Tensor]:
-        tensors = [self.router, *self.experts]
+        tensors = [self.router, *self.experts, self.dora.gate_m, self.dora.up_m, self.dora.down_m]
         for a, b in self.dense_lora.values():
             tensors += [a, b]
         return tensors + [m.weight for m in self.base.values()]
@@ -120,5 +136,13 @@ def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: b
                 x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling
             ),
             "fused": fused,
+            "fused_dora": lambda x: (
+                mixlora_ffn(
+                    x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend, dora=w.dora
+                ).out
+            ),
+            "vanilla_dora": lambda x: (
+                reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, dora=w.dora).out
+            ),
         }
     )

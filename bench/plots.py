@@ -15,7 +15,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 BASELINES = {"dense": "dense (floor)", "dense_lora": "dense_lora", "shared_w13": "shared_w13", "vanilla": "vanilla"}
-CASES = ("fused", "fused_top_p", "fused_compiled", "dense", "dense_lora", "shared_w13", "vanilla")
+# The benchmark's cases in table order (the suite runs them; each has one plot style).
+CASES = (
+    "fused",
+    "fused_top_p",
+    "fused_compiled",
+    "fused_dora",
+    "dense",
+    "dense_lora",
+    "shared_w13",
+    "vanilla",
+    "vanilla_dora",
+)
 MODES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 SHAPE_KEYS = ("device", "dtype", "name", "d", "f", "E", "k", "r")
 MIB = 2**20
@@ -23,7 +34,7 @@ MISSING_MATPLOTLIB = "plots need matplotlib: pip install -e '.[bench]'"
 
 # One colour and marker per case across every figure, so a case reads the same everywhere;
 # hollow markers keep two cases with nearly equal values both visible.
-STYLE = {case: dict(color=f"C{i}", marker="osPD^vx"[i], markersize=8, mfc="none") for i, case in enumerate(CASES)}
+STYLE = {case: dict(color=f"C{i}", marker="osPD^vx<>*"[i], markersize=8, mfc="none") for i, case in enumerate(CASES)}
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict]:

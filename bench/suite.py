@@ -22,10 +22,10 @@ from .harness import (
     time_cuda,
     versions,
 )
+from .plots import CASES
 from .stages import make_stages, print_stages, stage_rows
 from .targets import Verdict, ratio, targets_for, verdicts
 
-CASES = ("fused", "fused_top_p", "fused_compiled", "dense", "dense_lora", "shared_w13", "vanilla")
 NOISY_SPREAD = 1.15  # q80 / q20 above this and a median means little
 
 
@@ -177,6 +177,13 @@ def print_result(result: ShapeResult, label: str) -> None:
         print(
             f"  torch.compile / eager (fused): fwd {ratios[0] or nan:.2f}, fwd+bwd {ratios[1] or nan:.2f}; "
             f"first calls (compiling) {seconds[0]:.1f} s fwd, {seconds[1]:.1f} s fwd+bwd"
+        )
+    if ("fused_dora", "fwd") in results:
+        ratios = [ratio(results, "fused_dora", "fused", mode) for mode in MODES]
+        over_vanilla = ratio(results, "vanilla_dora", "fused_dora", "fwd_bwd")
+        print(
+            f"  MixDoRA / MixLoRA (fused): fwd {ratios[0] or nan:.2f}, fwd+bwd {ratios[1] or nan:.2f}; "
+            f"fused MixDoRA speedup over vanilla MixDoRA (fwd+bwd) {over_vanilla or nan:.2f}"
         )
     tuning = result.tuning
     if tuning.get("tuned") or tuning.get("from_disk"):

@@ -4,6 +4,7 @@ share one frozen FFN, at about the cost of that FFN."""
 from typing import Any
 
 from .config import MixLoraConfig
+from .dora import ExpertDoRA
 from .functional import ExpertLoRA, MixLoraOutput, mixlora_ffn
 from .integrations import (
     ExpertLoad,
@@ -21,6 +22,7 @@ from .state import adapter_state_dict, load_adapter_state_dict
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExpertDoRA",
     "ExpertLoRA",
     "ExpertLoad",
     "FusedMixLoraFFN",

@@ -20,6 +20,7 @@ from .activations import activation_kind
 from .autograd import expert_pass, route
 from .config import STRATEGY_FIELDS, is_int, is_number
 from .containers import ExpertLoRA, MixLoraOutput
+from .dora import ExpertDoRA, dora_expert_ffn, weight_times_a
 from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise
 from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec, router_logits
@@ -175,6 +176,7 @@ def mixlora_ffn(
     training: bool = False,
     seed: int | None = None,
     backend: str = "auto",
+    dora: ExpertDoRA | None = None,
 ) -> MixLoraOutput:
     """The MixLoRA FFN block: ``out_t = sum_j w_tj * y_{e_tj}(x_t)`` (SPEC section 2).
 
@@ -205,6 +207,11 @@ def mixlora_ffn(
             torch.compile and CUDA graphs need. An explicit seed is for reproducing a
             step; it builds a torch.Generator, which torch.compile does not trace.
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
+        dora: DoRA magnitudes of the expert projections (``ExpertDoRA``) with the squared
+            row norms of the frozen weights (``dora.weight_sq_norms``): the experts become
+            DoRA (MixDoRA). That path runs per (token, slot) pair in torch operations on
+            either backend (the torch backend's grouped by expert, reading the group
+            sizes on the host); see ``dora.dora_expert_ffn``.
 
     Returns:
         ``MixLoraOutput(out, router_logits, experts, weights, kept, expert_counts)``;
@@ -231,6 +238,9 @@ def mixlora_ffn(
         G = gate_proj(xf)
         U = up_proj(xf) if up_proj is not None else None
     f = G.shape[-1]
+    if dora is not None:
+        _validate_dora(dora, experts, num_experts, d, f, x.device)
+    with_dora = dora is not None and dora.any()
 
     noise = Noise(None, None, None, None, 1.0)
     lora_dropout = dropout if training else 0.0
@@ -239,7 +249,7 @@ def mixlora_ffn(
     drop_seed = None
     if training and (dropout > 0 or jitter_noise > 0 or ffn_dropout > 0):
         shared_a = experts.up_A is None or experts.up_A is experts.gate_A
-        in_kernel = backend == "triton" and dropout > 0
+        in_kernel = backend == "triton" and dropout > 0 and not with_dora
         noise = draw_noise(
             seed, tokens=T, hidden=d, intermediate=f, dropout=0.0 if in_kernel else dropout, jitter=jitter_noise,
             has_up_mask=not shared_a, device=x.device, dtype=xf.dtype, ffn_dropout=ffn_dropout,
@@ -258,19 +268,66 @@ def mixlora_ffn(
     if experts.up_A is not None and experts.up_A is experts.gate_A:
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
     keep_scale = 1.0 / (1.0 - lora_dropout)
-    cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
     keep = (noise.gate, noise.up, noise.down)
-    H, Y = expert_pass(xf, G, U, routing.weights.to(xf.dtype), routing.experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
-    y = down_proj(H)
-    if Y is not None:
-        y = y + Y
-    if spec.strategy != "mixlora":
+    if with_dora:
+        times = _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f)
+        y, combined = dora_expert_ffn(
+            xf, G, U, routing.weights, routing.experts, ExpertLoRA(*lora), dora, kind=kind, scaling=scaling,
+            keep_scale=keep_scale, masks=keep, weight_times=times, down_proj=down_proj, grouped=backend == "torch",
+        )  # fmt: skip
+    else:
+        cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
+        weights = routing.weights.to(xf.dtype)
+        H, Y = expert_pass(xf, G, U, weights, routing.experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
+        y = down_proj(H)
+        if Y is not None:
+            y = y + Y
+        combined = True
+    if combined and spec.strategy != "mixlora":
         y = _unnormalised_epilogue(y, xf, routing, down_proj)
+    elif routing.bypass is not None:
+        y = torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)
     if noise.ffn is not None:
         y = y * noise.multiplicative("ffn", y.dtype)
     return MixLoraOutput(
         y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept, routing.counts
     )
+
+
+def _validate_dora(dora: ExpertDoRA, experts: ExpertLoRA, num_experts: int, d: int, f: int, device) -> None:
+    if not isinstance(dora, ExpertDoRA):
+        raise TypeError(f"mixlora_ffn: dora must be an ExpertDoRA, got {type(dora).__name__}")
+    for name, out in (("gate", f), ("up", f), ("down", d)):
+        m, sq = getattr(dora, f"{name}_m"), getattr(dora, f"{name}_sq_norms")
+        if m is None:
+            continue
+        if getattr(experts, f"{name}_A") is None:
+            raise ValueError(f"mixlora_ffn: dora.{name}_m is given but experts.{name}_A is None (no LoRA to scale)")
+        if tuple(m.shape) != (num_experts, out):
+            _shape_error(f"dora.{name}_m", m, (num_experts, out))
+        if sq is None or tuple(sq.shape) != (out,):
+            raise ValueError(
+                f"mixlora_ffn: dora.{name}_sq_norms must be the ({out},) squared row norms of the frozen "
+                f"{name} weight (dora.weight_sq_norms), got {None if sq is None else tuple(sq.shape)}"
+            )
+        for what, t in ((f"dora.{name}_m", m), (f"dora.{name}_sq_norms", sq)):
+            if t.device != device:
+                raise ValueError(f"mixlora_ffn: {what} is on {t.device} but x is on {device}")
+
+
+def _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f: int) -> dict:
+    """Per role, A -> W A^T through the frozen projection (Phi3's gate_up_proj: its halves)."""
+    if gate_up_proj is not None:
+        return {
+            "gate": lambda a: weight_times_a(gate_up_proj, a)[:, :f],
+            "up": lambda a: weight_times_a(gate_up_proj, a)[:, f:],
+            "down": lambda a: weight_times_a(down_proj, a),
+        }
+    return {
+        "gate": lambda a: weight_times_a(gate_proj, a),
+        "up": lambda a: weight_times_a(up_proj, a),
+        "down": lambda a: weight_times_a(down_proj, a),
+    }
 
 
 def _unnormalised_epilogue(y, xf, routing: Routing, down_proj):

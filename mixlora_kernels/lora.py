@@ -3,7 +3,8 @@
 ``y = base(x) + s * drop(x) A^T B^T`` with A (r, in) and B (out, r), as PEFT does it:
 A starts Kaiming-uniform, B at zero (so the wrapped layer starts out unchanged), and the
 dropout acts only in training mode. The adapter keys ``lora_A.weight`` / ``lora_B.weight``
-are those of the MixLoRA format (SPEC section 5).
+are those of the MixLoRA format (SPEC section 5). With ``use_dora`` the output (base
+included) is scaled by ``lora_magnitude_vector / ||W + s B A||`` per row (``dora``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class LoraLinear(nn.Module):
         scaling: float,
         dropout: float = 0.0,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(r, int) or r <= 0:
@@ -88,16 +90,49 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:
+            from .dora import weight_sq_norms
+
+            # Magnitudes in the norms' precision (fp32, fp64 for fp64): a fresh layer's scale
+            # m / n is then exactly 1.
+            wide = torch.promote_types(dtype, torch.float32)
+            self.register_buffer("weight_sq_norms", weight_sq_norms(base).to(device, wide), persistent=False)
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=wide))
+            self.reset_magnitude()
 
     @classmethod
     def from_config(cls, base: nn.Module, config: MixLoraConfig, dtype: torch.dtype | None = None) -> LoraLinear:
-        """The attention LoRA of a MixLoRA config: rank ``r``, scale ``config.scaling``."""
-        return cls(base, r=config.r, scaling=config.scaling, dropout=config.lora_dropout, dtype=dtype)
+        """The attention LoRA of a MixLoRA config: rank ``r``, scale ``config.scaling``,
+        DoRA with ``use_dora``."""
+        return cls(base, r=config.r, scaling=config.scaling, dropout=config.lora_dropout, dtype=dtype,
+                   use_dora=config.use_dora)  # fmt: skip
+
+    @torch.no_grad()
+    def current_row_norms(self) -> torch.Tensor:
+        """||W + s B A|| per output row, (out,): what the magnitude is divided by."""
+        from .dora import lora_row_norms, weight_times_a
+
+        a, b = self.lora_A.weight[None], self.lora_B.weight[None]
+        wa = weight_times_a(self.base_layer, a.to(adapter_dtype_of(self.base_layer)))
+        return lora_row_norms(self.weight_sq_norms, wa, a, b, self.scaling)[0].to(self.lora_magnitude_vector.dtype)
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """Magnitude := the current row norms (a scale of 1)."""
+        self.lora_magnitude_vector.copy_(self.current_row_norms())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return result + (self.scaling * update).to(result.dtype)
+        result = result + (self.scaling * update).to(result.dtype)
+        if self.lora_magnitude_vector is None:
+            return result
+        from .dora import magnitude_scale
+
+        scale = magnitude_scale(self.lora_magnitude_vector, self.current_row_norms())
+        return (scale.to(result.dtype) * result).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+        dora = ", dora" if self.lora_magnitude_vector is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{dora}"

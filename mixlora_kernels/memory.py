@@ -115,6 +115,12 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     (Phi3). Dropout counts when ``training`` and the config's expert dropout is on."""
     if element not in (2, 4):
         raise ValueError(f"ffn_saved_bytes: element={element!r} must be 2 (bf16, fp16) or 4 (fp32)")
+    if config.expert_dora:
+        raise NotImplementedError(
+            "ffn_saved_bytes: DoRA experts (use_dora) run per (token, expert) pair in torch operations, whose "
+            "saved activations are not modelled here; measure them with the benchmark (python -m bench "
+            "--cases fused_dora reports the bytes saved for backward)"
+        )
     T, d, f = tokens, hidden, intermediate
     E, r = config.num_experts, config.expert_r
     x = T * d * element

@@ -3,7 +3,8 @@
 The wrapped MLP's projections stay children under their own names (so the base model's
 state-dict keys do not change) and stay frozen. The adapter is the router ``moe_gate``
 and, per targeted projection, the stacked expert LoRA weights ``lora_A[name]`` (E, r, in)
-and ``lora_B[name]`` (E, out, r).
+and ``lora_B[name]`` (E, out, r), and with DoRA experts the magnitudes
+``lora_magnitude[name]`` (E, out).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
+from .dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
 from .lora import adapter_dtype_of, check_base_projection, linear_features
 from .routing import expert_counts, router_loss
@@ -72,10 +74,6 @@ class FusedMixLoraFFN(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
-        if config.expert_dora:
-            raise NotImplementedError(
-                "MixLoraConfig.use_dora=True (or expert_lora.use_dora=True): DoRA experts are not supported"
-            )
         self.config = config
         self.backend = backend
         self.style = _mlp_style(mlp)
@@ -120,6 +118,20 @@ class FusedMixLoraFFN(nn.Module):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(self.num_experts, fan_out, r, device=device, dtype=dtype))
 
+        # DoRA experts (MixDoRA): a magnitude per expert and output row, kept in fp32 (fp64
+        # for an fp64 adapter), the precision of the norms, so that a fresh block's scale
+        # m / n is exactly 1; and the frozen weights' squared row norms, computed once here
+        # (a quantised weight is dequantised once, not per step).
+        self.lora_magnitude = nn.ParameterDict()
+        if config.expert_dora:
+            wide = torch.promote_types(dtype, torch.float32)
+            for name in targeted:
+                sq_norms = weight_sq_norms(getattr(self, name)).to(device=device, dtype=wide)
+                self.register_buffer(f"weight_sq_norms_{name}", sq_norms, persistent=False)
+                m = torch.empty(self.num_experts, sq_norms.shape[0], device=device, dtype=wide)
+                self.lora_magnitude[name] = nn.Parameter(m)
+            self.reset_magnitudes()
+
         self.row_mask: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
         self.register_buffer(
@@ -162,6 +174,39 @@ class FusedMixLoraFFN(nn.Module):
                 roles.update({f"{fed[0]}_A": a, f"{fed[0]}_B": b})
         return ExpertLoRA(**roles)
 
+    def expert_dora(self) -> ExpertDoRA | None:
+        """The DoRA magnitudes and frozen-weight norms as roles for ``mixlora_ffn``, or
+        None for plain LoRA experts."""
+        if not self.lora_magnitude:
+            return None
+        roles: dict[str, torch.Tensor] = {}
+        f = self.intermediate_size
+        for name, m in self.lora_magnitude.items():
+            sq = getattr(self, f"weight_sq_norms_{name}")
+            fed = MLP_STYLES[self.style][name]
+            if fed == ("gate", "up"):
+                roles.update(gate_m=m[:, :f], up_m=m[:, f:], gate_sq_norms=sq[:f], up_sq_norms=sq[f:])
+            else:
+                roles.update({f"{fed[0]}_m": m, f"{fed[0]}_sq_norms": sq})
+        return ExpertDoRA(**roles)
+
+    @torch.no_grad()
+    def current_row_norms(self, name: str) -> torch.Tensor:
+        """||W + s B_e A_e|| per expert and output row of projection ``name``, (E, out) in
+        the magnitudes' dtype: what they are divided by."""
+        a = self.lora_A[name]
+        wa = weight_times_a(getattr(self, name), a.to(adapter_dtype_of(getattr(self, name))))
+        norms = lora_row_norms(getattr(self, f"weight_sq_norms_{name}"), wa, a, self.lora_B[name], self.scaling)
+        return norms.to(self.lora_magnitude[name].dtype)
+
+    @torch.no_grad()
+    def reset_magnitudes(self, names=None) -> None:
+        """Set the DoRA magnitudes of ``names`` (default every projection) to the current
+        row norms: a scale of 1, the state of a fresh adapter, and what an adapter saved
+        without magnitudes computes after loading."""
+        for name in self.lora_magnitude if names is None else names:
+            self.lora_magnitude[name].copy_(self.current_row_norms(name))
+
     def _base_kwargs(self) -> dict:
         if self.style == "gate_up_down":
             return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
@@ -196,6 +241,7 @@ class FusedMixLoraFFN(nn.Module):
             jitter_noise=cfg.jitter_noise,
             training=self.training,
             backend=self.backend,
+            dora=self.expert_dora(),
         )
         self.last_router_logits = result.router_logits
         with torch.no_grad():
@@ -219,7 +265,7 @@ class FusedMixLoraFFN(nn.Module):
         return (
             f"style={self.style}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
             f"experts={self.num_experts}, r={self.config.expert_r}, routing={self.config.routing_spec()}, "
-            f"activation={self.activation}, backend={self.backend}"
+            f"activation={self.activation}, backend={self.backend}" + (", dora" if self.lora_magnitude else "")
         )
 
     def router_loss(self) -> torch.Tensor:

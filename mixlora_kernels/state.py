@@ -3,15 +3,22 @@
 A block's keys are relative to it: ``moe_gate.weight`` (E, d) and, per targeted
 projection and expert, ``{proj}.experts.{e}.lora_A.weight`` (r, in) and
 ``{proj}.experts.{e}.lora_B.weight`` (out, r). Over a model every key gets the prefix of
-its layer (``mixlora.layers.{i}.mlp.`` / ``mixlora.layers.{i}.self_attn.``).
+its layer (``mixlora.layers.{i}.mlp.`` / ``mixlora.layers.{i}.self_attn.``). DoRA
+adds ``{proj}.experts.{e}.lora_magnitude_vector`` (out,) per expert, and
+``{proj}.lora_magnitude_vector`` on an attention LoRA (PEFT's name).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from .lora import LoraLinear
 from .modules import FusedMixLoraFFN
+
+MAGNITUDE_KEY = "lora_magnitude_vector"
 
 
 def _block_targets(block: FusedMixLoraFFN) -> dict[str, torch.Tensor]:
@@ -22,6 +29,9 @@ def _block_targets(block: FusedMixLoraFFN) -> dict[str, torch.Tensor]:
         for e in range(block.num_experts):
             targets[f"{name}.experts.{e}.lora_A.weight"] = a[e]
             targets[f"{name}.experts.{e}.lora_B.weight"] = b[e]
+    for name, m in block.lora_magnitude.items():
+        for e in range(block.num_experts):
+            targets[f"{name}.experts.{e}.{MAGNITUDE_KEY}"] = m[e]
     return targets
 
 
@@ -45,8 +55,16 @@ def load_adapter_state_dict(
 
     Every key is checked before anything is copied: a missing, unexpected or mis-shaped
     key raises an error naming it (and ``source``), and leaves the weights unchanged.
+
+    A DoRA model loading a state without any magnitude (as MoE-PEFT saves its MixDoRA
+    adapters) sets every magnitude to the row norms of its loaded W + s B A, a scale of 1,
+    which is what MoE-PEFT computes after a reload, and warns that it did.
     """
     targets = _named_targets(model_or_module)
+    magnitudes = {key for key in targets if key.endswith(MAGNITUDE_KEY)}
+    without_magnitudes = bool(magnitudes) and not magnitudes & set(state)
+    if without_magnitudes:
+        targets = {key: t for key, t in targets.items() if key not in magnitudes}
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     if missing:
@@ -66,3 +84,15 @@ def load_adapter_state_dict(
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(state[key])
+    if without_magnitudes:
+        for module in model_or_module.modules():
+            if isinstance(module, FusedMixLoraFFN) and module.lora_magnitude:
+                module.reset_magnitudes()
+            elif isinstance(module, LoraLinear) and module.lora_magnitude_vector is not None:
+                module.reset_magnitude()
+        warnings.warn(
+            f"{source}: the adapter is DoRA but holds no magnitudes ({MAGNITUDE_KEY}), as MoE-PEFT saves "
+            f"them; the {len(magnitudes)} magnitudes are set to the row norms of W + s*B*A (a scale of 1), "
+            "which is what MoE-PEFT computes after a reload: what training taught them is not in the file",
+            stacklevel=2,
+        )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mixlora_kernels.activations import act_fwd, activation_kind
 from mixlora_kernels.containers import ExpertLoRA, MixLoraOutput
+from mixlora_kernels.dora import ExpertDoRA
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -99,6 +100,22 @@ def _lora(inp: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, s: 
     return s * (inp @ a.t()) @ b.t()
 
 
+def _dora_scale(weight: torch.Tensor, a, b, m, s: float) -> torch.Tensor | float:
+    """PEFT's DoRA factor m / ||W + s B A|| per output row, the norm detached; 1 without m."""
+    if m is None:
+        return 1.0
+    merged = weight.to(a.dtype) + s * (b @ a)
+    return m.to(a.dtype) / torch.linalg.vector_norm(merged, dim=1).detach()
+
+
+def _base_weights(gate_proj, up_proj, down_proj, gate_up_proj) -> dict[str, torch.Tensor]:
+    if gate_up_proj is not None:
+        gate, up = gate_up_proj.weight.chunk(2, dim=0)
+    else:
+        gate, up = gate_proj.weight, getattr(up_proj, "weight", None)
+    return {"gate": gate, "up": up, "down": down_proj.weight}
+
+
 def _mask(masks: dict | None, name: str, rows: torch.Tensor) -> torch.Tensor | float:
     if masks is None or masks.get(name) is None:
         return 1.0
@@ -123,12 +140,18 @@ def mixlora_ffn(
     scaling: float = 1.0,
     dropout_masks: dict[str, torch.Tensor] | None = None,
     jitter_factors: torch.Tensor | None = None,
+    dora: ExpertDoRA | None = None,
 ) -> MixLoraOutput:
     """Vanilla MixLoRA: every expert runs the whole FFN on its own tokens.
 
     ``dropout_masks`` holds multiplicative masks {"gate": (T, d), "up": (T, d),
     "down": (T, f), "ffn": (T, d)}; a token's mask is the same for each expert it
     visits, and "ffn" multiplies the block output (switch ``ffn_dropout``).
+
+    ``dora`` (its magnitudes; the squared norms are not used here) makes the experts
+    DoRA, as PEFT defines it: each projection's output, base included, times
+    m_e / ||W + s B_e A_e|| per output row, the norm detached and formed from the
+    projection's ``weight`` (the projections must then be ``nn.Linear``).
     """
     kind = activation_kind(activation)
     shape = x.shape
@@ -145,6 +168,12 @@ def mixlora_ffn(
     xf = x.reshape(-1, shape[-1])
     out = torch.zeros_like(xf)
     s = scaling
+    base_weights = _base_weights(gate_proj, up_proj, down_proj, gate_up_proj) if dora is not None else {}
+
+    def dora_scale(name: str, e: int) -> torch.Tensor | float:
+        m = None if dora is None else getattr(dora, f"{name}_m")
+        return 1.0 if m is None else _dora_scale(base_weights[name], *experts.pair(name, e), m[e], s)
+
     for e in range(router_weight.shape[0]):
         rows, slots = torch.where((selected == e) & kept[:, None])
         xe = xf[rows]
@@ -154,11 +183,12 @@ def mixlora_ffn(
             gate_base = gate_proj(xe)
             up_base = up_proj(xe) if up_proj is not None else None
         g = gate_base + _lora(xe * _mask(dropout_masks, "gate", rows), *experts.pair("gate", e), s)
-        h = act_fwd(kind, g)
+        h = act_fwd(kind, dora_scale("gate", e) * g)
         if up_base is not None:
             u = up_base + _lora(xe * _mask(dropout_masks, "up", rows), *experts.pair("up", e), s)
-            h = h * u
+            h = h * (dora_scale("up", e) * u)
         y = down_proj(h) + _lora(h * _mask(dropout_masks, "down", rows), *experts.pair("down", e), s)
+        y = dora_scale("down", e) * y
         out.index_add_(0, rows, weights[rows, slots, None].to(y.dtype) * y)
     if routing_strategy == "mixlora-switch":
         dropped = ~kept

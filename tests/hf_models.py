@@ -77,9 +77,13 @@ def randomize_adapter(model: nn.Module, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.requires_grad:
-                std = 1.0 if "moe_gate" in name else 0.3
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64) * std)
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+            if "magnitude" in name:  # DoRA: around its start (the row norms), positive
+                param.mul_(1.0 + 0.2 * noise.clamp(-2, 2))
+            else:
+                param.copy_(noise * (1.0 if "moe_gate" in name else 0.3))
 
 
 def injected(model_type: str = "llama", dtype=torch.float32, config: MixLoraConfig | None = None, **kw):

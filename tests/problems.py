@@ -175,3 +175,20 @@ def leaf_names(problem: Problem) -> list[str]:
         if t is not None:
             names.setdefault(id(t), f"experts.{name}")
     return [names[id(t)] for t in problem.leaves()]
+
+
+# The variants of the backends' sweeps: MLP styles, activations, LoRA placements, odd sizes
+# and r = 16 (make_problem keyword arguments), with their test ids.
+VARIANTS = [
+    dict(shape=(2, 5), d=11, f=17, E=3, r=5),
+    dict(T=20, d=16, f=24, E=4, r=4, style="fused_gate_up", bias=True),
+    dict(T=20, d=16, f=24, E=4, r=4, style="fc", bias=True, activation="gelu_new"),
+    dict(T=20, d=16, f=24, E=4, r=4, activation="gelu"),
+    dict(T=20, d=16, f=24, E=4, r=4, activation="relu"),
+    dict(T=20, d=16, f=24, E=4, r=2, lora=("down",)),
+    dict(T=20, d=16, f=24, E=4, r=2, lora=("gate", "up")),
+    dict(T=20, d=16, f=24, E=4, r=2, lora=("up", "down")),
+    dict(T=37, d=19, f=131, E=5, r=7, top_k=3),
+    dict(T=24, d=16, f=40, E=4, r=16),
+]
+VARIANT_IDS = ["3d", "phi3", "phi", "gelu", "relu", "down-only", "no-down", "no-gate", "odd-sizes", "r16"]

@@ -48,8 +48,9 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     printed = captured.out
     assert "top-p routing (top_p=" in printed and "experts/token) / top-k (k=2)" in printed
     assert "no targets are defined for this shape" in printed
-    assert "timing fwd_bwd of 7 cases" in captured.err  # progress goes to stderr
+    assert "timing fwd_bwd of 9 cases" in captured.err  # progress goes to stderr
     assert "torch.compile / eager (fused): fwd " in printed
+    assert "MixDoRA / MixLoRA (fused): fwd " in printed
     rows = read_rows(tmp_path)
     cases = [row for row in rows if row["kind"] == "case"]
     assert {row["case"] for row in cases} == set(CASES)

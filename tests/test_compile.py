@@ -176,6 +176,23 @@ def _step(block, x: torch.Tensor, seed: int):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in block.named_parameters() if p.requires_grad}
 
 
+def _compiled_matches_eager(block, x: torch.Tensor):
+    """Compile a copy of ``block`` whole (fullgraph) and check its training step, output
+    and every gradient, against eager's with the same randomness. Returns the compiled
+    block and its step."""
+    eager = _step(block, x, seed=11)
+    compiled_block = copy.deepcopy(block)
+    compiled_block.forward = torch.compile(compiled_block.forward, fullgraph=True)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = _step(compiled_block, x, seed=11)
+    torch.testing.assert_close(compiled[0], eager[0], atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(compiled[1], eager[1], atol=2e-5, rtol=2e-4)
+    assert compiled[2].keys() == eager[2].keys()
+    for name in eager[2]:
+        torch.testing.assert_close(compiled[2][name], eager[2][name], atol=2e-5, rtol=2e-4, msg=name)
+    return compiled_block, compiled
+
+
 def pin_dropout_seed(monkeypatch, value: int) -> torch.Tensor:
     """Make the Triton path's dropout seed a fixed tensor (the functional draws it with
     ``new_dropout`` at each call): eager and compiled then drop the same elements whatever
@@ -199,16 +216,7 @@ def test_fullgraph_compile_matches_eager(backend, strategy, dropout, monkeypatch
     if triton_dropout:
         pin_dropout_seed(monkeypatch, 1234)
     x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
-    eager = _step(block, x, seed=11)
-    compiled_block = copy.deepcopy(block)
-    compiled_block.forward = torch.compile(compiled_block.forward, fullgraph=True)
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled = _step(compiled_block, x, seed=11)
-    torch.testing.assert_close(compiled[0], eager[0], atol=2e-5, rtol=2e-4)
-    torch.testing.assert_close(compiled[1], eager[1], atol=2e-5, rtol=2e-4)
-    assert compiled[2].keys() == eager[2].keys()
-    for name in eager[2]:
-        torch.testing.assert_close(compiled[2][name], eager[2][name], atol=2e-5, rtol=2e-4, msg=name)
+    compiled_block, compiled = _compiled_matches_eager(block, x)
     if dropout:  # the masks were drawn: another draw gives another output
         monkeypatch.undo()
         assert not torch.allclose(_step(compiled_block, x, seed=12)[0], compiled[0])
@@ -296,3 +304,26 @@ def test_a_new_token_count_does_not_recompile(backend):
         torch._dynamo.mark_dynamic(x, 0)
         torch.testing.assert_close(compiled(x), block(x), atol=2e-5, rtol=2e-4)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("strategy", ["topk", "top_p"])
+def test_the_mixdora_block_compiles_fullgraph_on_the_triton_backend(strategy):
+    """MixDoRA's path with no host synchronisation (the Triton backend's) in one graph,
+    forward and backward with dropout, against eager; the torch backend's groups pairs on
+    the host and is not meant to compile whole."""
+    cfg = {"num_experts": 4, "r": 4, "lora_alpha": 8, "target_modules": ALL_MLP, "lora_dropout": 0.2,
+           "use_dora": True, **STRATEGIES[strategy]}  # fmt: skip
+    block = FusedMixLoraFFN.from_mlp(make_mlp("llama", torch.float32), MixLoraConfig(**cfg), backend="triton")
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=gen)
+                if "magnitude" in name:  # around the row norms it starts at
+                    p.mul_(1.0 + 0.2 * noise)
+                else:
+                    p.copy_(noise * (1.0 if p.dim() == 2 else 0.3))
+    block = block.to(TRITON_DEVICE).train()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
+    _, compiled = _compiled_matches_eager(block, x)
+    assert any("magnitude" in name for name in compiled[2])

@@ -69,3 +69,9 @@ def test_the_quantised_base_sizes_and_the_published_models():
     assert LLAMA3_8B.projections()["k_proj"] == (4096, 1024)
     with pytest.raises(ValueError, match="base_bits=3"):
         training_memory(LLAMA2_7B, config, batch=1, seq_len=16, base_bits=3)
+
+
+def test_the_dora_path_is_not_modelled_and_says_so():
+    config = MixLoraConfig(num_experts=4, r=4, use_dora=True)
+    with pytest.raises(NotImplementedError, match="--cases fused_dora reports the bytes saved"):
+        ffn_saved_bytes(16, 32, 48, config)

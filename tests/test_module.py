@@ -199,10 +199,6 @@ def test_bad_inputs_raise_clear_errors():
         block(torch.randn(4, D, dtype=torch.float64, device="meta"))
     with pytest.raises(ValueError, match="backend"):
         FusedMixLoraFFN.from_mlp(make_mlp("llama"), MixLoraConfig(), backend="cuda")
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        FusedMixLoraFFN.from_mlp(make_mlp("llama"), MixLoraConfig(use_dora=True))
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        FusedMixLoraFFN.from_mlp(make_mlp("llama"), MixLoraConfig(expert_lora={"use_dora": True}))
     with pytest.raises(TypeError, match="layouts"):
         FusedMixLoraFFN.from_mlp(torch.nn.Linear(3, 3), MixLoraConfig())
 

@@ -56,7 +56,9 @@ def _dequantised(model: nn.Module) -> nn.Module:
             if isinstance(child, bnb.nn.Linear4bit):
                 weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
             elif isinstance(child, bnb.nn.Linear8bitLt):
-                weight = child.weight.data.float() * child.weight.SCB.float().unsqueeze(1) / 127
+                # After a first forward bitsandbytes keeps the row scales on the layer's state.
+                scales = child.weight.SCB if child.weight.SCB is not None else child.state.SCB
+                weight = child.weight.data.float() * scales.float().unsqueeze(1) / 127
             else:
                 continue
             linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
@@ -176,3 +178,44 @@ def test_an_unsupported_quantised_layer_is_refused_at_injection(where):
         inject_mixlora(model, _config())
     assert not hasattr(model, "mixlora_config")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", QUANTISATIONS)
+def test_mixdora_on_a_quantised_base_computes_each_weight_norm_once(base_dir, kind, monkeypatch):
+    import mixlora_kernels.dora as dora_module
+    import mixlora_kernels.modules as modules_module
+
+    calls = []
+    real = dora_module.weight_sq_norms
+
+    def counting(module):
+        calls.append(type(module).__name__)
+        return real(module)
+
+    monkeypatch.setattr(dora_module, "weight_sq_norms", counting)
+    monkeypatch.setattr(modules_module, "weight_sq_norms", counting)
+    model = inject_mixlora(_quantised(base_dir, kind), _config(use_dora=True), backend="torch")
+    layers = len(model.model.layers)
+    assert len(calls) == layers * (3 + 4), calls  # once per frozen weight: gate/up/down, q/k/v/o
+    randomize_adapter(model)
+    reference = _dequantised(model)
+    # The cached norms, taken through the quantised layers, are those of the dequantised
+    # weights (LLM.int8 returns its products in fp16: about 4e-5).
+    tolerance = 1e-4 if kind == "int8" else 1e-5
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            cached = getattr(layer.mlp, f"weight_sq_norms_{name}")
+            exact = getattr(ref_layer.mlp, name).weight.double().square().sum(1)
+            assert _relative(cached.double(), exact) < tolerance, name
+    ids = tokens(batch=2, length=8)
+    out, _ = _loss(model, ids)
+    ref_out, _ = _loss(reference, ids)
+    assert _relative(out.logits, ref_out.logits) < RELATIVE_ERROR[kind]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        _, loss = _loss(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(calls) == layers * (3 + 4), "no norm is recomputed per step"

@@ -20,7 +20,7 @@ from mixlora_kernels.kernels.permute import permute_fwd
 from mixlora_kernels.kernels.route import route_switch_fwd, route_top_p_fwd, route_topk_fwd
 from mixlora_kernels.routing import route_switch, route_top_p, route_topk
 from tests.conftest import assert_rel_rms
-from tests.problems import leaf_names, make_problem, run_pair
+from tests.problems import VARIANT_IDS, VARIANTS, leaf_names, make_problem, run_pair
 from tests.test_torch_backend import EK, check, dynamic_problem, experts_used
 
 pytestmark = pytest.mark.filterwarnings("ignore:mixlora_kernels. the Triton backward covers")
@@ -76,22 +76,7 @@ def test_sweep(organisation, E, k, T, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(shape=(2, 5), d=11, f=17, E=3, r=5),
-        dict(T=20, d=16, f=24, E=4, r=4, style="fused_gate_up", bias=True),
-        dict(T=20, d=16, f=24, E=4, r=4, style="fc", bias=True, activation="gelu_new"),
-        dict(T=20, d=16, f=24, E=4, r=4, activation="gelu"),
-        dict(T=20, d=16, f=24, E=4, r=4, activation="relu"),
-        dict(T=20, d=16, f=24, E=4, r=2, lora=("down",)),
-        dict(T=20, d=16, f=24, E=4, r=2, lora=("gate", "up")),
-        dict(T=20, d=16, f=24, E=4, r=2, lora=("up", "down")),
-        dict(T=37, d=19, f=131, E=5, r=7, top_k=3),
-        dict(T=24, d=16, f=40, E=4, r=16),
-    ],
-    ids=["3d", "phi3", "phi", "gelu", "relu", "down-only", "no-down", "no-gate", "odd-sizes", "r16"],
-)
+@pytest.mark.parametrize("kwargs", VARIANTS, ids=VARIANT_IDS)
 def test_variants(organisation, kwargs, dtype):
     check(on_device(make_problem(**kwargs)), dtype, backend="triton")
 

@@ -50,6 +50,8 @@ _STRUCTURAL_FIELDS = {
     "r": lambda c: c.r,
     "lora_alpha": lambda c: c.lora_alpha,
     "use_rslora": lambda c: c.use_rslora,
+    "use_dora": lambda c: c.use_dora,
+    "expert_lora.use_dora": lambda c: c.expert_dora,
     "expert_lora.r": lambda c: c.expert_r,
     "expert_lora.lora_alpha": lambda c: c.expert_alpha,
     "target_modules": lambda c: sorted(c.target_module_names),

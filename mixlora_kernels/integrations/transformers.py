@@ -23,7 +23,7 @@ from torch import nn
 from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig
 from ..lora import LoraLinear
 from ..modules import FusedMixLoraFFN, mixlora_blocks
-from ..state import _block_targets
+from ..state import MAGNITUDE_KEY, _block_targets
 
 _LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -141,8 +141,11 @@ def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     for module in model.modules():
         if isinstance(module, FusedMixLoraFFN):
             params += [module.moe_gate.weight, *module.lora_A.values(), *module.lora_B.values()]
+            params += list(module.lora_magnitude.values())
         elif isinstance(module, LoraLinear):
             params += [module.lora_A.weight, module.lora_B.weight]
+            if module.lora_magnitude_vector is not None:
+                params.append(module.lora_magnitude_vector)
     return params
 
 
@@ -235,6 +238,8 @@ def _layer_targets(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(child, LoraLinear):
                 targets[f"{prefix}.self_attn.{name}.lora_A.weight"] = child.lora_A.weight
                 targets[f"{prefix}.self_attn.{name}.lora_B.weight"] = child.lora_B.weight
+                if child.lora_magnitude_vector is not None:
+                    targets[f"{prefix}.self_attn.{name}.{MAGNITUDE_KEY}"] = child.lora_magnitude_vector
     return targets
 
 

@@ -1,0 +1,283 @@
+"""DoRA: LoRA with a learned magnitude per output row (weight-decomposed low-rank adaptation).
+
+For a frozen projection W (out, in), LoRA A (r, in), B (out, r), scale s and a trainable
+magnitude m (out,):
+
+    y = (m / n) * (base(x) + s * drop(x) A^T B^T),    n = ||W + s B A|| per output row
+
+with n detached from the graph (PEFT's and MoE-PEFT's convention), base(x) the frozen
+projection's output including its bias, and dropout on the LoRA branch only. m starts
+at n, so that a fresh adapter (B = 0) leaves the projection unchanged.
+
+n is computed without forming W + s B A (out x in per expert):
+
+    ||W + s B A||^2 = ||W||^2 + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B A A^T) * B)
+
+where ||W||^2 per row is computed once per frozen weight and cached (``weight_sq_norms``;
+a quantised weight is dequantised once, not per step), and W A^T, (out, r) per expert, is
+the base projection applied to the rows of A (minus its bias): one small GEMM through the
+frozen layer, quantised or not.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+# Chunk of identity rows pushed through a weight we cannot read directly.
+_PROBE_ROWS = 1024
+
+
+class ExpertDoRA(NamedTuple):
+    """DoRA magnitudes of the expert projections, each (E, out) or None (plain LoRA on that
+    projection), and the squared row norms of the frozen weights they scale, each (out,)
+    (from ``weight_sq_norms``; needed where the magnitude is given)."""
+
+    gate_m: torch.Tensor | None = None  # (E, f)
+    up_m: torch.Tensor | None = None  # (E, f)
+    down_m: torch.Tensor | None = None  # (E, d)
+    gate_sq_norms: torch.Tensor | None = None  # (f,)
+    up_sq_norms: torch.Tensor | None = None  # (f,)
+    down_sq_norms: torch.Tensor | None = None  # (d,)
+
+    def any(self) -> bool:
+        return any(m is not None for m in (self.gate_m, self.up_m, self.down_m))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs: the precision of the norm arithmetic."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _bias(module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+@torch.no_grad()
+def weight_sq_norms(module: nn.Module) -> torch.Tensor:
+    """||W||^2 per output row, fp32 (fp64 for an fp64 weight), of a frozen linear-like
+    module: read from a floating-point weight, otherwise (a quantised layer) recovered once
+    by passing the rows of the identity through the layer, which dequantises exactly as its
+    forward does."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2:
+        return weight.detach().to(_wide(weight.dtype)).square().sum(dim=1)
+    from .lora import adapter_dtype_of, linear_features
+
+    fan_in, fan_out = linear_features(module)
+    device = weight.device if isinstance(weight, torch.Tensor) else None
+    dtype = adapter_dtype_of(module)
+    bias = _bias(module)
+    total = torch.zeros(fan_out, dtype=torch.float32, device=device)
+    for start in range(0, fan_in, _PROBE_ROWS):
+        rows = min(_PROBE_ROWS, fan_in - start)
+        probe = torch.zeros(rows, fan_in, dtype=dtype, device=device)
+        probe[:, start : start + rows].fill_diagonal_(1.0)
+        columns = module(probe).float()  # (rows, out): columns start.. of W, transposed
+        if bias is not None:
+            columns = columns - bias.float()
+        total += columns.square().sum(dim=0)
+    return total
+
+
+@torch.no_grad()
+def weight_times_a(project, a: torch.Tensor) -> torch.Tensor:
+    """W A_e^T for each expert, (E, out, r) in fp32 or wider, through the frozen projection:
+    the rows of A (E, r, in) are inputs to it, and its bias is taken off."""
+    num, r, fan_in = a.shape
+    wide = _wide(a.dtype)
+    out = project(a.reshape(num * r, fan_in)).to(wide)
+    bias = _bias(project)
+    if bias is not None:
+        out = out - bias.to(wide)
+    return out.reshape(num, r, -1).transpose(1, 2)
+
+
+@torch.no_grad()
+def lora_row_norms(sq_norms: torch.Tensor, wa: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float):
+    """||W + s B_e A_e|| per output row, (E, out) in fp32 or wider, from ||W||^2 (out,),
+    W A^T (E, out, r), A (E, r, in) and B (E, out, r), by the expansion in the module
+    docstring."""
+    wide = _wide(a.dtype)
+    a, b = a.detach().to(wide), b.detach().to(wide)
+    cross = (b * wa.to(wide)).sum(-1)
+    quad = ((b @ (a @ a.transpose(1, 2))) * b).sum(-1)
+    return (sq_norms.to(wide) + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
+
+
+def magnitude_scale(m: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """m / n, differentiable in m only; a zero row norm (an all-zero weight row) gives a
+    scale of 0 rather than NaN."""
+    norms = norms.detach()
+    m = m.to(torch.promote_types(m.dtype, norms.dtype))
+    return torch.where(norms > 0, m / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+
+
+def _pair_shrink(inp: torch.Tensor, a: torch.Tensor, rows: torch.Tensor | None, expert: torch.Tensor) -> torch.Tensor:
+    """A_{e_p} inp_p for every pair p, (P, r): one GEMM against all experts' A stacked,
+    (N, E*r), then each pair's block. ``rows`` maps pairs to rows of ``inp`` (per-token
+    input) or is None (the input is per pair already)."""
+    num, r, fan_in = a.shape
+    full = inp @ a.reshape(num * r, fan_in).t()
+    if rows is not None:
+        full = full[rows]
+    index = expert[:, None, None].expand(-1, 1, r)
+    return full.reshape(-1, num, r).gather(1, index).squeeze(1)
+
+
+def _pair_expand(xa: torch.Tensor, b: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """B_{e_p} xa_p for every pair p, (P, out): each pair's r values placed in its expert's
+    block of an (P, E*r) matrix, times all experts' B stacked (a masked dense GEMM)."""
+    num, fan_out, r = b.shape
+    index = expert[:, None, None].expand(-1, 1, r)
+    blocks = xa.new_zeros(xa.shape[0], num, r).scatter(1, index, xa[:, None, :])
+    return blocks.reshape(-1, num * r) @ b.transpose(1, 2).reshape(num * r, fan_out)
+
+
+def _stack(lora, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(lora, f"{name}_A"), getattr(lora, f"{name}_B")
+
+
+def dora_expert_ffn(xf, G, U, weights, experts, lora, dora: ExpertDoRA, *, kind: str, scaling: float,
+                    keep_scale: float, masks: tuple, weight_times: dict, down_proj, grouped: bool):  # fmt: skip
+    """The MixLoRA FFN with DoRA experts, per (token, slot) pair, in differentiable torch ops.
+
+    Each pair p = (t, j) with expert e computes its own FFN on the shared base outputs:
+
+        g_p = c_gate[e] * (G_t + s B_gate[e] A_gate[e] drop(x_t)),  likewise u_p,
+        h_p = act(g_p) * u_p,
+        y_p = c_down[e] * (down(h_p) + s B_down[e] A_down[e] drop(h_p)),
+
+    out_t = sum_j w_tj y_p, with c = m / ||W + s B A|| per expert. G and U are computed once
+    for all tokens; the down projection runs once per pair (k T rows) where the down
+    projection has a magnitude, since a per-expert scale after it cannot be pulled in front
+    of the weighted sum; without one, the pairs are combined first and it runs once per
+    token. Returns (y, combined): ``combined`` tells whether y went through down(H) once,
+    so that the caller's bias correction for unnormalised weights applies.
+
+    ``grouped`` runs the pairs expert by expert, each expert's rows as one block (rank-r
+    matmuls, cache-sized elementwise work): the torch backend's way, which reads the group
+    sizes on the host. Otherwise every pair at once, with each pair's A and B applied by
+    masked GEMMs against all experts' stacked weights (E times the rank-r FLOPs): no host
+    synchronisation, for the GPU.
+
+    ``masks``: the (gate, up, down) boolean keep-masks per token, or Nones; ``weight_times``:
+    per role with a magnitude, a function A (E, r, in) -> W A^T (E, out, r) through the base.
+    """
+    num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    valid = flat < num_experts
+    w = torch.where(valid, weights.reshape(-1).to(xf.dtype), 0.0)
+    drop_gate, drop_up, drop_down = masks
+    drops = {"gate": drop_gate, "up": drop_up if drop_up is not None else drop_gate, "down": drop_down}
+    scales = {}
+    for name in ("gate", "up", "down"):
+        m = getattr(dora, f"{name}_m")
+        if m is not None:
+            a, b = _stack(lora, name)
+            norms = lora_row_norms(getattr(dora, f"{name}_sq_norms"), weight_times[name](a), a, b, scaling)
+            scales[name] = magnitude_scale(m, norms).to(xf.dtype)
+    run = _grouped_pairs if grouped else _all_pairs
+    return run(xf, G, U, w, torch.where(valid, flat, num_experts), lora, scales, drops, T, k, kind, scaling,
+               keep_scale, down_proj)  # fmt: skip
+
+
+def _dropped(inp: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor, keep_scale: float) -> torch.Tensor:
+    return inp if keep is None else inp * (keep[rows].to(inp.dtype) * keep_scale)
+
+
+def _pair_hidden(kind, G, U, lora, branch, down_lora):
+    """h = act(g) * u of a set of pairs, from ``branch(role, base)`` (the role's scaled
+    pre-activation), and the down LoRA's term ``down_lora(h, A, B)`` (None without one)."""
+    from .activations import act_fwd
+
+    h = act_fwd(kind, branch("gate", G))
+    if U is not None:
+        h = h * branch("up", U)
+    a_down, b_down = _stack(lora, "down")
+    return h, None if a_down is None else down_lora(h, a_down, b_down)
+
+
+def _all_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_scale, down_proj):
+    """Every pair at once, (kT, .) tensors; masked dense GEMMs for the rank-r work."""
+    num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
+    tokens = torch.arange(T, device=xf.device).repeat_interleave(k)
+    expert = expert.clamp(max=num_experts - 1)  # a slot without an expert has w = 0
+
+    def branch(name: str, base: torch.Tensor) -> torch.Tensor:
+        a, b = _stack(lora, name)
+        out = base[tokens]
+        if a is not None:
+            inp = xf if drops[name] is None else xf * (drops[name].to(xf.dtype) * keep_scale)
+            out = out + s * _pair_expand(_pair_shrink(inp, a, tokens, expert), b, expert)
+        return out * scales[name][expert] if name in scales else out
+
+    def down_lora(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        inp = _dropped(h, drops["down"], tokens, keep_scale)
+        return s * _pair_expand(_pair_shrink(inp, a, None, expert), b, expert)
+
+    h, lora_down = _pair_hidden(kind, G, U, lora, branch, down_lora)
+    if "down" not in scales:
+        H = (w[:, None] * h).reshape(T, k, -1).sum(1)
+        y = down_proj(H)
+        if lora_down is not None:
+            y = y + (w[:, None] * lora_down).reshape(T, k, -1).sum(1)
+        return y, True
+    z = down_proj(h)
+    if lora_down is not None:
+        z = z + lora_down
+    return (w[:, None] * (scales["down"][expert] * z)).reshape(T, k, -1).sum(1), False
+
+
+def _grouped_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_scale, down_proj):
+    """Expert by expert: each expert's pairs gathered as one block of rows."""
+    num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=num_experts + 1).tolist()  # the host reads the group sizes
+    per_down = "down" in scales
+    outs, rows, start = [], [], 0
+    for e, n in enumerate(counts[:num_experts]):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        tok = pairs // k
+        xe = xf[tok]
+
+        def branch(name: str, base: torch.Tensor, e=e, tok=tok, xe=xe) -> torch.Tensor:
+            a, b = _stack(lora, name)
+            out = base[tok]
+            if a is not None:
+                out = out + s * (_dropped(xe, drops[name], tok, keep_scale) @ a[e].t()) @ b[e].t()
+            return out * scales[name][e] if name in scales else out
+
+        def down_lora(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, e=e, tok=tok) -> torch.Tensor:
+            return s * (_dropped(h, drops["down"], tok, keep_scale) @ a[e].t()) @ b[e].t()
+
+        h, lora_down = _pair_hidden(kind, G, U, lora, branch, down_lora)
+        we = w[pairs, None]
+        if per_down:
+            z = down_proj(h)
+            if lora_down is not None:
+                z = z + lora_down
+            outs.append(we * (scales["down"][e] * z))
+        else:
+            outs.append(torch.cat([we * h, we * lora_down], dim=1) if lora_down is not None else we * h)
+        rows.append(pairs)
+    width = outs[0].shape[1] if outs else (xf.shape[1] if per_down else G.shape[1])
+    # Each pair's row written once, then the slots summed in order: deterministic, no atomics.
+    per_pair = xf.new_zeros(T * k, width)
+    if outs:
+        per_pair = per_pair.index_copy(0, torch.cat(rows), torch.cat(outs))
+    combined = per_pair.reshape(T, k, -1).sum(1)
+    if per_down:
+        return combined, False
+    f = G.shape[1]
+    y = down_proj(combined[:, :f])
+    if combined.shape[1] > f:
+        y = y + combined[:, f:]
+    return y, True
