@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_close, assert_rel_rms
 from hf_models import mixlora_config, randomize_adapter, tiny_model, tokens
 from problems import VARIANT_IDS, VARIANTS, leaf_names, make_problem
 from test_torch_backend import EK
@@ -153,6 +154,53 @@ def test_mixdora_sweep(backend, kwargs):
     problem = make_problem(dtype=dtype, **kwargs)
     tol = dict(atol=1e-11, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
     _check_against_reference(problem, _dora_for(problem), backend, dtype, **tol)
+
+
+def _dora_on(problem, source: ExpertDoRA, m_dtype: torch.dtype) -> ExpertDoRA:
+    """``source``'s magnitudes as fresh ``m_dtype`` leaves, with the squared row norms of
+    ``problem``'s own base weights (as a module computes them: fp32, fp64 for fp64)."""
+    base = problem.base
+    if "gate_up_proj" in base:
+        gate, up = weight_sq_norms(base["gate_up_proj"]).chunk(2)
+    else:
+        gate, up = weight_sq_norms(base["gate_proj"]), base.get("up_proj") and weight_sq_norms(base["up_proj"])
+    sq = {"gate": gate, "up": up, "down": weight_sq_norms(base["down_proj"])}
+    fields = {}
+    for role in ("gate", "up", "down"):
+        m = getattr(source, f"{role}_m")
+        if m is not None:
+            fields[f"{role}_m"] = m.detach().to(m_dtype).requires_grad_()
+            fields[f"{role}_sq_norms"] = sq[role]
+    return ExpertDoRA(**fields)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kwargs", SWEEP[::4] + VARIANTS, ids=SWEEP_IDS[::4] + VARIANT_IDS)
+def test_mixdora_in_half_precision(backend, kwargs):
+    """fp16 activations and LoRA weights, fp32 magnitudes (what a module holds), against the
+    reference in fp64 on the same rounded values. The pair path rounds each elementwise
+    step to fp16 (the kernels' accumulators are fp32), so the bound is the relative RMS
+    error of the large-shape tests, not the element-wise one."""
+    problem = make_problem(**kwargs)
+    magnitudes = _dora_for(problem)
+    low, ref = problem.to(torch.float16), None
+    ref = low.to(torch.float64)
+    dora_low, dora_ref = _dora_on(low, magnitudes, torch.float32), _dora_on(ref, magnitudes, torch.float64)
+    out = mixlora_ffn(low.x, low.router, low.experts, **low.kwargs(), backend=backend, dora=dora_low)
+    expected = reference.mixlora_ffn(ref.x, ref.router, ref.experts, **ref.kwargs(), dora=dora_ref)
+    assert out.out.dtype == torch.float16
+    assert_rel_rms(out.out, expected.out, torch.float16, "out")
+    upstream = torch.randn_like(expected.out)
+    leaves, ref_leaves = low.leaves() + _magnitudes(dora_low), ref.leaves() + _magnitudes(dora_ref)
+    grads = torch.autograd.grad(out.out, leaves, upstream.to(torch.float16))
+    ref_grads = torch.autograd.grad(expected.out, ref_leaves, upstream)
+    names = leaf_names(problem) + ["magnitude"] * len(_magnitudes(dora_low))
+    reduction = max(problem.x.shape[-1], problem.base["down_proj"].in_features) * problem.x.shape[:-1].numel()
+    for name, g, rg in zip(names, grads, ref_grads):
+        if name == "router":  # zero with k = 1 (the weight is 1 whatever the logits): element-wise
+            assert_close(g, rg, torch.float16, reduction, "drouter")
+        else:
+            assert_rel_rms(g, rg, torch.float16, f"d{name}")
 
 
 @pytest.mark.parametrize("roles", [("gate",), ("up",), ("down",), ("gate", "up")])
