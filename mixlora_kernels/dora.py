@@ -190,14 +190,14 @@ def _dropped(inp: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor, k
     return inp if keep is None else inp * (keep[rows].to(inp.dtype) * keep_scale)
 
 
-def _pair_hidden(kind, G, U, lora, branch, down_lora):
-    """h = act(g) * u of a set of pairs, from ``branch(role, base)`` (the role's scaled
+def _pair_hidden(kind, has_up: bool, lora, branch, down_lora):
+    """h = act(g) * u of a set of pairs, from ``branch(role)`` (the role's scaled
     pre-activation), and the down LoRA's term ``down_lora(h, A, B)`` (None without one)."""
     from .activations import act_fwd
 
-    h = act_fwd(kind, branch("gate", G))
-    if U is not None:
-        h = h * branch("up", U)
+    h = act_fwd(kind, branch("gate"))
+    if has_up:
+        h = h * branch("up")
     a_down, b_down = _stack(lora, "down")
     return h, None if a_down is None else down_lora(h, a_down, b_down)
 
@@ -208,9 +208,11 @@ def _all_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_sca
     tokens = torch.arange(T, device=xf.device).repeat_interleave(k)
     expert = expert.clamp(max=num_experts - 1)  # a slot without an expert has w = 0
 
-    def branch(name: str, base: torch.Tensor) -> torch.Tensor:
+    bases = {"gate": G, "up": U}
+
+    def branch(name: str) -> torch.Tensor:
         a, b = _stack(lora, name)
-        out = base[tokens]
+        out = bases[name][tokens]
         if a is not None:
             inp = xf if drops[name] is None else xf * (drops[name].to(xf.dtype) * keep_scale)
             out = out + s * _pair_expand(_pair_shrink(inp, a, tokens, expert), b, expert)
@@ -220,7 +222,7 @@ def _all_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_sca
         inp = _dropped(h, drops["down"], tokens, keep_scale)
         return s * _pair_expand(_pair_shrink(inp, a, None, expert), b, expert)
 
-    h, lora_down = _pair_hidden(kind, G, U, lora, branch, down_lora)
+    h, lora_down = _pair_hidden(kind, U is not None, lora, branch, down_lora)
     if "down" not in scales:
         H = (w[:, None] * h).reshape(T, k, -1).sum(1)
         y = down_proj(H)
@@ -237,29 +239,33 @@ def _grouped_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep
     """Expert by expert: each expert's pairs gathered as one block of rows."""
     num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=num_experts + 1).tolist()  # the host reads the group sizes
+    sizes = torch.bincount(expert, minlength=num_experts + 1).tolist()[:num_experts]  # read on the host
+    pairs = order[: sum(sizes)]  # the pairs with an expert, grouped by expert
+    tokens = pairs // k
+    # One gather per input for all pairs, split by expert: the backward scatters once and
+    # concatenates, where a gather per expert would zero-fill a (T, f) gradient each.
+    parts = {"x": xf[tokens], "gate": G[tokens], "up": None if U is None else U[tokens], "w": w[pairs, None]}
+    parts = {name: None if t is None else t.split(sizes) for name, t in parts.items()}
+    tokens_of = tokens.split(sizes)
     per_down = "down" in scales
-    outs, rows, start = [], [], 0
-    for e, n in enumerate(counts[:num_experts]):
+    outs = []
+    for e, n in enumerate(sizes):
         if n == 0:
             continue
-        pairs = order[start : start + n]
-        start += n
-        tok = pairs // k
-        xe = xf[tok]
+        tok = tokens_of[e]
 
-        def branch(name: str, base: torch.Tensor, e=e, tok=tok, xe=xe) -> torch.Tensor:
+        def branch(name: str, e=e, tok=tok) -> torch.Tensor:
             a, b = _stack(lora, name)
-            out = base[tok]
+            out = parts[name][e]
             if a is not None:
-                out = out + s * (_dropped(xe, drops[name], tok, keep_scale) @ a[e].t()) @ b[e].t()
+                out = out + s * (_dropped(parts["x"][e], drops[name], tok, keep_scale) @ a[e].t()) @ b[e].t()
             return out * scales[name][e] if name in scales else out
 
         def down_lora(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, e=e, tok=tok) -> torch.Tensor:
             return s * (_dropped(h, drops["down"], tok, keep_scale) @ a[e].t()) @ b[e].t()
 
-        h, lora_down = _pair_hidden(kind, G, U, lora, branch, down_lora)
-        we = w[pairs, None]
+        h, lora_down = _pair_hidden(kind, U is not None, lora, branch, down_lora)
+        we = parts["w"][e]
         if per_down:
             z = down_proj(h)
             if lora_down is not None:
@@ -267,12 +273,11 @@ def _grouped_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep
             outs.append(we * (scales["down"][e] * z))
         else:
             outs.append(torch.cat([we * h, we * lora_down], dim=1) if lora_down is not None else we * h)
-        rows.append(pairs)
     width = outs[0].shape[1] if outs else (xf.shape[1] if per_down else G.shape[1])
     # Each pair's row written once, then the slots summed in order: deterministic, no atomics.
     per_pair = xf.new_zeros(T * k, width)
     if outs:
-        per_pair = per_pair.index_copy(0, torch.cat(rows), torch.cat(outs))
+        per_pair = per_pair.index_copy(0, pairs, torch.cat(outs))
     combined = per_pair.reshape(T, k, -1).sum(1)
     if per_down:
         return combined, False
