@@ -42,6 +42,7 @@ GPU_TEST_FILES = [
     "tests/test_triton_backward.py",
     "tests/test_cuda_graphs.py",
     "tests/test_compile.py",
+    "tests/test_dora.py",
 ]
 
 

@@ -15,6 +15,7 @@ from conftest import assert_close, assert_rel_rms
 from hf_models import mixlora_config, randomize_adapter, tiny_model, tokens
 from problems import VARIANT_IDS, VARIANTS, leaf_names, make_problem
 from test_torch_backend import EK
+from test_triton_forward import on_device
 from torch import nn
 
 import reference
@@ -54,10 +55,16 @@ def _dora_for(problem, roles=None, dtype=None) -> ExpertDoRA:
         if w is None or getattr(problem.experts, f"{role}_A") is None:
             continue
         norms = w.detach().double().norm(dim=1)
-        m = norms * (1.0 + 0.3 * torch.rand(E, w.shape[0], dtype=torch.float64))
+        m = norms * (1.0 + 0.3 * torch.rand(E, w.shape[0], dtype=torch.float64).to(w.device))
         fields[f"{role}_m"] = m.to(dtype).requires_grad_()
         fields[f"{role}_sq_norms"] = norms.square().to(dtype)
     return ExpertDoRA(**fields)
+
+
+def _for(backend: str, problem):
+    """The problem where the backend runs: the Triton backend's on the GPU when there is
+    one (under the interpreter, on CPU)."""
+    return on_device(problem) if backend == "triton" else problem
 
 
 def _magnitudes(dora: ExpertDoRA) -> list[torch.Tensor]:
@@ -137,6 +144,7 @@ def test_mixdora_matches_the_reference_forward_and_every_gradient(backend, style
     dtype = torch.float64 if backend == "torch" else torch.float32
     problem = make_problem(shape=(2, 7), d=12, f=20, E=4, r=3, style=style, bias=True, routing_strategy=strategy,
                            dtype=dtype, **extra)  # fmt: skip
+    problem = _for(backend, problem)
     tol = dict(atol=1e-11, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
     _check_against_reference(problem, _dora_for(problem), backend, dtype, **tol)
 
@@ -151,7 +159,7 @@ SWEEP_IDS = [f"E{p['E']}k{p['top_k']}-T{p['T']}" for p in SWEEP]
 @pytest.mark.parametrize("kwargs", SWEEP + VARIANTS, ids=SWEEP_IDS + VARIANT_IDS)
 def test_mixdora_sweep(backend, kwargs):
     dtype = torch.float64 if backend == "torch" else torch.float32
-    problem = make_problem(dtype=dtype, **kwargs)
+    problem = _for(backend, make_problem(dtype=dtype, **kwargs))
     tol = dict(atol=1e-11, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
     _check_against_reference(problem, _dora_for(problem), backend, dtype, **tol)
 
@@ -181,7 +189,7 @@ def test_mixdora_in_half_precision(backend, kwargs):
     reference in fp64 on the same rounded values. The pair path rounds each elementwise
     step to fp16 (the kernels' accumulators are fp32), so the bound is the relative RMS
     error of the large-shape tests, not the element-wise one."""
-    problem = make_problem(**kwargs)
+    problem = _for(backend, make_problem(**kwargs))
     magnitudes = _dora_for(problem)
     low, ref = problem.to(torch.float16), None
     ref = low.to(torch.float64)
@@ -212,7 +220,7 @@ def test_magnitudes_on_some_projections_only(roles):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixdora_with_dropout_matches_the_reference_with_the_same_masks(backend):
     dtype = torch.float64 if backend == "torch" else torch.float32
-    problem = make_problem(T=16, d=10, f=14, E=4, r=2, dtype=dtype)
+    problem = _for(backend, make_problem(T=16, d=10, f=14, E=4, r=2, dtype=dtype))
     seed = 3
     noise = draw_noise(seed, tokens=16, hidden=10, intermediate=14, dropout=0.3, jitter=0.0, has_up_mask=True,
                        device=problem.x.device, dtype=dtype)  # fmt: skip
