@@ -69,17 +69,12 @@ def weight_sq_norms(module: nn.Module) -> torch.Tensor:
 
     fan_in, fan_out = linear_features(module)
     device = weight.device if isinstance(weight, torch.Tensor) else None
-    dtype = adapter_dtype_of(module)
-    bias = _bias(module)
     total = torch.zeros(fan_out, dtype=torch.float32, device=device)
     for start in range(0, fan_in, _PROBE_ROWS):
         rows = min(_PROBE_ROWS, fan_in - start)
-        probe = torch.zeros(rows, fan_in, dtype=dtype, device=device)
-        probe[:, start : start + rows].fill_diagonal_(1.0)
-        columns = module(probe).float()  # (rows, out): columns start.. of W, transposed
-        if bias is not None:
-            columns = columns - bias.float()
-        total += columns.square().sum(dim=0)
+        probe = torch.zeros(1, rows, fan_in, dtype=adapter_dtype_of(module), device=device)
+        probe[0, :, start : start + rows].fill_diagonal_(1.0)
+        total += weight_times_a(module, probe)[0].square().sum(dim=1)  # columns start.. of W
     return total
 
 
@@ -141,8 +136,9 @@ def _stack(lora, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return getattr(lora, f"{name}_A"), getattr(lora, f"{name}_B")
 
 
-def dora_expert_ffn(xf, G, U, weights, experts, lora, dora: ExpertDoRA, *, kind: str, scaling: float,
-                    keep_scale: float, masks: tuple, weight_times: dict, down_proj, grouped: bool):  # fmt: skip
+def dora_expert_ffn(xf, G, U, weights, experts, lora, dora: ExpertDoRA, *, num_experts: int, kind: str,
+                    scaling: float, keep_scale: float, masks: tuple, weight_times: dict, down_proj,
+                    grouped: bool):  # fmt: skip
     """The MixLoRA FFN with DoRA experts, per (token, slot) pair, in differentiable torch ops.
 
     Each pair p = (t, j) with expert e computes its own FFN on the shared base outputs:
@@ -167,7 +163,6 @@ def dora_expert_ffn(xf, G, U, weights, experts, lora, dora: ExpertDoRA, *, kind:
     ``masks``: the (gate, up, down) boolean keep-masks per token, or Nones; ``weight_times``:
     per role with a magnitude, a function A (E, r, in) -> W A^T (E, out, r) through the base.
     """
-    num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
     T, k = experts.shape
     flat = experts.reshape(-1)
     valid = flat < num_experts
@@ -182,12 +177,16 @@ def dora_expert_ffn(xf, G, U, weights, experts, lora, dora: ExpertDoRA, *, kind:
             norms = lora_row_norms(getattr(dora, f"{name}_sq_norms"), weight_times[name](a), a, b, scaling)
             scales[name] = magnitude_scale(m, norms).to(xf.dtype)
     run = _grouped_pairs if grouped else _all_pairs
-    return run(xf, G, U, w, torch.where(valid, flat, num_experts), lora, scales, drops, T, k, kind, scaling,
-               keep_scale, down_proj)  # fmt: skip
+    return run(xf, G, U, w, torch.where(valid, flat, num_experts), num_experts, lora, scales, drops, T, k, kind,
+               scaling, keep_scale, down_proj)  # fmt: skip
 
 
-def _dropped(inp: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor, keep_scale: float) -> torch.Tensor:
-    return inp if keep is None else inp * (keep[rows].to(inp.dtype) * keep_scale)
+def _dropped(inp: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | None, keep_scale: float):
+    """inp times its keep-mask (the rows ``rows`` of a per-token mask; all of it for None)
+    and the keep scale; inp itself without a mask."""
+    if keep is None:
+        return inp
+    return inp * ((keep if rows is None else keep[rows]).to(inp.dtype) * keep_scale)
 
 
 def _pair_hidden(kind, has_up: bool, lora, branch, down_lora):
@@ -202,9 +201,8 @@ def _pair_hidden(kind, has_up: bool, lora, branch, down_lora):
     return h, None if a_down is None else down_lora(h, a_down, b_down)
 
 
-def _all_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_scale, down_proj):
+def _all_pairs(xf, G, U, w, expert, num_experts, lora, scales, drops, T, k, kind, s, keep_scale, down_proj):
     """Every pair at once, (kT, .) tensors; masked dense GEMMs for the rank-r work."""
-    num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
     tokens = torch.arange(T, device=xf.device).repeat_interleave(k)
     expert = expert.clamp(max=num_experts - 1)  # a slot without an expert has w = 0
 
@@ -214,7 +212,7 @@ def _all_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_sca
         a, b = _stack(lora, name)
         out = bases[name][tokens]
         if a is not None:
-            inp = xf if drops[name] is None else xf * (drops[name].to(xf.dtype) * keep_scale)
+            inp = _dropped(xf, drops[name], None, keep_scale)
             out = out + s * _pair_expand(_pair_shrink(inp, a, tokens, expert), b, expert)
         return out * scales[name][expert] if name in scales else out
 
@@ -235,9 +233,8 @@ def _all_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_sca
     return (w[:, None] * (scales["down"][expert] * z)).reshape(T, k, -1).sum(1), False
 
 
-def _grouped_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep_scale, down_proj):
+def _grouped_pairs(xf, G, U, w, expert, num_experts, lora, scales, drops, T, k, kind, s, keep_scale, down_proj):
     """Expert by expert: each expert's pairs gathered as one block of rows."""
-    num_experts = next(a.shape[0] for a in lora[::2] if a is not None)
     order = torch.argsort(expert, stable=True)
     sizes = torch.bincount(expert, minlength=num_experts + 1).tolist()[:num_experts]  # read on the host
     pairs = order[: sum(sizes)]  # the pairs with an expert, grouped by expert
@@ -277,7 +274,7 @@ def _grouped_pairs(xf, G, U, w, expert, lora, scales, drops, T, k, kind, s, keep
     # Each pair's row written once, then the slots summed in order: deterministic, no atomics.
     per_pair = xf.new_zeros(T * k, width)
     if outs:
-        per_pair = per_pair.index_copy(0, pairs, torch.cat(outs))
+        per_pair.index_copy_(0, pairs, torch.cat(outs))
     combined = per_pair.reshape(T, k, -1).sum(1)
     if per_down:
         return combined, False

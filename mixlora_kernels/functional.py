@@ -272,8 +272,9 @@ def mixlora_ffn(
     if with_dora:
         times = _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f)
         y, combined = dora_expert_ffn(
-            xf, G, U, routing.weights, routing.experts, ExpertLoRA(*lora), dora, kind=kind, scaling=scaling,
-            keep_scale=keep_scale, masks=keep, weight_times=times, down_proj=down_proj, grouped=backend == "torch",
+            xf, G, U, routing.weights, routing.experts, ExpertLoRA(*lora), dora, num_experts=num_experts, kind=kind,
+            scaling=scaling, keep_scale=keep_scale, masks=keep, weight_times=times, down_proj=down_proj,
+            grouped=backend == "torch",
         )  # fmt: skip
     else:
         cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
@@ -318,9 +319,17 @@ def _validate_dora(dora: ExpertDoRA, experts: ExpertLoRA, num_experts: int, d: i
 def _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f: int) -> dict:
     """Per role, A -> W A^T through the frozen projection (Phi3's gate_up_proj: its halves)."""
     if gate_up_proj is not None:
+        # gate and up share A there: one pass through the fused layer serves both halves.
+        halves = {}
+
+        def half(a, part: slice):
+            if id(a) not in halves:
+                halves[id(a)] = weight_times_a(gate_up_proj, a)
+            return halves[id(a)][:, part]
+
         return {
-            "gate": lambda a: weight_times_a(gate_up_proj, a)[:, :f],
-            "up": lambda a: weight_times_a(gate_up_proj, a)[:, f:],
+            "gate": lambda a: half(a, slice(None, f)),
+            "up": lambda a: half(a, slice(f, None)),
             "down": lambda a: weight_times_a(down_proj, a),
         }
     return {

@@ -131,7 +131,7 @@ class LoraLinear(nn.Module):
         from .dora import magnitude_scale
 
         scale = magnitude_scale(self.lora_magnitude_vector, self.current_row_norms())
-        return (scale.to(result.dtype) * result).to(result.dtype)
+        return scale.to(result.dtype) * result
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""

@@ -200,12 +200,11 @@ class FusedMixLoraFFN(nn.Module):
         return norms.to(self.lora_magnitude[name].dtype)
 
     @torch.no_grad()
-    def reset_magnitudes(self, names=None) -> None:
-        """Set the DoRA magnitudes of ``names`` (default every projection) to the current
-        row norms: a scale of 1, the state of a fresh adapter, and what an adapter saved
-        without magnitudes computes after loading."""
-        for name in self.lora_magnitude if names is None else names:
-            self.lora_magnitude[name].copy_(self.current_row_norms(name))
+    def reset_magnitudes(self) -> None:
+        """Set every DoRA magnitude to the current row norms: a scale of 1, the state of a
+        fresh adapter, and what an adapter saved without magnitudes computes after loading."""
+        for name, m in self.lora_magnitude.items():
+            m.copy_(self.current_row_norms(name))
 
     def _base_kwargs(self) -> dict:
         if self.style == "gate_up_down":
