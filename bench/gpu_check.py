@@ -139,6 +139,21 @@ def summary_table(results, label: str, tests: dict | None, seconds: float, small
             mark = ("met" if v.met else "**missed**") if v else "(no target here)"
             lines.append(f"| {s.name} | {s.T} | {t.description} | {t.op} {t.bound} | {shown} | {mark} |")
     lines.append("")
+    dora = [r for r in results if ("fused_dora", "fwd") in r.results]
+    if dora:
+        lines += ["| shape | T | MixDoRA / MixLoRA fwd | fwd+bwd | vanilla MixDoRA / fused MixDoRA fwd+bwd | "
+                  "MixDoRA saved MB (MixLoRA) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for result in dora:
+            res, s = result.results, result.shape
+            shown = lambda v: "n/a" if v is None else f"{v:.2f}"
+            saved = lambda case, res=res: f"{res.get((case, 'saved'), 0) / 2**20:.0f}"
+            lines.append(
+                f"| {s.name} | {s.T} | {shown(ratio(res, 'fused_dora', 'fused', 'fwd'))} | "
+                f"{shown(ratio(res, 'fused_dora', 'fused', 'fwd_bwd'))} | "
+                f"{shown(ratio(res, 'vanilla_dora', 'fused_dora', 'fwd_bwd'))} | "
+                f"{saved('fused_dora')} ({saved('fused')}) |"
+            )
+        lines.append("")
     for result in results:
         t = result.tuning
         if t.get("tuned") or t.get("from_disk"):

@@ -4,7 +4,7 @@ inputs alone) and its backward attached with ``register_autograd``. ``torch.comp
 sees each as one node, with no graph break, and nothing here synchronises with the host,
 so a step can be captured in a CUDA graph.
 
-    mixlora::expert_pass            (x, G, U, routing, LoRA, dropout) -> (H, Y, Zd)
+    mixlora::expert_pass            (x, G, U, routing, LoRA, DoRA scales, dropout) -> (H, Y, Zd)
     mixlora::expert_pass_backward   its gradients, from what the forward saved
     mixlora::route_topk             logits -> (weights, experts, counts)   Triton
     mixlora::route_top_p            logits -> (weights, experts, counts)   Triton
@@ -64,6 +64,8 @@ def expert_pass_op(
     up_B: Tensor | None,
     down_A: Tensor | None,
     down_B: Tensor | None,
+    gate_scale: Tensor | None,  # (E, f) fp32 DoRA scales of the gate output (Triton path)
+    up_scale: Tensor | None,  # (E, f) fp32 DoRA scales of the up output (Triton path)
     keep_gate: Tensor | None,  # (T, d) bool; torch path's dropout masks
     keep_up: Tensor | None,  # (T, d) bool
     keep_down: Tensor | None,  # (T, f) bool
@@ -75,20 +77,27 @@ def expert_pass_op(
     routing: str,
     dropout: float,
     shared_a: bool,
+    per_pair: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(H (T, f), Y (T, d) or empty, Zd (T, E*R) fp32 or empty)."""
+    """(H (T, f), Y (T, d) or empty, Zd (T, E*R) fp32 or empty). ``per_pair`` (the down
+    projection is DoRA, Triton path): H and Y are each (token, slot) pair's own, unweighted,
+    (T*K, .) with pair t*K+j in row t*K+j."""
     cfg = PassConfig(num_experts, kind, scale, backend, routing, dropout)
     lora = _lora(gate_A, gate_B, up_A, up_B, down_A, down_B, shared_a)
     Zd = None
     if backend == "triton":
-        from .kernels.launch import check_pass_inputs, down_expand, fused_pass, shrinks
+        from .kernels.launch import check_pass_inputs, down_expand, fused_pass, pair_shrinks, shrinks
 
         drop = _dropout(cfg, seed)
         rank = check_pass_inputs(G, lora)
         xa_gate, xa_up = shrinks(x, lora, cfg.scale, drop)
-        H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg, rank, drop)
-        Y = down_expand(Zd, lora, x.dtype)
+        H, Zd = fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg, rank, drop, (gate_scale, up_scale),
+                           per_pair)  # fmt: skip
+        Z = pair_shrinks(Zd, experts, num_experts) if per_pair and Zd is not None else Zd
+        Y = down_expand(Z, lora, x.dtype)
     else:
+        if per_pair or gate_scale is not None or up_scale is not None:
+            raise ValueError("mixlora::expert_pass: DoRA scales run on the Triton path only")
         H, Y = expert_pass_torch.expert_pass_fwd(x, G, U, weights, experts, lora, (keep_gate, keep_up, keep_down), cfg)
     return (
         H.contiguous(),
@@ -98,11 +107,12 @@ def expert_pass_op(
 
 
 @expert_pass_op.register_fake
-def _(x, G, U, weights, experts, gate_A, gate_B, up_A, up_B, down_A, down_B, keep_gate, keep_up, keep_down, seed,
-      num_experts, kind, scale, backend, routing, dropout, shared_a):  # fmt: skip
+def _(x, G, U, weights, experts, gate_A, gate_B, up_A, up_B, down_A, down_B, gate_scale, up_scale, keep_gate, keep_up,
+      keep_down, seed, num_experts, kind, scale, backend, routing, dropout, shared_a, per_pair):  # fmt: skip
     T = x.shape[0]
-    H = G.new_empty(T, G.shape[1])
-    Y = _nothing(x) if down_A is None else x.new_empty(T, down_B.shape[1])
+    rows = T * experts.shape[1] if per_pair else T
+    H = G.new_empty(rows, G.shape[1])
+    Y = _nothing(x) if down_A is None else x.new_empty(rows, down_B.shape[1])
     Zd = (
         x.new_empty(T, num_experts * down_A.shape[1], dtype=torch.float32)
         if _saves_shrinks(backend, down_A)
@@ -126,6 +136,8 @@ def expert_pass_backward_op(
     up_B: Tensor | None,
     down_A: Tensor | None,
     down_B: Tensor | None,
+    gate_scale: Tensor | None,
+    up_scale: Tensor | None,
     keep_gate: Tensor | None,
     keep_up: Tensor | None,
     keep_down: Tensor | None,
@@ -138,19 +150,25 @@ def expert_pass_backward_op(
     routing: str,
     dropout: float,
     shared_a: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx's LoRA share, dG, dU, dweights, d gate_A .. d down_B); absent ones empty. With
-    ``shared_a`` the shared A's gradient is returned as d gate_A."""
+    per_pair: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx's LoRA share, dG, dU, dweights, d gate_A .. d down_B, d gate_scale, d up_scale);
+    absent ones empty. With ``shared_a`` the shared A's gradient is returned as d gate_A."""
     cfg = PassConfig(num_experts, kind, scale, backend, routing, dropout)
     lora = _lora(gate_A, gate_B, up_A, up_B, down_A, down_B, shared_a)
     if dY is None and down_A is not None:
-        dY = torch.zeros(x.shape[0], down_B.shape[1], device=x.device, dtype=x.dtype)
+        rows = dH.shape[0]  # T, or T*K per pair
+        dY = torch.zeros(rows, down_B.shape[1], device=x.device, dtype=x.dtype)
+    dscales = (None, None)
     if backend == "triton" and _triton_backward_fits(cfg, lora):
         from .kernels.launch import expert_pass_bwd_triton
 
-        dx, dG, dU, dw, dlora = expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg, Zd,
-                                                       _dropout(cfg, seed))  # fmt: skip
+        dx, dG, dU, dw, dlora, dscales = expert_pass_bwd_triton(
+            dH, dY, x, G, U, weights, experts, lora, cfg, Zd, _dropout(cfg, seed), (gate_scale, up_scale), per_pair
+        )  # fmt: skip
     else:
+        if per_pair or gate_scale is not None or up_scale is not None:
+            raise ValueError("mixlora::expert_pass_backward: DoRA scales run on the Triton kernels only")
         if backend == "triton":
             _warn_torch_backward_once()
             keep = _triton_masks(cfg, seed, x, G)
@@ -160,60 +178,68 @@ def expert_pass_backward_op(
     if shared_a and dlora["gate_A"] is not None:
         dlora["gate_A"] = dlora["gate_A"] + dlora["up_A"]
         dlora["up_A"] = None
-    grads = (dx, dG, dU, dw, *(dlora[name] for name in _LORA))
+    grads = (dx, dG, dU, dw, *(dlora[name] for name in _LORA), *dscales)
     return tuple(_nothing(x) if g is None else g.contiguous() for g in grads)
 
 
 @expert_pass_backward_op.register_fake
-def _(dH, dY, x, G, U, weights, experts, gate_A, gate_B, up_A, up_B, down_A, down_B, keep_gate, keep_up, keep_down,
-      seed, Zd, num_experts, kind, scale, backend, routing, dropout, shared_a):  # fmt: skip
+def _(dH, dY, x, G, U, weights, experts, gate_A, gate_B, up_A, up_B, down_A, down_B, gate_scale, up_scale,
+      keep_gate, keep_up, keep_down, seed, Zd, num_experts, kind, scale, backend, routing, dropout, shared_a,
+      per_pair):  # fmt: skip
     like = lambda t: _nothing(x) if t is None else t.new_empty(t.shape)
     dx = _nothing(x) if gate_A is None and up_A is None else x.new_empty(x.shape)
     dlora = [like(t) for t in (gate_A, gate_B, None if shared_a else up_A, up_B, down_A, down_B)]
-    return (dx, G.new_empty(G.shape), like(U), weights.new_empty(weights.shape), *dlora)
+    return (dx, G.new_empty(G.shape), like(U), weights.new_empty(weights.shape), *dlora, like(gate_scale),
+            like(up_scale))  # fmt: skip
 
 
 def _setup_expert_pass(ctx, inputs, output) -> None:
     x, G, U, weights, experts, *rest = inputs
-    lora, masks, seed, params = rest[:6], rest[6:9], rest[9], rest[10:]
+    lora, scales, masks, seed, params = rest[:6], rest[6:8], rest[8:11], rest[11], rest[12:]
     Zd = output[2] if _saves_shrinks(params[3], lora[4]) else None
-    # x, G, U, the routing, the dropout masks or seed, the (small) expert weights and, on
-    # the Triton path, Zd (T, E*R): nothing of length f per (token, slot) pair.
-    ctx.save_for_backward(x, G, U, weights, experts, *lora, *masks, seed, Zd)
+    # x, G, U, the routing, the dropout masks or seed, the (small) expert weights and DoRA
+    # scales and, on the Triton path, Zd (T, E*R): nothing of length f per (token, slot) pair.
+    ctx.save_for_backward(x, G, U, weights, experts, *lora, *scales, *masks, seed, Zd)
     ctx.params = params
 
 
 def _backward_expert_pass(ctx, dH, dY, _dZd):
     x, G, U, weights, experts, *rest = ctx.saved_tensors
-    lora = rest[:6]
+    lora, scales = rest[:6], rest[6:8]
     grads = expert_pass_backward_op(dH, None if lora[4] is None else dY, x, G, U, weights, experts, *rest,
                                     *ctx.params)  # fmt: skip
-    shared_a = ctx.params[-1]
+    shared_a = ctx.params[-2]
     present = (
         lora[0] is not None or lora[2] is not None or shared_a,
         True,
         U is not None,
         True,
         *(t is not None for t in lora),
+        *(t is not None for t in scales),
     )
-    dx, dG, dU, dw, *dlora = (g if keep else None for g, keep in zip(grads, present))
-    # x, G, U, weights, experts, 6 LoRA tensors, 3 masks, seed and the 7 numbers.
-    return (dx, dG, dU, dw, None, *dlora, None, None, None, None, *([None] * len(ctx.params)))
+    dx, dG, dU, dw, *rest_grads = (g if keep else None for g, keep in zip(grads, present))
+    dlora, dscales = rest_grads[:6], rest_grads[6:]
+    # x, G, U, weights, experts, 6 LoRA tensors, 2 scales, 3 masks, seed and the 8 numbers.
+    return (dx, dG, dU, dw, None, *dlora, *dscales, None, None, None, None, *([None] * len(ctx.params)))
 
 
 torch.library.register_autograd("mixlora::expert_pass", _backward_expert_pass, setup_context=_setup_expert_pass)
 
 
-def expert_pass(x, G, U, weights, experts, lora: ExpertLoRA, keep: tuple, seed, cfg: PassConfig):
+def expert_pass(x, G, U, weights, experts, lora: ExpertLoRA, keep: tuple, seed, cfg: PassConfig,
+                dora_scales: tuple = (None, None), per_pair: bool = False):  # fmt: skip
     """The fused expert pass: (H (T, f), Y (T, d) or None), differentiable in x, G, U, the
-    weights and every LoRA tensor. ``keep``: the torch path's dropout masks (gate, up,
-    down) or Nones; ``seed``: the Triton path's dropout seed tensor or None."""
+    weights, every LoRA tensor and the DoRA scales. ``keep``: the torch path's dropout
+    masks (gate, up, down) or Nones; ``seed``: the Triton path's dropout seed tensor or
+    None. Triton path only: ``dora_scales``, the (E, f) fp32 DoRA scales of the gate and
+    up outputs or Nones; ``per_pair``, H and Y per (token, slot) pair, unweighted (T*K, .)."""
     shared_a = lora.up_A is not None and lora.up_A is lora.gate_A
     tensors = list(lora)
     if shared_a:
         tensors[2] = None
-    H, Y, _ = expert_pass_op(x, G, U, weights, experts, *tensors, *keep, seed, cfg.num_experts, cfg.kind,
-                             float(cfg.scale), cfg.backend, cfg.routing, float(cfg.dropout), shared_a)  # fmt: skip
+    H, Y, _ = expert_pass_op(x, G, U, weights, experts, *tensors, *dora_scales, *keep, seed, cfg.num_experts,
+                             cfg.kind, float(cfg.scale), cfg.backend, cfg.routing, float(cfg.dropout), shared_a,
+                             per_pair)  # fmt: skip
     return H, None if lora.down_A is None else Y
 
 

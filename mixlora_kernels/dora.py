@@ -132,6 +132,48 @@ def _pair_expand(xa: torch.Tensor, b: torch.Tensor, expert: torch.Tensor) -> tor
     return blocks.reshape(-1, num * r) @ b.transpose(1, 2).reshape(num * r, fan_out)
 
 
+def expert_scales(lora, dora: ExpertDoRA, scaling: float, weight_times: dict) -> dict[str, torch.Tensor]:
+    """The DoRA scales m / ||W + s B A|| per role with a magnitude, (E, out), differentiable
+    in m only, in fp32 (fp64 for fp64 magnitudes). ``weight_times``: per such role, a
+    function A (E, r, in) -> W A^T (E, out, r) through the frozen projection."""
+    scales = {}
+    for name in ("gate", "up", "down"):
+        m = getattr(dora, f"{name}_m")
+        if m is not None:
+            a, b = _stack(lora, name)
+            norms = lora_row_norms(getattr(dora, f"{name}_sq_norms"), weight_times[name](a), a, b, scaling)
+            scales[name] = magnitude_scale(m, norms)
+    return scales
+
+
+def dora_expert_pass(xf, G, U, weights, experts, lora, scales: dict, *, keep: tuple, seed, cfg, down_proj):
+    """The MixLoRA FFN with DoRA experts on the Triton kernels: the gate and up scales are
+    applied per pair inside the fused pass (G and U still computed once). Without a down
+    magnitude the pass combines the pairs and the down projection runs once per token, as
+    in MixLoRA. With one, the pass writes each pair's unweighted h (k T rows), the down
+    projection runs per pair, and the pairs are scaled and combined here:
+    out_t = sum_j w_tj c_down[e_tj] * (down(h_tj) + s B A drop(h_tj)). Returns (y, combined)
+    as ``dora_expert_ffn`` does."""
+    from .autograd import expert_pass
+
+    per_pair = "down" in scales
+    gate_up = tuple(None if c is None else c.float() for c in (scales.get("gate"), scales.get("up")))
+    H, Y = expert_pass(xf, G, U, weights, experts, lora, keep, seed, cfg, gate_up, per_pair)
+    out = down_proj(H)
+    if Y is not None:
+        out = out + Y
+    if not per_pair:
+        return out, True
+    T, k = experts.shape
+    E = cfg.num_experts
+    # Each pair's w * scale row by a one-hot product (no index_add: deterministic
+    # gradients; the weighted one-hot (T, k, E) is what it saves); a slot without an
+    # expert has a zero row. Saved for backward: coef and out, (k T, d) each.
+    onehot = torch.nn.functional.one_hot(experts.clamp(max=E), E + 1)[..., :E].to(out.dtype)
+    coef = (weights.to(out.dtype).unsqueeze(-1) * onehot) @ scales["down"].to(out.dtype)
+    return (coef * out.view(T, k, -1)).sum(1), False
+
+
 def _stack(lora, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return getattr(lora, f"{name}_A"), getattr(lora, f"{name}_B")
 
@@ -169,13 +211,7 @@ def dora_expert_ffn(xf, G, U, weights, experts, lora, dora: ExpertDoRA, *, num_e
     w = torch.where(valid, weights.reshape(-1).to(xf.dtype), 0.0)
     drop_gate, drop_up, drop_down = masks
     drops = {"gate": drop_gate, "up": drop_up if drop_up is not None else drop_gate, "down": drop_down}
-    scales = {}
-    for name in ("gate", "up", "down"):
-        m = getattr(dora, f"{name}_m")
-        if m is not None:
-            a, b = _stack(lora, name)
-            norms = lora_row_norms(getattr(dora, f"{name}_sq_norms"), weight_times[name](a), a, b, scaling)
-            scales[name] = magnitude_scale(m, norms).to(xf.dtype)
+    scales = {name: c.to(xf.dtype) for name, c in expert_scales(lora, dora, scaling, weight_times).items()}
     run = _grouped_pairs if grouped else _all_pairs
     return run(xf, G, U, w, torch.where(valid, flat, num_experts), num_experts, lora, scales, drops, T, k, kind,
                scaling, keep_scale, down_proj)  # fmt: skip

@@ -20,7 +20,7 @@ from .activations import activation_kind
 from .autograd import expert_pass, route
 from .config import STRATEGY_FIELDS, is_int, is_number
 from .containers import ExpertLoRA, MixLoraOutput
-from .dora import ExpertDoRA, dora_expert_ffn, weight_times_a
+from .dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
 from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise
 from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec, router_logits
@@ -209,9 +209,12 @@ def mixlora_ffn(
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
         dora: DoRA magnitudes of the expert projections (``ExpertDoRA``) with the squared
             row norms of the frozen weights (``dora.weight_sq_norms``): the experts become
-            DoRA (MixDoRA). That path runs per (token, slot) pair in torch operations on
-            either backend (the torch backend's grouped by expert, reading the group
-            sizes on the host); see ``dora.dora_expert_ffn``.
+            DoRA (MixDoRA). On the Triton backend the gate and up scales run inside the
+            fused kernels and a down magnitude makes the pass per (token, slot) pair
+            (``dora.dora_expert_pass``); layers too wide for the token-major kernels
+            (E * r padded past 128), and the torch backend, run the pairs in torch
+            operations (``dora.dora_expert_ffn``; the torch backend's grouped by expert,
+            reading the group sizes on the host).
 
     Returns:
         ``MixLoraOutput(out, router_logits, experts, weights, kept, expert_counts)``;
@@ -241,6 +244,7 @@ def mixlora_ffn(
     if dora is not None:
         _validate_dora(dora, experts, num_experts, d, f, x.device)
     with_dora = dora is not None and dora.any()
+    dora_in_kernels = with_dora and backend == "triton" and _dora_fits(num_experts, experts)
 
     noise = Noise(None, None, None, None, 1.0)
     lora_dropout = dropout if training else 0.0
@@ -249,7 +253,7 @@ def mixlora_ffn(
     drop_seed = None
     if training and (dropout > 0 or jitter_noise > 0 or ffn_dropout > 0):
         shared_a = experts.up_A is None or experts.up_A is experts.gate_A
-        in_kernel = backend == "triton" and dropout > 0 and not with_dora
+        in_kernel = backend == "triton" and dropout > 0 and (dora_in_kernels or not with_dora)
         noise = draw_noise(
             seed, tokens=T, hidden=d, intermediate=f, dropout=0.0 if in_kernel else dropout, jitter=jitter_noise,
             has_up_mask=not shared_a, device=x.device, dtype=xf.dtype, ffn_dropout=ffn_dropout,
@@ -269,7 +273,13 @@ def mixlora_ffn(
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
     keep_scale = 1.0 / (1.0 - lora_dropout)
     keep = (noise.gate, noise.up, noise.down)
-    if with_dora:
+    cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
+    if dora_in_kernels:
+        times = _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f)
+        scales = expert_scales(ExpertLoRA(*lora), dora, scaling, times)
+        y, combined = dora_expert_pass(xf, G, U, routing.weights.to(xf.dtype), routing.experts, ExpertLoRA(*lora),
+                                       scales, keep=keep, seed=drop_seed, cfg=cfg, down_proj=down_proj)  # fmt: skip
+    elif with_dora:
         times = _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f)
         y, combined = dora_expert_ffn(
             xf, G, U, routing.weights, routing.experts, ExpertLoRA(*lora), dora, num_experts=num_experts, kind=kind,
@@ -277,7 +287,6 @@ def mixlora_ffn(
             grouped=backend == "torch",
         )  # fmt: skip
     else:
-        cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
         weights = routing.weights.to(xf.dtype)
         H, Y = expert_pass(xf, G, U, weights, routing.experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
         y = down_proj(H)
@@ -293,6 +302,14 @@ def mixlora_ffn(
     return MixLoraOutput(
         y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept, routing.counts
     )
+
+
+def _dora_fits(num_experts: int, experts: ExpertLoRA) -> bool:
+    """Whether DoRA experts run inside the Triton kernels (see ``kernels.launch.dora_fits``)."""
+    from .kernels.launch import dora_fits
+
+    rank = max(t.shape[1] for t in (experts.gate_A, experts.up_A, experts.down_A) if t is not None)
+    return dora_fits(num_experts, rank)
 
 
 def _validate_dora(dora: ExpertDoRA, experts: ExpertLoRA, num_experts: int, d: int, f: int, device) -> None:

@@ -6,7 +6,8 @@ AdamW state, and the activations each MixLoRA FFN block saves for backward.
 with the bytes autograd actually saves, for every routing strategy and both backends):
 x and its fp32 copy for the router, the base projections G and U, the routing, and by
 path the Triton pass's weighted down shrinks Zd and dropout seed, or the torch pass's
-dropout masks. Attention, norms and the rest of a decoder layer save what the base model
+dropout masks; with DoRA experts on the Triton kernels, the scales and the per-pair down
+outputs. Attention, norms and the rest of a decoder layer save what the base model
 saves; that is not counted here.
 """
 
@@ -105,21 +106,47 @@ def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str
     return saved + T * 8 + 2 * T  # switch: the argmax and two masks
 
 
+def _slots(config: MixLoraConfig) -> int:
+    """Routing slots per token: k for top-k, E for top-p, 1 for switch."""
+    if config.routing_strategy == "mixlora":
+        return config.top_k or 0
+    return config.num_experts if config.routing_strategy == "mixlora-dynamic" else 1
+
+
+def _dora_saved_bytes(T: int, d: int, f: int, config: MixLoraConfig, element: int, gate_up: int,
+                      down_lora: bool) -> int:  # fmt: skip
+    """What DoRA experts add on the Triton kernels. Per DoRA projection, its scale's
+    inputs (the fp32 row norms and the mask of nonzero ones, (E, out)); per gate/up one,
+    the fp32 scale (E, f) the kernels read again; for a DoRA down projection, its scale in
+    x's dtype, the weighted and plain one-hot of the pairs' experts (T, slots, E), and the
+    pairs' down outputs with their coefficients, (T * slots, d) each."""
+    E, k = config.num_experts, _slots(config)
+    saved = gate_up * E * f * (4 + 4 + 1)
+    if down_lora:
+        saved += E * d * (4 + 1 + element) + 2 * T * k * E * element + 2 * T * k * d * element
+    return saved
+
+
 def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLoraConfig, *, element: int = 2,
                     backend: str = "triton", training: bool = True, gated: bool = True,
-                    down_lora: bool = True, shared_dropout: bool = False) -> int:  # fmt: skip
+                    down_lora: bool = True, shared_dropout: bool = False,
+                    gate_up_lora: bool = True) -> int:  # fmt: skip
     """Bytes one MixLoRA FFN block saves for backward over ``tokens`` rows, with the
     activations in ``element``-byte floats (2: bf16/fp16, 4: fp32).
     ``gated``: gate/up MLPs (False for fc1/fc2, which have no U); ``down_lora``: the down
-    projection has expert LoRA; ``shared_dropout``: gate and up share one LoRA input
-    (Phi3). Dropout counts when ``training`` and the config's expert dropout is on."""
+    projection has expert LoRA; ``gate_up_lora``: the gate (and up) projections have it
+    (counted with DoRA experts only); ``shared_dropout``: gate and up share one LoRA input
+    (Phi3). Dropout counts when ``training`` and the config's expert dropout is on.
+    DoRA experts are modelled where they run in the Triton kernels (E * r padded to at
+    most 128, as ``kernels.launch.dora_fits``); elsewhere this raises NotImplementedError."""
     if element not in (2, 4):
         raise ValueError(f"ffn_saved_bytes: element={element!r} must be 2 (bf16, fp16) or 4 (fp32)")
-    if config.expert_dora:
+    if config.expert_dora and not (backend == "triton" and _dora_in_kernels(config)):
         raise NotImplementedError(
-            "ffn_saved_bytes: DoRA experts (use_dora) run per (token, expert) pair in torch operations, whose "
-            "saved activations are not modelled here; measure them with the benchmark (python -m bench "
-            "--cases fused_dora reports the bytes saved for backward)"
+            "ffn_saved_bytes: DoRA experts outside the Triton kernels (the torch backend, or E * r padded past "
+            "128) run per (token, expert) pair in torch operations, whose saved activations are not modelled "
+            "here; measure them with the benchmark (python -m bench --cases fused_dora reports the bytes saved "
+            "for backward)"
         )
     T, d, f = tokens, hidden, intermediate
     E, r = config.num_experts, config.expert_r
@@ -132,9 +159,18 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     if backend == "triton":
         saved += T * E * r * 4 if down_lora else 0  # Zd, the weighted down shrinks, fp32
         saved += 8 if dropout else 0  # the in-kernel dropout seed
+        if config.expert_dora:
+            gate_up = (2 if gated else 1) if gate_up_lora else 0
+            saved += _dora_saved_bytes(T, d, f, config, element, gate_up, down_lora)
     elif dropout:  # bool keep-masks of the LoRA inputs
         saved += T * d * (1 if shared_dropout or not gated else 2) + T * f
     return saved
+
+
+def _dora_in_kernels(config: MixLoraConfig) -> bool:
+    from .kernels.launch import dora_fits
+
+    return dora_fits(config.num_experts, config.expert_r)
 
 
 def training_memory(shape: ModelShape, config: MixLoraConfig, *, batch: int, seq_len: int, base_bits: int = 16,
@@ -150,13 +186,18 @@ def training_memory(shape: ModelShape, config: MixLoraConfig, *, batch: int, seq
     E, r = config.num_experts, config.expert_r
     per_layer = E * shape.hidden  # the router
     for name, (i, o) in projections.items():
-        if name in targets:
-            per_layer += E * r * (i + o) if name in MLP_PROJECTIONS else config.r * (i + o)
+        if name not in targets:
+            continue
+        if name in MLP_PROJECTIONS:  # with DoRA, a magnitude per expert and output row
+            per_layer += E * r * (i + o) + (E * o if config.expert_dora else 0)
+        else:
+            per_layer += config.r * (i + o) + (o if config.use_dora else 0)
     params = per_layer * shape.layers
 
     mlp = [name for name in projections if name in MLP_PROJECTIONS]
     per_block = ffn_saved_bytes(
         batch * seq_len, shape.hidden, shape.intermediate, config, element=element, backend=backend,
         gated=shape.model_type != "phi", down_lora=mlp[-1] in targets, shared_dropout=shape.model_type == "phi3",
+        gate_up_lora=any(name in targets for name in mlp[:-1]),
     )  # fmt: skip
     return TrainingMemory(frozen, params, 4 * params, 4 * params, 8 * params, per_block, per_block * shape.layers)

@@ -165,6 +165,7 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# GPU check on CPU") and "| expert bwd |" in summary
+    assert "| MixDoRA / MixLoRA fwd |" in summary and "| small | 256 |" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

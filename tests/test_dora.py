@@ -217,14 +217,82 @@ def test_magnitudes_on_some_projections_only(roles):
     _check_against_reference(problem, _dora_for(problem, roles), "torch", torch.float64, atol=1e-11, rtol=1e-10)
 
 
+@pytest.mark.parametrize("roles", [("gate",), ("up",), ("down",), ("gate", "up")])
+def test_magnitudes_on_some_projections_only_in_the_kernels(roles):
+    problem = on_device(make_problem(T=10, d=8, f=12, E=3, r=2, bias=True, dtype=torch.float32))
+    _check_against_reference(problem, _dora_for(problem, roles), "triton", torch.float32, atol=5e-5, rtol=5e-4)
+
+
+def _record_kernel_flags(monkeypatch) -> list[tuple]:
+    """(kernel, DORA_GATE, DORA_UP, PER_PAIR) of every expert-pass kernel launched."""
+    from mixlora_kernels.kernels import expert_pass_bwd, expert_pass_tm
+
+    calls = []
+    for module in (expert_pass_tm, expert_pass_bwd):
+        real = module.launch
+
+        def spy(kernel, autotuned, configs, grid, args, *rest, _real=real):
+            calls.append((kernel.fn.__name__, args["DORA_GATE"], args["DORA_UP"], args["PER_PAIR"]))
+            return _real(kernel, autotuned, configs, grid, args, *rest)
+
+        monkeypatch.setattr(module, "launch", spy)
+    return calls
+
+
+@pytest.mark.parametrize("roles", [("gate", "up"), ("gate", "up", "down")], ids=["gate-up", "all"])
+def test_mixdora_runs_inside_the_kernels_on_the_triton_backend(monkeypatch, roles):
+    """The scales reach the forward, token and weight kernels (the down magnitude makes
+    the pass per pair), and the torch-op pair path is never taken."""
+    calls = _record_kernel_flags(monkeypatch)
+    monkeypatch.setattr(dora_module, "_all_pairs", lambda *a, **k: pytest.fail("the torch-op pair path ran"))
+    problem = on_device(make_problem(T=12, d=8, f=20, E=4, r=4, dtype=torch.float32))
+    out = _check_against_reference(problem, _dora_for(problem, roles), "triton", torch.float32, atol=5e-5, rtol=5e-4)
+    assert torch.isfinite(out.out).all()
+    per_pair = "down" in roles
+    kernels = ("_expert_pass_tm_fwd_kernel", "_expert_pass_tm_bwd_kernel", "_expert_pass_tm_wgrad_kernel")
+    expected = [(name, True, True, per_pair) for name in kernels]
+    assert calls == expected
+
+
+def test_a_layer_too_wide_for_the_kernels_runs_mixdora_in_torch_operations(monkeypatch):
+    """E * r padded past 128 (8 experts of rank 32): the pair path in torch operations,
+    with the same forward and gradients."""
+    ran = []
+    real = dora_module._all_pairs
+    monkeypatch.setattr(dora_module, "_all_pairs", lambda *a: ran.append(True) or real(*a))
+    problem = on_device(make_problem(T=12, d=8, f=20, E=8, r=32, dtype=torch.float32))
+    _check_against_reference(problem, _dora_for(problem), "triton", torch.float32, atol=5e-5, rtol=5e-4)
+    assert ran
+
+
+def test_mixdora_gradients_in_the_kernels_are_bitwise_reproducible():
+    problem = on_device(make_problem(T=40, d=16, f=40, E=4, r=4, dtype=torch.float32))
+    dora = _dora_for(problem)
+    leaves = problem.leaves() + _magnitudes(dora)
+
+    def grads():
+        out = mixlora_ffn(problem.x, problem.router, problem.experts, **problem.kwargs(), backend="triton", dora=dora)
+        return torch.autograd.grad((out.out**2).sum(), leaves)
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixdora_with_dropout_matches_the_reference_with_the_same_masks(backend):
     dtype = torch.float64 if backend == "torch" else torch.float32
     problem = _for(backend, make_problem(T=16, d=10, f=14, E=4, r=2, dtype=dtype))
     seed = 3
-    noise = draw_noise(seed, tokens=16, hidden=10, intermediate=14, dropout=0.3, jitter=0.0, has_up_mask=True,
-                       device=problem.x.device, dtype=dtype)  # fmt: skip
-    masks = {name: noise.multiplicative(name, dtype) for name in ("gate", "up", "down")}
+    if backend == "triton":
+        # The kernels draw the masks from the seed (the DoRA scales run inside them).
+        from mixlora_kernels.kernels.dropout import dropout_masks, new_dropout
+
+        keep = dropout_masks(new_dropout(0.3, problem.x.device, seed), 16, 10, 14)
+        masks = {name: keep[name].to(dtype) / 0.7 for name in ("gate", "up", "down")}
+    else:
+        noise = draw_noise(seed, tokens=16, hidden=10, intermediate=14, dropout=0.3, jitter=0.0, has_up_mask=True,
+                           device=problem.x.device, dtype=dtype)  # fmt: skip
+        masks = {name: noise.multiplicative(name, dtype) for name in ("gate", "up", "down")}
     tol = dict(atol=1e-11, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
     out = _check_against_reference(problem, _dora_for(problem), backend, dtype, dropout=0.3, training=True,
                                    seed=seed, dropout_masks=masks, **tol)  # fmt: skip

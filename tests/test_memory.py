@@ -42,9 +42,10 @@ def test_ffn_saved_bytes_is_what_autograd_saves(kind, targets, backend, dtype, s
     assert saved_bytes(block, x, list(block.parameters())) == expected
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi", "phi3"])
-def test_training_memory_counts_the_adapter_and_base_of_an_injected_model(model_type):
-    config = MixLoraConfig(num_experts=4, r=4)
+def test_training_memory_counts_the_adapter_and_base_of_an_injected_model(model_type, use_dora):
+    config = MixLoraConfig(num_experts=4, r=4, use_dora=use_dora)
     model = inject_mixlora(tiny_model(model_type), config, backend="torch")
     shape = ModelShape.of(tiny_config(model_type))
     memory = training_memory(shape, config, batch=2, seq_len=8)
@@ -71,7 +72,44 @@ def test_the_quantised_base_sizes_and_the_published_models():
         training_memory(LLAMA2_7B, config, batch=1, seq_len=16, base_bits=3)
 
 
-def test_the_dora_path_is_not_modelled_and_says_so():
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize(
+    ("kind", "targets"),
+    [("llama", ALL_MLP), ("llama", ["gate_proj", "up_proj"]), ("llama", ["down_proj"]), ("phi", ALL_MLP),
+     ("phi3", ALL_MLP)],
+    ids=["llama", "llama-no-down-lora", "llama-down-only", "phi", "phi3"],
+)  # fmt: skip
+def test_ffn_saved_bytes_of_dora_experts_in_the_kernels_is_what_autograd_saves(kind, targets, dtype, strategy,
+                                                                               dropout):  # fmt: skip
+    cfg = MixLoraConfig(num_experts=4, r=4, target_modules=targets, lora_dropout=dropout, jitter_noise=0.0,
+                        use_dora=True, **STRATEGIES[strategy])  # fmt: skip
+    block = FusedMixLoraFFN.from_mlp(make_mlp(kind, dtype), cfg, backend="triton").train()
+    x = torch.randn(24, block.hidden_size, dtype=dtype, requires_grad=True)
+    mlp = list(block.lora_A)
+    expected = ffn_saved_bytes(
+        24, block.hidden_size, block.intermediate_size, cfg, element=x.element_size(), backend="triton",
+        gated=block.style != "fc", down_lora="down_proj" in mlp or "fc2" in mlp,
+        gate_up_lora=any(name in mlp for name in ("gate_proj", "up_proj", "gate_up_proj", "fc1")),
+        shared_dropout=block.style == "fused_gate_up",
+    )  # fmt: skip
+    # The frozen weights' cached squared row norms are buffers, not activations.
+    assert saved_bytes(block, x, list(block.parameters()) + list(block.buffers())) == expected
+
+
+def test_dora_outside_the_kernels_is_not_modelled_and_says_so():
     config = MixLoraConfig(num_experts=4, r=4, use_dora=True)
     with pytest.raises(NotImplementedError, match="--cases fused_dora reports the bytes saved"):
-        ffn_saved_bytes(16, 32, 48, config)
+        ffn_saved_bytes(16, 32, 48, config, backend="torch")
+    wide = MixLoraConfig(num_experts=8, r=32, use_dora=True)  # E * r = 256: the pair path in torch operations
+    with pytest.raises(NotImplementedError, match="E \\* r padded past 128"):
+        ffn_saved_bytes(16, 32, 48, wide)
+
+
+def test_training_memory_counts_the_dora_magnitudes():
+    plain = MixLoraConfig(num_experts=8, r=16, target_modules=["q_proj", *ALL_MLP[:3]])
+    dora = MixLoraConfig(num_experts=8, r=16, target_modules=["q_proj", *ALL_MLP[:3]], use_dora=True)
+    extra = training_memory(LLAMA2_7B, dora, batch=1, seq_len=16).adapter_parameters
+    extra -= training_memory(LLAMA2_7B, plain, batch=1, seq_len=16).adapter_parameters
+    assert extra == 32 * (4096 + 8 * (11008 + 11008 + 4096))  # q_proj's magnitude, the experts' (E, out) each

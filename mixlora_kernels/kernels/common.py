@@ -17,6 +17,11 @@ ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 
 PIN_ENV = "MIXLORA_TRITON_CONFIG"
 
+# Autotune key of the token-major kernels, forward and backward: the model dims and every
+# flag that changes the compiled kernel, never the raw token count (bucketed).
+TOKEN_MAJOR_KEY = ["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN", "HAS_KEEP",
+                   "DORA_GATE", "DORA_UP", "PER_PAIR", "VARIABLE_K"]  # fmt: skip
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""

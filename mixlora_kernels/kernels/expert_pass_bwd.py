@@ -17,6 +17,12 @@ dB1_e = sum dg^T xa, dB3_e = sum du^T xa and dA2_e = sum (w s dZ)^T drop(h) for 
 expert at once over its tokens in order, and writes them per token range, summed by the
 caller in a fixed order. No atomics: every output element has one writer, and the
 gradients are bitwise reproducible.
+
+DoRA experts: with g = c_e * g_pre (likewise u), dg and du above are taken before the
+scale, multiplied by c_e for dG, dU and the LoRA gradients, and dc_e = sum dg * g_pre
+over the expert's pairs accumulates in the weight kernel beside dB, as an (E, BLOCK_F)
+one-hot product per token block. With a DoRA down projection dH is per pair (T*K rows)
+and the pass is unweighted (the routing weights are applied after the down projection).
 """
 
 from __future__ import annotations
@@ -26,25 +32,36 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, make_pruner, token_major_bwd_smem
-from .common import activation_grad, column_chunks, launch, next_pow2, token_bucket
+from .common import TOKEN_MAJOR_KEY, activation_grad, column_chunks, launch, next_pow2, token_bucket
 from .dropout import keep_tile
+from .expert_pass_tm import magnitude_tile
 
 
 @triton.jit
 def _pair_grads(
-    j, g_base, u_base, dh_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
-    xag_ptr, xau_ptr, dz_ptr, w_ptr, ex_ptr, E, R, scale,
+    j, g_base, u_base, dh_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
+    xag_ptr, xau_ptr, dz_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, dh_ptr, stride_dt, E, R, F, scale,
     K: tl.constexpr, ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr,
-    HAS_DOWN: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DOWN: tl.constexpr, HAS_KEEP: tl.constexpr, DORA_GATE: tl.constexpr, DORA_UP: tl.constexpr,
+    PER_PAIR: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Slot j of a block of tokens on one f tile: the recomputed h and the pair's
-    gradients. Returns (sel, w, xag, xau, dzw, hd, dg, du, dw): the expert mask of the
-    (BLOCK_T, E*R) tiles, the weights, the masked shrinks, w * s * dZ masked, drop(h),
-    dg, du and the tile's share of dw. A slot without an expert (sentinel E) has w = 0
-    and an empty mask, so it contributes nothing."""
+    gradients. Returns (sel, ex, xag, xau, dzw, hd, dg, du, dw, dcg, dcu): the expert mask
+    of the (BLOCK_T, E*R) tiles, the experts, the masked shrinks, w * s * dZ masked,
+    drop(h), dg and du (of G and U), the tile's share of dw, and the DoRA scales' shares
+    (dg and du before the scale, times what it scales). A slot without an expert
+    (sentinel E) has w = 0 and an empty mask, so it contributes nothing. PER_PAIR: dH is
+    per (token, slot), row t*K+j, and w = 1 (the weights come after the down projection)."""
     ex = tl.load(ex_ptr + rows64 * K + j, mask=rmask, other=E)
     valid = ex < E
-    w = tl.where(valid, tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0), 0.0)
+    if PER_PAIR:
+        w = tl.where(valid, 1.0, 0.0)
+        tmask = rmask[:, None] & fmask[None, :]
+        dh_rows = rows64 * K + j
+        dh_base = tl.load(dh_ptr + dh_rows[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0)
+        dh_base = dh_base.to(tl.float32)
+    else:
+        w = tl.where(valid, tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0), 0.0)
     sel = (ce[None, :] == ex[:, None]) & cmask[None, :] & rmask[:, None]
     xa_off = rows64[:, None] * E * R + ce[None, :] * R + cr[None, :]
     g = g_base
@@ -52,15 +69,26 @@ def _pair_grads(
     if HAS_GATE:
         xag = tl.load(xag_ptr + xa_off, mask=sel, other=0.0)
         g = g + tl.dot(xag, bg, input_precision=PRECISION)
+    g_pre = g
+    c_gate = 0
+    if DORA_GATE:
+        c_gate = magnitude_tile(cg_ptr, ex, cols, rmask, fmask, E, F)
+        g = g * c_gate
     act, dact = activation_grad(g, ACT)
     h = act
     u = 0
+    u_pre = 0
+    c_up = 0
     xau = 0
     if HAS_U:
         u = u_base
         if HAS_UP:
             xau = tl.load(xau_ptr + xa_off, mask=sel, other=0.0)
             u = u + tl.dot(xau, bu, input_precision=PRECISION)
+        u_pre = u
+        if DORA_UP:
+            c_up = magnitude_tile(cu_ptr, ex, cols, rmask, fmask, E, F)
+            u = u * c_up
         h = act * u
     q = dh_base
     hd = h
@@ -77,25 +105,35 @@ def _pair_grads(
     dw = tl.where(valid, tl.sum(q * h, axis=1), 0.0)
     dh = q * w[:, None]
     du = 0
+    dcu = 0
     if HAS_U:
         du = dh * act
         dg = dh * u * dact
+        if DORA_UP:
+            dcu = du * u_pre
+            du = du * c_up
     else:
         dg = dh * dact
-    return sel, xag, xau, dzw, hd, dg, du, dw
+    dcg = 0
+    if DORA_GATE:
+        dcg = dg * g_pre
+        dg = dg * c_gate
+    return sel, ex, xag, xau, dzw, hd, dg, du, dw, dcg, dcu
 
 
 @triton.jit(do_not_specialize=["T"])
 def _expert_pass_tm_bwd_kernel(
     g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
     u_ptr,  # (T, F) up projection (HAS_U)
-    dh_ptr,  # (T, F) gradient of H (row stride stride_dt)
+    dh_ptr,  # (T, F) gradient of H (row stride stride_dt); PER_PAIR: (T*K, F), row t*K+j
     xag_ptr,  # (T, E, R) contiguous: s * drop(x) A_gate^T (HAS_GATE)
     xau_ptr,  # (T, E, R) contiguous: s * drop(x) A_up^T (HAS_UP)
     dz_ptr,  # (T, E, R) contiguous fp32: gradient of the weighted down shrinks (HAS_DOWN)
     bg_ptr,  # (E, F, R) contiguous gate B
     bu_ptr,  # (E, F, R) contiguous up B
     ad_ptr,  # (E, R, F) contiguous down A (HAS_DOWN)
+    cg_ptr,  # (E, F) contiguous fp32 DoRA scales of the gate projection (DORA_GATE)
+    cu_ptr,  # (E, F) contiguous fp32 DoRA scales of the up projection (DORA_UP)
     w_ptr,  # (T, K) contiguous routing weights, fp32
     ex_ptr,  # (T, K) contiguous int64 experts; E marks a slot without an expert
     order_ptr,  # (T,) int32 tokens by decreasing number of experts (VARIABLE_K)
@@ -127,6 +165,9 @@ def _expert_pass_tm_bwd_kernel(
     HAS_UP: tl.constexpr,
     HAS_DOWN: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    DORA_GATE: tl.constexpr,
+    DORA_UP: tl.constexpr,
+    PER_PAIR: tl.constexpr,
     VARIABLE_K: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -167,7 +208,10 @@ def _expert_pass_tm_bwd_kernel(
         u_base = 0
         if HAS_U:
             u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        dh_base = tl.load(dh_ptr + rows64[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        dh_base = 0
+        if not PER_PAIR:  # else each slot loads its own row
+            dh_base = tl.load(dh_ptr + rows64[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0)
+            dh_base = dh_base.to(tl.float32)
         keep = 0
         if HAS_KEEP:
             keep = keep_tile(seed_ptr, rows64, cols, F, p_drop, 2)  # stream DOWN
@@ -175,10 +219,10 @@ def _expert_pass_tm_bwd_kernel(
         du_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
         n_loop = n_slots if VARIABLE_K else K
         for j in range(0, n_loop):
-            sel, _, _, _, _, dg, du, dw_j = _pair_grads(
-                j, g_base, u_base, dh_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
-                xag_ptr, xau_ptr, dz_ptr, w_ptr, ex_ptr, E, R, scale, K, ACT, HAS_U, HAS_GATE, HAS_UP,
-                HAS_DOWN, HAS_KEEP, PRECISION,
+            sel, _, _, _, _, _, dg, du, dw_j, _, _ = _pair_grads(
+                j, g_base, u_base, dh_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
+                xag_ptr, xau_ptr, dz_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, dh_ptr, stride_dt, E, R, F, scale, K,
+                ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP, DORA_GATE, DORA_UP, PER_PAIR, PRECISION,
             )  # fmt: skip
             dw += tl.where(slots[None, :] == j, dw_j[:, None], 0.0)
             dg_sum += dg
@@ -206,13 +250,15 @@ def _expert_pass_tm_bwd_kernel(
 def _expert_pass_tm_wgrad_kernel(
     g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
     u_ptr,  # (T, F) up projection (HAS_U)
-    dh_ptr,  # (T, F) gradient of H (row stride stride_dt)
+    dh_ptr,  # (T, F) gradient of H (row stride stride_dt); PER_PAIR: (T*K, F), row t*K+j
     xag_ptr,  # (T, E, R) contiguous: s * drop(x) A_gate^T (HAS_GATE)
     xau_ptr,  # (T, E, R) contiguous: s * drop(x) A_up^T (HAS_UP)
     dz_ptr,  # (T, E, R) contiguous fp32: gradient of the weighted down shrinks (HAS_DOWN)
     bg_ptr,  # (E, F, R) contiguous gate B
     bu_ptr,  # (E, F, R) contiguous up B
     ad_ptr,  # (E, R, F) contiguous down A (HAS_DOWN)
+    cg_ptr,  # (E, F) contiguous fp32 DoRA scales of the gate projection (DORA_GATE)
+    cu_ptr,  # (E, F) contiguous fp32 DoRA scales of the up projection (DORA_UP)
     w_ptr,  # (T, K) contiguous routing weights, fp32
     ex_ptr,  # (T, K) contiguous int64 experts; E marks a slot without an expert
     order_ptr,  # (T,) int32 tokens by decreasing number of experts (VARIABLE_K)
@@ -221,6 +267,8 @@ def _expert_pass_tm_wgrad_kernel(
     dbg_ptr,  # (SPLIT_T, E, F, R) out fp32: this token range's share of dB_gate
     dbu_ptr,  # (SPLIT_T, E, F, R) out fp32: ... of dB_up
     dad_ptr,  # (SPLIT_T, E, R, F) out fp32: ... of dA_down
+    dcg_ptr,  # (SPLIT_T, E, F) out fp32: ... of the gate's DoRA scales (DORA_GATE)
+    dcu_ptr,  # (SPLIT_T, E, F) out fp32: ... of the up's DoRA scales (DORA_UP)
     T,
     F,
     E,
@@ -234,6 +282,7 @@ def _expert_pass_tm_wgrad_kernel(
     T_BUCKET,
     K: tl.constexpr,
     ER: tl.constexpr,
+    E_PAD: tl.constexpr,  # rows of the DoRA scale accumulators, >= 16
     R_PAD: tl.constexpr,
     ACT: tl.constexpr,
     HAS_U: tl.constexpr,
@@ -241,6 +290,9 @@ def _expert_pass_tm_wgrad_kernel(
     HAS_UP: tl.constexpr,
     HAS_DOWN: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    DORA_GATE: tl.constexpr,
+    DORA_UP: tl.constexpr,
+    PER_PAIR: tl.constexpr,
     VARIABLE_K: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -264,6 +316,9 @@ def _expert_pass_tm_wgrad_kernel(
     dbg = tl.zeros((ER, BLOCK_F), dtype=tl.float32)
     dbu = tl.zeros((ER, BLOCK_F), dtype=tl.float32)
     dad = tl.zeros((ER, BLOCK_F), dtype=tl.float32)
+    ep = tl.arange(0, E_PAD)
+    dcg = tl.zeros((E_PAD, BLOCK_F), dtype=tl.float32)
+    dcu = tl.zeros((E_PAD, BLOCK_F), dtype=tl.float32)
     for t0 in range(0, t_per_split, BLOCK_T):
         local = t0 + tl.arange(0, BLOCK_T)
         pos = split * t_per_split + local
@@ -281,15 +336,18 @@ def _expert_pass_tm_wgrad_kernel(
         u_base = 0
         if HAS_U:
             u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        dh_base = tl.load(dh_ptr + rows64[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        dh_base = 0
+        if not PER_PAIR:  # else each slot loads its own row
+            dh_base = tl.load(dh_ptr + rows64[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0)
+            dh_base = dh_base.to(tl.float32)
         keep = 0
         if HAS_KEEP:
             keep = keep_tile(seed_ptr, rows64, cols, F, p_drop, 2)  # stream DOWN
         for j in range(0, n_loop):
-            _, xag, xau, dzw, hd, dg, du, _ = _pair_grads(
-                j, g_base, u_base, dh_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
-                xag_ptr, xau_ptr, dz_ptr, w_ptr, ex_ptr, E, R, scale, K, ACT, HAS_U, HAS_GATE, HAS_UP,
-                HAS_DOWN, HAS_KEEP, PRECISION,
+            _, ex, xag, xau, dzw, hd, dg, du, _, dcg_j, dcu_j = _pair_grads(
+                j, g_base, u_base, dh_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
+                xag_ptr, xau_ptr, dz_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, dh_ptr, stride_dt, E, R, F, scale, K,
+                ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP, DORA_GATE, DORA_UP, PER_PAIR, PRECISION,
             )  # fmt: skip
             if HAS_GATE:
                 dbg += tl.dot(tl.trans(xag), dg.to(xag.dtype), input_precision=PRECISION)
@@ -297,6 +355,13 @@ def _expert_pass_tm_wgrad_kernel(
                 dbu += tl.dot(tl.trans(xau), du.to(xau.dtype), input_precision=PRECISION)
             if HAS_DOWN:
                 dad += tl.dot(tl.trans(dzw.to(ad.dtype)), hd.to(ad.dtype), input_precision=PRECISION)
+            if DORA_GATE or DORA_UP:
+                # Each expert's share, summed over its tokens: a one-hot (E_PAD, BLOCK_T) product.
+                onehot = tl.where((ep[None, :] == ex[:, None]) & (ex < E)[:, None], 1.0, 0.0)
+                if DORA_GATE:
+                    dcg += tl.dot(tl.trans(onehot), dcg_j, input_precision=PRECISION)
+                if DORA_UP:
+                    dcu += tl.dot(tl.trans(onehot), dcu_j, input_precision=PRECISION)
     base = split * E * F * R
     if HAS_GATE:
         tl.store(dbg_ptr + base + b_off, dbg, mask=b_mask)
@@ -305,6 +370,12 @@ def _expert_pass_tm_wgrad_kernel(
     if HAS_DOWN:
         a_off = ce[:, None] * R * F + cr[:, None] * F + cols[None, :]
         tl.store(dad_ptr + base + a_off, dad, mask=b_mask)
+    c_off = split * E * F + ep[:, None] * F + cols[None, :]
+    c_mask = (ep < E)[:, None] & fmask[None, :]
+    if DORA_GATE:
+        tl.store(dcg_ptr + c_off, dcg, mask=c_mask)
+    if DORA_UP:
+        tl.store(dcu_ptr + c_off, dcu, mask=c_mask)
 
 
 def _smem_bwd(cfg, args):
@@ -315,14 +386,12 @@ def _smem_wgrad(cfg, args):
     return token_major_bwd_smem(cfg, args["ER"], args["g_ptr"].element_size(), weight_kernel=True)
 
 
-_BWD_KEY = ["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN", "HAS_KEEP", "VARIABLE_K"]
-
 _expert_pass_tm_bwd_autotuned = triton.autotune(
-    configs=TOKEN_MAJOR_BWD, key=_BWD_KEY, prune_configs_by={"early_config_prune": make_pruner(_smem_bwd)}
+    configs=TOKEN_MAJOR_BWD, key=TOKEN_MAJOR_KEY, prune_configs_by={"early_config_prune": make_pruner(_smem_bwd)}
 )(_expert_pass_tm_bwd_kernel)
 
 _expert_pass_tm_wgrad_autotuned = triton.autotune(
-    configs=TOKEN_MAJOR_WGRAD, key=_BWD_KEY, prune_configs_by={"early_config_prune": make_pruner(_smem_wgrad)}
+    configs=TOKEN_MAJOR_WGRAD, key=TOKEN_MAJOR_KEY, prune_configs_by={"early_config_prune": make_pruner(_smem_wgrad)}
 )(_expert_pass_tm_wgrad_kernel)
 
 
@@ -331,8 +400,13 @@ def _present(t, stand_in):
 
 
 def bwd_args(G, U, dH, xa_gate, xa_up, dZ, B_gate, B_up, A_down, weights, experts, order, slots, dropout, *,
-                 num_experts, rank, r_pad, act, scale, variable_k, precision) -> dict:  # fmt: skip
+             num_experts, rank, r_pad, act, scale, variable_k, precision, dora_scales=(None, None),
+             per_pair=False) -> dict:  # fmt: skip
+    """The arguments both backward kernels share. ``dora_scales``: the (E, F) fp32 DoRA
+    scales of the gate and up outputs, or Nones; ``per_pair``: dH is (T*K, F) per pair
+    and the pass is unweighted (see ``expert_pass_tm_fwd``)."""
     T, F = G.shape
+    scale_gate, scale_up = dora_scales
     E, R = num_experts, rank
     er = max(16, next_pow2(E) * r_pad)
     return dict(
@@ -344,6 +418,8 @@ def bwd_args(G, U, dH, xa_gate, xa_up, dZ, B_gate, B_up, A_down, weights, expert
         stride_dt=dH.stride(0), T_BUCKET=token_bucket(T), K=experts.shape[1], ER=er, R_PAD=er // next_pow2(E),
         ACT=act, HAS_U=U is not None, HAS_GATE=B_gate is not None, HAS_UP=B_up is not None,
         HAS_DOWN=A_down is not None, HAS_KEEP=dropout is not None, VARIABLE_K=variable_k, PRECISION=precision,
+        cg_ptr=_present(scale_gate, weights), cu_ptr=_present(scale_up, weights), DORA_GATE=scale_gate is not None,
+        DORA_UP=scale_up is not None, PER_PAIR=per_pair,
     )  # fmt: skip
 
 
@@ -371,8 +447,9 @@ def expert_pass_tm_bwd(args: dict, split_f: int):
 
 
 def expert_pass_tm_wgrad(args: dict, split_t: int):
-    """The weight kernel: dB_gate, dB_up (E, F, R) and dA_down (E, R, F) in fp32, the
-    token-range partials summed here in range order."""
+    """The weight kernel: dB_gate, dB_up (E, F, R), dA_down (E, R, F) and the gradients of
+    the gate and up DoRA scales (E, F), all fp32 (None where absent), the token-range
+    partials summed here in range order."""
     G = args["g_ptr"]
     T, F = G.shape
     E, R = args["E"], args["R"]
@@ -381,13 +458,16 @@ def expert_pass_tm_wgrad(args: dict, split_t: int):
     split_t = triton.cdiv(T, t_per_split)
     new = lambda flag, *dims: torch.empty(split_t, *dims, device=G.device, dtype=torch.float32) if args[flag] else None
     dbg, dbu, dad = new("HAS_GATE", E, F, R), new("HAS_UP", E, F, R), new("HAS_DOWN", E, R, F)
+    dcg, dcu = new("DORA_GATE", E, F), new("DORA_UP", E, F)
     stand_in = next(t for t in (dbg, dbu, dad, G) if t is not None)
     launch_args = dict(args, dbg_ptr=_present(dbg, stand_in), dbu_ptr=_present(dbu, stand_in),
-                       dad_ptr=_present(dad, stand_in), t_per_split=t_per_split)  # fmt: skip
+                       dad_ptr=_present(dad, stand_in), dcg_ptr=_present(dcg, stand_in),
+                       dcu_ptr=_present(dcu, stand_in), t_per_split=t_per_split,
+                       E_PAD=max(16, next_pow2(E)))  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(F, meta["BLOCK_F"]), split_t)
 
     launch(_expert_pass_tm_wgrad_kernel, _expert_pass_tm_wgrad_autotuned, TOKEN_MAJOR_WGRAD, grid, launch_args)
     total = lambda t: None if t is None else t.sum(0)
-    return total(dbg), total(dbu), total(dad)
+    return total(dbg), total(dbu), total(dad), total(dcg), total(dcu)

@@ -15,6 +15,11 @@ token's expert and accumulated across the chunk's tiles; each chunk writes its p
 sums to its own slice of Z, which the caller adds up. Every output element has one
 writer: no atomics, bitwise reproducible. The cost is E times the rank-r FLOPs of the
 expert-sorted organisation, which pays when E*R is small (MixLoRA's usual 8 * 16).
+
+DoRA experts (MixDoRA): the gate and up outputs of each pair are scaled by their
+expert's row of an (E, F) table, gathered per f tile; with a DoRA down projection the
+pass writes each pair's unweighted h to its own row of H (T*K rows) instead of the
+weighted sum, since the per-expert scale after W2 forbids combining before it.
 """
 
 from __future__ import annotations
@@ -24,35 +29,54 @@ import triton
 import triton.language as tl
 
 from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
-from .common import activation, column_chunks, expert_pass_args, launch, token_major_width
+from .common import TOKEN_MAJOR_KEY, activation, column_chunks, expert_pass_args, launch, token_major_width
 from .dropout import keep_tile
 
 
 @triton.jit
+def magnitude_tile(c_ptr, ex, cols, rmask, fmask, E, F):
+    """The DoRA scales m / ||W + s B A|| of each row's expert on an f tile, (BLOCK_T,
+    BLOCK_F) fp32 gathered from the (E, F) table; 0 on a slot without an expert."""
+    mask = (rmask & (ex < E))[:, None] & fmask[None, :]
+    return tl.load(c_ptr + ex.to(tl.int64)[:, None] * F + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _slot_step(
-    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
-    xag_ptr, xau_ptr, w_ptr, ex_ptr, E, R,
+    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
+    xag_ptr, xau_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, h_ptr, stride_ht, E, R, F,
     K: tl.constexpr, ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr,
-    HAS_DOWN: tl.constexpr, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DOWN: tl.constexpr, HAS_KEEP: tl.constexpr, DORA_GATE: tl.constexpr, DORA_UP: tl.constexpr,
+    PER_PAIR: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One routing slot on one f tile: h of each token's slot-j expert, folded into
-    h_sum (w * h) and z (w * drop(h) A2^T in that expert's columns)."""
+    h_sum (w * h) and z (w * drop(h) A2^T in that expert's columns). PER_PAIR: h is
+    stored as the pair's own row of H and nothing is weighted (w = 1)."""
     ex = tl.load(ex_ptr + rows64 * K + j, mask=rmask, other=E)
-    w = tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0)
+    w = tl.where(ex < E, 1.0, 0.0) if PER_PAIR else tl.load(w_ptr + rows64 * K + j, mask=rmask, other=0.0)
     sel = (ce[None, :] == ex[:, None]) & cmask[None, :] & rmask[:, None]
     xa_off = rows64[:, None] * E * R + ce[None, :] * R + cr[None, :]
     g = g_base
     if HAS_GATE:
         xag = tl.load(xag_ptr + xa_off, mask=sel, other=0.0)
         g = g + tl.dot(xag, bg, input_precision=PRECISION)
+    if DORA_GATE:
+        g = g * magnitude_tile(cg_ptr, ex, cols, rmask, fmask, E, F)
     h = activation(g, ACT)
     if HAS_U:
         u = u_base
         if HAS_UP:
             xau = tl.load(xau_ptr + xa_off, mask=sel, other=0.0)
             u = u + tl.dot(xau, bu, input_precision=PRECISION)
+        if DORA_UP:
+            u = u * magnitude_tile(cu_ptr, ex, cols, rmask, fmask, E, F)
         h = h * u
-    h_sum += w[:, None] * h
+    if PER_PAIR:
+        pair_rows = rows64 * K + j
+        tmask = rmask[:, None] & fmask[None, :]
+        tl.store(h_ptr + pair_rows[:, None] * stride_ht + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=tmask)
+    else:
+        h_sum += w[:, None] * h
     if HAS_DOWN:
         hd = h
         if HAS_KEEP:
@@ -71,12 +95,14 @@ def _expert_pass_tm_fwd_kernel(
     bg_ptr,  # (E, F, R) contiguous gate B
     bu_ptr,  # (E, F, R) contiguous up B
     ad_ptr,  # (E, R, F) contiguous down A (HAS_DOWN)
+    cg_ptr,  # (E, F) contiguous fp32 DoRA scales of the gate projection (DORA_GATE)
+    cu_ptr,  # (E, F) contiguous fp32 DoRA scales of the up projection (DORA_UP)
     w_ptr,  # (T, K) contiguous routing weights, fp32
     ex_ptr,  # (T, K) contiguous int64 experts; E marks a slot without an expert
     order_ptr,  # (T,) int32 tokens by decreasing number of experts (VARIABLE_K)
     nslots_ptr,  # (T,) int32 experts of the token at each position of order (VARIABLE_K)
     seed_ptr,  # (1,) int64 seed of the LoRA dropout (HAS_KEEP: the down input is dropped)
-    h_ptr,  # (T, F) out: sum_j w_tj h_tj, x dtype
+    h_ptr,  # (T, F) out: sum_j w_tj h_tj, x dtype; PER_PAIR: (T*K, F), h_tj in row t*K+j
     z_ptr,  # (SPLIT_F, T, E, R) out fp32: sum_j w_tj * scale * drop(h_tj) A_e^T at e = e_tj
     T,
     F,
@@ -98,6 +124,9 @@ def _expert_pass_tm_fwd_kernel(
     HAS_UP: tl.constexpr,
     HAS_DOWN: tl.constexpr,
     HAS_KEEP: tl.constexpr,
+    DORA_GATE: tl.constexpr,  # the gate projection's output is scaled per expert (DoRA)
+    DORA_UP: tl.constexpr,
+    PER_PAIR: tl.constexpr,  # h per (token, slot), unweighted: the down projection is DoRA
     VARIABLE_K: tl.constexpr,  # top-p: a token's experts fill a prefix of its K slots
     PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -148,18 +177,19 @@ def _expert_pass_tm_fwd_kernel(
         if VARIABLE_K:
             for j in range(0, n_slots):
                 h_sum, z = _slot_step(
-                    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
-                    xag_ptr, xau_ptr, w_ptr, ex_ptr, E, R, K, ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP,
-                    PRECISION,
+                    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
+                    xag_ptr, xau_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, h_ptr, stride_ht, E, R, F, K, ACT, HAS_U,
+                    HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP, DORA_GATE, DORA_UP, PER_PAIR, PRECISION,
                 )  # fmt: skip
         else:
             for j in tl.static_range(K):
                 h_sum, z = _slot_step(
-                    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask,
-                    xag_ptr, xau_ptr, w_ptr, ex_ptr, E, R, K, ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP,
-                    PRECISION,
+                    j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
+                    xag_ptr, xau_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, h_ptr, stride_ht, E, R, F, K, ACT, HAS_U,
+                    HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP, DORA_GATE, DORA_UP, PER_PAIR, PRECISION,
                 )  # fmt: skip
-        tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :], h_sum.to(g_ptr.dtype.element_ty), mask=tmask)
+        if not PER_PAIR:
+            tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :], h_sum.to(h_ptr.dtype.element_ty), mask=tmask)
     if HAS_DOWN:
         z_off = (split * T + rows64)[:, None] * E * R + ce[None, :] * R + cr[None, :]
         tl.store(z_ptr + z_off, z * scale, mask=rmask[:, None] & cmask[None, :])
@@ -167,12 +197,13 @@ def _expert_pass_tm_fwd_kernel(
 
 def _smem(cfg, args):
     slots = 2 if args["VARIABLE_K"] else args["K"]
-    return token_major_smem(cfg, args["ER"], args["g_ptr"].element_size(), slots)
+    scales = int(bool(args["DORA_GATE"])) + int(bool(args["DORA_UP"]))
+    return token_major_smem(cfg, args["ER"], args["g_ptr"].element_size(), slots, scales)
 
 
 _expert_pass_tm_fwd_autotuned = triton.autotune(
     configs=TOKEN_MAJOR,
-    key=["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN", "HAS_KEEP", "VARIABLE_K"],
+    key=TOKEN_MAJOR_KEY,
     prune_configs_by={"early_config_prune": make_pruner(_smem)},
 )(_expert_pass_tm_fwd_kernel)
 
@@ -187,24 +218,36 @@ def slot_order(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
 def expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, experts, dropout, *,
                        num_experts: int, rank: int, r_pad: int, act: int, scale: float, split_f: int,
-                       variable_k: bool = False):  # fmt: skip
+                       variable_k: bool = False, dora_scales=(None, None), per_pair: bool = False):  # fmt: skip
     """Launch the token-major pass. Returns H (T, F) and Z (split_f, T, E, R) fp32 or None.
 
     With ``variable_k`` (top-p routing) a token's experts fill a prefix of its slots, the
     rest hold the sentinel E: tokens are processed sorted by their number of experts and
-    each block runs only the slots its tokens use, so the cost follows the pairs routed."""
+    each block runs only the slots its tokens use, so the cost follows the pairs routed.
+
+    ``dora_scales``: the (E, F) fp32 DoRA scales of the gate and up outputs, or Nones.
+    ``per_pair``: H is (T*K, F), each pair's unweighted h in row t*K+j, and Z unweighted
+    (a token's experts are distinct, so its pairs fill disjoint columns of Z)."""
     T, F = G.shape
     E, R = num_experts, rank
+    K = experts.shape[1]
     er = token_major_width(E, r_pad)
     f_per_split, split_f = column_chunks(F, split_f, TOKEN_MAJOR)
-    H = torch.empty_like(G)
+    if per_pair:
+        # Under top-p a block runs only the slots its tokens use: the others stay zero.
+        H = (torch.zeros if variable_k else torch.empty)(T * K, F, device=G.device, dtype=G.dtype)
+    else:
+        H = torch.empty_like(G)
     Z = torch.empty(split_f, T, E, R, device=G.device, dtype=torch.float32) if A_down is not None else None
     # Without top-p the kernel never reads the order: the experts stand in for it.
     order, slots = slot_order(experts, E) if variable_k else (experts, experts)
+    scale_gate, scale_up = dora_scales
     args = expert_pass_args(
         G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, dropout, H, Z,
         ex_ptr=experts, order_ptr=order, nslots_ptr=slots, E=E, R=R, scale=scale, f_per_split=f_per_split,
-        K=experts.shape[1], ER=er, R_PAD=er // triton.next_power_of_2(E), ACT=act, VARIABLE_K=variable_k,
+        K=K, ER=er, R_PAD=er // triton.next_power_of_2(E), ACT=act, VARIABLE_K=variable_k,
+        cg_ptr=weights if scale_gate is None else scale_gate, cu_ptr=weights if scale_up is None else scale_up,
+        DORA_GATE=scale_gate is not None, DORA_UP=scale_up is not None, PER_PAIR=per_pair,
     )  # fmt: skip
 
     def grid(meta):

@@ -137,9 +137,19 @@ def check_pass_inputs(G, lora) -> int:
     return ranks.pop() if ranks else 1
 
 
-def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg: PassConfig, rank: int, dropout=None):
+def _scales(dora_scales) -> tuple:
+    """The DoRA scales as the kernels read them: (E, F) fp32 contiguous, or None."""
+    return tuple(None if c is None else c.float().contiguous() for c in dora_scales)
+
+
+def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg: PassConfig, rank: int, dropout=None,
+               dora_scales=(None, None), per_pair: bool = False):  # fmt: skip
     """Stage "expert pass": the token-major or expert-sorted kernel, whichever the cost
-    model picks. Returns H (T, F) and the down LoRA's shrinks Zd (T, E*R) fp32 or None."""
+    model picks. Returns H (T, F) and the down LoRA's shrinks Zd (T, E*R) fp32 or None.
+
+    DoRA experts (``dora_scales``: the gate and up outputs' (E, F) scales, or Nones;
+    ``per_pair``: the down projection has a magnitude, so H is each pair's unweighted h,
+    (T*K, F), and Zd unweighted) run on the token-major kernel (``dora_fits``)."""
     T, F = G.shape
     E = cfg.num_experts
     K = experts.shape[1]
@@ -150,13 +160,14 @@ def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg: PassConfig, ra
     w = weights.float().contiguous()
     experts = experts.contiguous()
     act = ACT_CODES[cfg.kind]
-    organisation = choose_organisation(T, F, E, R, K, G.element_size())
+    dora = per_pair or any(c is not None for c in dora_scales)
+    organisation = "token_major" if dora else choose_organisation(T, F, E, R, K, G.element_size())
     common = dict(num_experts=E, rank=R, act=act, scale=cfg.scale)
     if organisation == "token_major":
         split = _split_f(triton.cdiv(T, 64), F, G.device)
         H, Z = expert_pass_tm_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, experts, dropout,
                                   r_pad=next_pow2(R), split_f=split, variable_k=cfg.variable_slots,
-                                  **common)  # fmt: skip
+                                  dora_scales=_scales(dora_scales), per_pair=per_pair, **common)  # fmt: skip
         return H, None if Z is None else Z.sum(0).view(T, E * R)
     block_m = 16 if T * K <= 16 * E else 64
     perm = permute_fwd(experts, E, block_m)
@@ -177,6 +188,35 @@ def down_expand(Zd, lora, dtype) -> torch.Tensor | None:
         return None
     E, d, R = lora.down_B.shape
     return Zd.to(dtype) @ lora.down_B.transpose(1, 2).reshape(E * R, d)
+
+
+def _expert_mask(experts, num_experts: int, dtype) -> torch.Tensor:
+    """(T, K, E, 1): 1 in each pair's expert, all 0 for a slot without one."""
+    E = num_experts
+    return torch.nn.functional.one_hot(experts.clamp(max=E), E + 1)[..., :E, None].to(dtype)
+
+
+def pair_shrinks(Zd, experts, num_experts: int) -> torch.Tensor:
+    """Each pair's row of the unweighted down shrinks Zd (T, E*R): (T*K, E*R), the token's
+    row masked to the pair's expert. A token's experts are distinct, so its pairs' rows
+    fill disjoint columns of Zd."""
+    T, K = experts.shape
+    E = num_experts
+    return (Zd.view(T, 1, E, -1) * _expert_mask(experts, E, Zd.dtype)).reshape(T * K, -1)
+
+
+def token_shrinks(Zp, experts, num_experts: int) -> torch.Tensor:
+    """The inverse gathering of ``pair_shrinks``: per token (T, E*R), each pair's row
+    masked to its expert, the pairs summed (into disjoint columns)."""
+    T, K = experts.shape
+    E = num_experts
+    return (Zp.view(T, K, E, -1) * _expert_mask(experts, E, Zp.dtype)).sum(1).view(T, -1)
+
+
+def dora_fits(E: int, R: int) -> bool:
+    """Whether DoRA experts run in the kernels (token-major both ways); wider layers run
+    the pair path in torch operations (``dora.dora_expert_ffn``)."""
+    return token_major_fits(E, R)
 
 
 def expert_pass_fwd_triton(x, G, U, weights, experts, lora, cfg: PassConfig, dropout: Dropout | None = None):
@@ -202,11 +242,14 @@ def _split_t(T: int, F: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, triton.cdiv(F, 32)), triton.cdiv(T, 256)))
 
 
-def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassConfig, Zd, dropout=None):
+def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassConfig, Zd, dropout=None,
+                           dora_scales=(None, None), per_pair: bool = False):  # fmt: skip
     """Gradients of the fused expert pass on the Triton kernels, from what the forward
     saved (``Zd``: its weighted down shrinks; ``dropout``: its seed, from which every mask
     is drawn again). Returns what ``expert_pass_torch.expert_pass_bwd`` returns: (dx LoRA
-    share or None, dG, dU, dweights, {name: grad})."""
+    share or None, dG, dU, dweights, {name: grad}), and the gradients of the two DoRA
+    scales (fp32 or None). ``per_pair``: dH and dY are per pair, (T*K, .), the pass was
+    unweighted, and dweights is zero."""
     R = check_pass_inputs(G, lora)
     T, F = G.shape
     E, d = cfg.num_experts, x.shape[1]
@@ -217,17 +260,23 @@ def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassCon
     if lora.down_A is not None:
         B_down = lora.down_B.transpose(1, 2).reshape(E * R, d)
         dZ = (dY @ B_down.t()).float()
-        dlora["down_B"] = (Zd.to(x.dtype).t() @ dY).view(E, R, d).transpose(1, 2).contiguous()
+        Z = Zd
+        if per_pair:
+            Z, dZ = pair_shrinks(Zd, experts, E), token_shrinks(dZ, experts, E)
+        dlora["down_B"] = (Z.to(x.dtype).t() @ dY).view(E, R, d).transpose(1, 2).contiguous()
     order, slots = slot_order(experts, E) if cfg.variable_slots else (experts, experts)
     contiguous = lambda t: None if t is None else t.contiguous()
     args = bwd_args(
         _rows(G), _rows(U), _rows(dH), xa_gate, xa_up, dZ, contiguous(lora.gate_B), contiguous(lora.up_B),
         contiguous(lora.down_A), weights.float().contiguous(), experts.contiguous(), order, slots, dropout,
         num_experts=E, rank=R, r_pad=next_pow2(R), act=ACT_CODES[cfg.kind], scale=cfg.scale,
-        variable_k=cfg.variable_slots, precision=dot_precision(G.dtype),
+        variable_k=cfg.variable_slots, precision=dot_precision(G.dtype), dora_scales=_scales(dora_scales),
+        per_pair=per_pair,
     )  # fmt: skip
     dG, dU, dw, dxa_gate, dxa_up = expert_pass_tm_bwd(args, _split_f(triton.cdiv(T, 64), F, G.device))
-    dB_gate, dB_up, dA_down = expert_pass_tm_wgrad(args, _split_t(T, F, G.device))
+    dB_gate, dB_up, dA_down, d_scale_gate, d_scale_up = expert_pass_tm_wgrad(args, _split_t(T, F, G.device))
+    if per_pair:
+        dw = torch.zeros_like(dw)
     for name, grad in (("gate_B", dB_gate), ("up_B", dB_up), ("down_A", dA_down)):
         if grad is not None:
             dlora[name] = grad.to(getattr(lora, name).dtype)
@@ -244,4 +293,4 @@ def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassCon
         if keep is not None:
             part = part * keep
         dx = part if dx is None else dx + part
-    return dx, dG, dU, dw.to(weights.dtype), dlora
+    return dx, dG, dU, dw.to(weights.dtype), dlora, (d_scale_gate, d_scale_up)

@@ -12,8 +12,9 @@ holds atomics (``atom.``/``red.``: none of these kernels may), then per kernel t
 variants, how many spill (and how many inside a loop) and the most registers. It exits
 non-zero if anything fails to compile, exceeds the architecture's shared memory or holds
 an atomic, or if a headline class (bf16/fp16; E = 8 with r = 8 and 16, E = 4 with
-r = 16; k = 1 and 2; gate/up/down with and without dropout) has no spill-free config in
-a family or a config that spills inside a loop.
+r = 16; k = 1 and 2; gate/up/down with and without dropout, and MixDoRA with dropout) has
+a config that spills inside a loop, or, MixDoRA's aside (whose widest classes spill once
+per program outside the loops in every config), no spill-free config in a family.
 """
 
 from __future__ import annotations
@@ -49,15 +50,24 @@ ANY_POINTER = "*"
 # and 2; gate/up/down with and without dropout): every config a family's autotuner can
 # pick for them must be spill-free, and there must be one.
 HEADLINE_EXPERTS_RANKS = ((8, 8), (8, 16), (4, 16))
-HEADLINE_FLAGS = ("gate_up_down", "gate_up_down+keep")
+HEADLINE_FLAGS = ("gate_up_down", "gate_up_down+keep", "dora+keep")
 
-
-# The MLP layouts of the token-major kernels: gate/up/down with and without dropout, fc1/fc2.
+# The MLP layouts of the token-major kernels: gate/up/down with and without dropout, fc1/fc2,
+# and MixDoRA (gate and up scaled per expert, the pass per pair for a DoRA down projection)
+# with dropout, which is compiled for the headline experts and ranks only.
+_PLAIN = dict(DORA_GATE=False, DORA_UP=False, PER_PAIR=False)
+_DORA = dict(DORA_GATE=True, DORA_UP=True, PER_PAIR=True)
 TM_FLAG_SETS = {
-    "gate_up_down+keep": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=True),
-    "gate_up_down": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=False),
-    "fc1_fc2": dict(HAS_U=False, HAS_GATE=True, HAS_UP=False, HAS_DOWN=True, HAS_KEEP=False),
+    "gate_up_down+keep": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=True, **_PLAIN),
+    "gate_up_down": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=False, **_PLAIN),
+    "fc1_fc2": dict(HAS_U=False, HAS_GATE=True, HAS_UP=False, HAS_DOWN=True, HAS_KEEP=False, **_PLAIN),
+    "dora+keep": dict(HAS_U=True, HAS_GATE=True, HAS_UP=True, HAS_DOWN=True, HAS_KEEP=True, **_DORA),
 }
+
+
+def _skipped(flags_name: str, E: int, r: int) -> bool:
+    """MixDoRA's flags are compiled for the headline experts and ranks only."""
+    return flags_name == "dora+keep" and (E, r) not in HEADLINE_EXPERTS_RANKS
 
 
 def _aligned(r: int) -> frozenset:
@@ -75,6 +85,9 @@ class Job:
     estimate: int | None = None  # the runtime pruner's shared-memory estimate, if it prunes
     divisible: frozenset = frozenset()  # args specialised as multiples of 16 ("*": every pointer)
     headline: tuple | None = None  # the headline class this job belongs to, if any
+    # A headline class must have a config free of spills; a MixDoRA class only one free of
+    # spills inside its loops (a spill outside them is one store and load per program).
+    spill_free: bool = True
 
 
 @dataclass
@@ -129,14 +142,17 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
             # Routing classes: top-k / switch with K = 1 or 2 slots; top-p with K = E.
             for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
                 for flags_name, flags in TM_FLAG_SETS.items():
+                    if _skipped(flags_name, E, r):
+                        continue
                     headline = (E, r) in HEADLINE_EXPERTS_RANKS and not variable and flags_name in HEADLINE_FLAGS
                     # Without top-p the launcher passes the experts in place of the order.
                     order = "*i32" if variable else "*i64"
                     sig = {
                         "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "xag_ptr": _ptr(dtype),
                         "xau_ptr": _ptr(dtype), "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype),
-                        "ad_ptr": _ptr(dtype), "w_ptr": "*fp32", "ex_ptr": "*i64", "order_ptr": order,
-                        "nslots_ptr": order, "seed_ptr": "*i64", "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
+                        "ad_ptr": _ptr(dtype), "cg_ptr": "*fp32", "cu_ptr": "*fp32", "w_ptr": "*fp32",
+                        "ex_ptr": "*i64", "order_ptr": order, "nslots_ptr": order, "seed_ptr": "*i64",
+                        "h_ptr": _ptr(dtype), "z_ptr": "*fp32",
                         "T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32", "stride_gt": "i32",
                         "stride_ut": "i32", "p_drop": "fp32", "stride_ht": "i32", "f_per_split": "i32",
                         "T_BUCKET": "i32",
@@ -144,12 +160,13 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                     variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
                     key = ("expert_pass_tm_fwd", dtype, E, r, K, flags_name) if headline else None
                     specialisations = _tm_specialisations(family_configs, key, flags_name, dtype, r)
+                    scales = int(flags["DORA_GATE"]) + int(flags["DORA_UP"])
                     for cfg, divisible, spec, headline_key in specialisations:
                         const = _tm_constants(cfg, K, E, er, variable, flags)
-                        estimate = token_major_smem(cfg, er, 2, 2 if variable else K)
+                        estimate = token_major_smem(cfg, er, 2, 2 if variable else K, scales)
                         jobs.append(Job("expert_pass_tm_fwd", arch, _cfg(cfg), f"{variant} {spec}",
                                         {**sig, **{name: "constexpr" for name in const}}, const, estimate,
-                                        divisible, headline_key))  # fmt: skip
+                                        divisible, headline_key, not scales))  # fmt: skip
     return jobs
 
 
@@ -158,12 +175,11 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
     forward's token-major pass (the backward covers the same E * R)."""
     from ..kernels.common import next_pow2, token_major_width
     from ..kernels.launch import TOKEN_MAJOR_MAX_ER
-    from .configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, token_major_bwd_smem
+    from .configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, allows, token_major_bwd_smem, with_dora
 
     experts_ranks = [(2, r) for r in (4, 8, 16, 64)] + [(4, 16)] + [(8, r) for r in (4, 8, 16, 64)]
     jobs = []
     for kernel, space in (("expert_pass_tm_bwd", TOKEN_MAJOR_BWD), ("expert_pass_tm_wgrad", TOKEN_MAJOR_WGRAD)):
-        family_configs = [c for c in space if family in c.families]
         for dtype in ("fp16", "bf16"):
             for E, r in experts_ranks:
                 er = token_major_width(E, next_pow2(r))
@@ -171,22 +187,28 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
                     continue  # the torch backward takes these
                 for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
                     for flags_name, flags in TM_FLAG_SETS.items():
+                        if _skipped(flags_name, E, r):
+                            continue
                         headline = (E, r) in HEADLINE_EXPERTS_RANKS and not variable and flags_name in HEADLINE_FLAGS
                         # Outside the headline, one variant per routing and layout shows it compiles.
                         if not headline and (K == 1 or (variable and flags_name != "gate_up_down+keep")):
                             continue
+                        # The configs the runtime pruner leaves this class (see configs.allows).
+                        family_configs = [c for c in space if family in c.families and allows(c, flags)]
                         order = "*i32" if variable else "*i64"
                         sig = {
                             "g_ptr": _ptr(dtype), "u_ptr": _ptr(dtype), "dh_ptr": _ptr(dtype),
                             "xag_ptr": _ptr(dtype), "xau_ptr": _ptr(dtype), "dz_ptr": "*fp32",
-                            "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype), "ad_ptr": _ptr(dtype), "w_ptr": "*fp32",
-                            "ex_ptr": "*i64", "order_ptr": order, "nslots_ptr": order, "seed_ptr": "*i64",
+                            "bg_ptr": _ptr(dtype), "bu_ptr": _ptr(dtype), "ad_ptr": _ptr(dtype), "cg_ptr": "*fp32",
+                            "cu_ptr": "*fp32", "w_ptr": "*fp32", "ex_ptr": "*i64", "order_ptr": order,
+                            "nslots_ptr": order, "seed_ptr": "*i64",
                         }  # fmt: skip
                         if kernel == "expert_pass_tm_bwd":
                             sig.update(dg_ptr=_ptr(dtype), du_ptr=_ptr(dtype), dw_ptr="*fp32", dxag_ptr="*fp32",
                                        dxau_ptr="*fp32")  # fmt: skip
                         else:
-                            sig.update(dbg_ptr="*fp32", dbu_ptr="*fp32", dad_ptr="*fp32")
+                            sig.update(dbg_ptr="*fp32", dbu_ptr="*fp32", dad_ptr="*fp32", dcg_ptr="*fp32",
+                                       dcu_ptr="*fp32")  # fmt: skip
                         chunk = "f_per_split" if kernel == "expert_pass_tm_bwd" else "t_per_split"
                         sig.update({"T": "i32", "F": "i32", "E": "i32", "R": "i32", "scale": "fp32",
                                     "stride_gt": "i32", "stride_ut": "i32", "p_drop": "fp32", "stride_dt": "i32",
@@ -198,10 +220,12 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
                             const = _tm_constants(cfg, K, E, er, variable, flags)
                             if kernel == "expert_pass_tm_bwd":
                                 const["K_PAD"] = next_pow2(K)
+                            else:
+                                const["E_PAD"] = max(16, next_pow2(E))
                             jobs.append(Job(kernel, arch, _cfg(cfg), f"{variant} {spec}",
                                             {**sig, **{name: "constexpr" for name in const}}, const,
                                             token_major_bwd_smem(cfg, er, 2, kernel == "expert_pass_tm_wgrad"),
-                                            divisible, headline_key))  # fmt: skip
+                                            divisible, headline_key, not with_dora(flags)))  # fmt: skip
     return jobs
 
 
@@ -459,7 +483,7 @@ def _spill_report(results: list[Result]) -> int:
     outside = []
     for (kernel, arch, variant), group in sorted(headline.items()):
         cfg = lambda r: ",".join(f"{k}={v}" for k, v in r.job.config.items())
-        if all(r.spills for r in group):
+        if all(r.spills for r in group) and group[0].job.spill_free:
             print(f"{kernel} on {arch}, headline class {variant}: no spill-free config")
             failures += 1
         in_loop = [cfg(r) for r in group if r.loop_spills]
@@ -481,6 +505,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_80,sm_86,sm_89,sm_90", help="comma-separated, from " + ",".join(ARCHS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--kernel", default="", help="only the kernels whose name contains this (default: all)")
+    parser.add_argument("--variant", default="", help="only the variants whose name contains this (default: all)")
     args = parser.parse_args(argv)
     from .configs import SHARED_MEMORY_LIMITS
 
@@ -493,7 +518,8 @@ def main(argv=None) -> int:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         parser.error(f"unknown arch {unknown}; choose from {list(ARCHS)}")
-    jobs = [job for arch in archs for job in jobs_for(arch) if args.kernel in job.kernel]
+    chosen = lambda job: args.kernel in job.kernel and args.variant in job.variant
+    jobs = [job for arch in archs for job in jobs_for(arch) if chosen(job)]
     limit_of = lambda job: SHARED_MEMORY_LIMITS[ARCHS[job.arch]]
     # Configs the runtime pruner drops for this arch (estimate over the limit) never run.
     pruned = [job for job in jobs if job.estimate is not None and job.estimate > limit_of(job)]

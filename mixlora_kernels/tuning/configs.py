@@ -28,15 +28,29 @@ def family_of(capability: int) -> str:
     return "sm_80"
 
 
-def _configs(families, blocks: dict, warps, stages) -> list[triton.Config]:
+def _configs(families, blocks: dict, warps, stages, dora: bool = True) -> list[triton.Config]:
+    """Configs for ``families``; ``dora=False`` keeps them from launches with DoRA experts
+    (where they spill inside a loop)."""
     out = []
     names = list(blocks)
     for values in itertools.product(*blocks.values()):
         for w, s in itertools.product(warps, stages):
             cfg = triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
             cfg.families = frozenset(families)
+            if not dora:
+                cfg.dora = False
             out.append(cfg)
     return out
+
+
+def with_dora(args: dict) -> bool:
+    """Whether a token-major launch runs DoRA experts (its DoRA flags)."""
+    return bool(args.get("DORA_GATE") or args.get("DORA_UP") or args.get("PER_PAIR"))
+
+
+def allows(cfg: triton.Config, args: dict) -> bool:
+    """Whether ``cfg`` may run a launch with these arguments (see ``_configs``'s dora)."""
+    return getattr(cfg, "dora", True) or not with_dora(args)
 
 
 ALL = {"sm_80", "sm_86", "sm_90"}
@@ -73,10 +87,12 @@ TOKEN_MAJOR_BWD = (
     + _configs({"sm_80"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [4], [1])
 )
 # On sm_89 every pipelined config spills (outside the loop) at E = 8, r = 8 with dropout;
-# the unpipelined 16 x 16 tile on 8 warps spills nowhere on sm_80, sm_86 and sm_89.
+# the unpipelined 16 x 16 tile on 8 warps spills nowhere on sm_80, sm_86 and sm_89. With
+# DoRA experts (two more (E, BLOCK_F) accumulators and the scale tiles) the 4-warp tile
+# spills inside the token loop on sm_89, so DoRA launches do not use it.
 TOKEN_MAJOR_WGRAD = (
     _configs(ALL, {"BLOCK_T": [16, 32], "BLOCK_F": [16]}, [8], [2])
-    + _configs({"sm_80", "sm_86"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [4], [1])
+    + _configs({"sm_80", "sm_86"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [4], [1], dora=False)
     + _configs({"sm_80", "sm_86"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [8], [1])
 )
 
@@ -95,16 +111,18 @@ def token_major_bwd_smem(cfg: triton.Config, er: int, elem: int, weight_kernel: 
     return int(elem * (3 * bt * bf + 3.25 * er * bf) * stages + slot_tiles + 4 * er * bf)
 
 
-def token_major_smem(cfg: triton.Config, er: int, elem: int, slots: int = 2) -> int:
+def token_major_smem(cfg: triton.Config, er: int, elem: int, slots: int = 2, scales: int = 0) -> int:
     """Shared-memory estimate of the token-major kernel, an upper bound of what the
     compiler allocates when the shapes are 16-aligned (loads pipelined): the three B
     tiles and the G/U tiles of each f step buffered once per stage past the first, and
-    the shrink tiles of each unrolled slot with their layout conversions. ``slots`` is K
-    (2 for top-p, whose slot loop is not unrolled). The compile check fails when a config
-    that this lets through exceeds the device's limit."""
+    the shrink tiles of each unrolled slot with their layout conversions, and per slot
+    the fp32 (BLOCK_T, BLOCK_F) tiles of the ``scales`` DoRA scales gathered. ``slots`` is
+    K (2 for top-p, whose slot loop is not unrolled). The compile check fails when a
+    config that this lets through exceeds the device's limit."""
     bt, bf = cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_F"]
     per_step = bt * bf + 3.25 * er * bf
-    return int(elem * (per_step * max(1, cfg.num_stages - 1) + (1 + 1.75 * slots) * bt * er))
+    gathered = 4 * scales * slots * bt * bf
+    return int(elem * (per_step * max(1, cfg.num_stages - 1) + (1 + 1.75 * slots) * bt * er) + gathered)
 
 
 def expert_sorted_smem(cfg: triton.Config, block_m: int, r_pad: int, elem: int) -> int:
@@ -127,7 +145,7 @@ def make_pruner(estimate: Callable[[triton.Config, dict], int]):
     def prune(configs, named_args, **kwargs):
         family, limit = device_limits(torch.device("cuda", torch.cuda.current_device()))
         args = {**named_args, **kwargs}
-        mine = [c for c in configs if family in getattr(c, "families", {family})]
+        mine = [c for c in configs if family in getattr(c, "families", {family}) and allows(c, args)]
         fitting = [c for c in mine if estimate(c, args) <= limit]
         return fitting or mine[:1]
 
