@@ -46,18 +46,22 @@ GPU_TEST_FILES = [
 ]
 
 
-def run_tests(out: Path, shards: int, timeout: float, only_marked: bool) -> dict:
-    """pytest over the GPU test files in ``shards`` parallel processes (kernel compilation
-    is CPU-bound; the GPU has room for all of them), each time-boxed. Output to tests.log.
-    ``only_marked`` selects the tests marked ``gpu`` (which skip without CUDA): the small
-    mode's check that the step runs, without the interpreter sweep."""
+def run_tests(out: Path, shards: int, timeout: float, only_marked: bool, files=None, select: str = "") -> dict:
+    """pytest over the GPU test files (or ``files``) in ``shards`` parallel processes
+    (kernel compilation is CPU-bound; the GPU has room for all of them), each time-boxed.
+    Output to tests.log. ``only_marked`` selects the tests marked ``gpu`` (which skip
+    without CUDA): the small mode's check that the step runs, without the interpreter
+    sweep. ``select``: a pytest -k expression."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     procs = []
     for i in range(shards):
         log = open(out / f"tests.shard{i}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        cmd = [sys.executable, "-m", "pytest", "-v", "--durations=10", "-p", "no:cacheprovider", *GPU_TEST_FILES]
+        cmd = [sys.executable, "-m", "pytest", "-v", "--durations=10", "-p", "no:cacheprovider"]
+        cmd += list(files or GPU_TEST_FILES)
         if only_marked:
             cmd += ["-m", "gpu"]
+        if select:
+            cmd += ["-k", select]
         shard_env = dict(env, MIXLORA_TEST_SHARD=f"{i}/{shards}")
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=shard_env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + timeout
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
     p.add_argument("--test-timeout", type=float, default=420.0, help="seconds for the test step (default 420)")
+    p.add_argument("--test-files", default="", help="comma-separated test files (default: the GPU test files)")
+    p.add_argument("-k", dest="select", default="", help="a pytest -k expression for the test step")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.small:
@@ -198,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     tests = None
     if not args.skip_tests:
         print(f"\n== GPU tests ({args.shards} shards, at most {args.test_timeout:.0f} s)", flush=True)
-        tests = run_tests(out, max(1, args.shards), args.test_timeout, only_marked=args.small)
+        files = [f for f in args.test_files.split(",") if f]
+        tests = run_tests(out, max(1, args.shards), args.test_timeout, args.small, files, args.select)
         for line in tests["summaries"]:
             print(f"  {line}")
 

@@ -87,6 +87,9 @@ def _pass_args(backend: str, lora: str, strategy: str, dropout: float, T: int = 
         up_A = None
     if lora == "down_only":
         gate_A = gate_B = up_A = up_B = None
+    # DoRA experts (Triton path): the gate and up scales, and the per-pair pass for "dora".
+    dora = lora.startswith("dora")
+    scales = [(torch.rand(E, f, generator=gen) + 0.5).requires_grad_() if dora else None for _ in range(2)]
     keep = [None, None, None]
     seed = None
     if dropout and backend == "torch":
@@ -96,9 +99,10 @@ def _pass_args(backend: str, lora: str, strategy: str, dropout: float, T: int = 
     elif dropout:
         seed = new_dropout(dropout, torch.device("cpu"), seed=5).seed
     routing = {"topk": "mixlora", "top_p": "mixlora-dynamic", "switch": "mixlora-switch"}[strategy]
-    tensors = (leaf(T, d), leaf(T, f), U, weights.requires_grad_(), experts, gate_A, gate_B, up_A, up_B, down_A, down_B)
+    tensors = (leaf(T, d), leaf(T, f), U, weights.requires_grad_(), experts, gate_A, gate_B, up_A, up_B, down_A, down_B,
+               *scales)  # fmt: skip
     tensors = [_moved(t, _device(backend)) for t in (*tensors, *keep, seed)]
-    return (*tensors, E, "silu", 0.7, backend, routing, dropout, shared_a)
+    return (*tensors, E, "silu", 0.7, backend, routing, dropout, shared_a, lora == "dora")
 
 
 PASS_CASES = [
@@ -108,26 +112,38 @@ PASS_CASES = [
     ("shared_a", "topk", 0.2),
     ("fc", "topk", 0.0),
     ("down_only", "top_p", 0.2),
+    ("dora", "topk", 0.2),
+    ("dora_gate_up", "top_p", 0.0),
+]
+# DoRA scales run on the Triton path only.
+PASS_PARAMS = [
+    pytest.param(backend, *case, id=f"{case[0]}-{case[1]}-p{case[2]}-{backend}")
+    for case in PASS_CASES
+    for backend in BACKENDS
+    if backend == "triton" or not case[0].startswith("dora")
+]
+BACKWARD_CASES = PASS_CASES[:4] + PASS_CASES[6:]
+BACKWARD_PARAMS = [
+    pytest.param(backend, *case, id=f"{case[0]}-{case[1]}-p{case[2]}-{backend}")
+    for case in BACKWARD_CASES
+    for backend in BACKENDS
+    if backend == "triton" or not case[0].startswith("dora")
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("lora", "strategy", "dropout"), PASS_CASES, ids=[f"{a}-{b}-p{c}" for a, b, c in PASS_CASES])
+@pytest.mark.parametrize(("backend", "lora", "strategy", "dropout"), PASS_PARAMS)
 def test_opcheck_expert_pass(backend, lora, strategy, dropout):
     torch.library.opcheck(expert_pass_op, _pass_args(backend, lora, strategy, dropout))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    ("lora", "strategy", "dropout"), PASS_CASES[:4], ids=[f"{a}-{b}-p{c}" for a, b, c in PASS_CASES[:4]]
-)
+@pytest.mark.parametrize(("backend", "lora", "strategy", "dropout"), BACKWARD_PARAMS)
 def test_opcheck_expert_pass_backward(backend, lora, strategy, dropout):
     args = _pass_args(backend, lora, strategy, dropout)
     with torch.no_grad():
         H, Y, Zd = expert_pass_op(*args)
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(H), torch.randn_like(Y), *detached[:15], Zd if backend == "triton" else None,
-                     *detached[15:])  # fmt: skip
+    backward_args = (torch.randn_like(H), torch.randn_like(Y), *detached[:17], Zd if backend == "triton" else None,
+                     *detached[17:])  # fmt: skip
     torch.library.opcheck(expert_pass_backward_op, backward_args)
 
 

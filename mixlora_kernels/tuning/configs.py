@@ -89,9 +89,11 @@ TOKEN_MAJOR_BWD = (
 # On sm_89 every pipelined config spills (outside the loop) at E = 8, r = 8 with dropout;
 # the unpipelined 16 x 16 tile on 8 warps spills nowhere on sm_80, sm_86 and sm_89. With
 # DoRA experts (two more (E, BLOCK_F) accumulators and the scale tiles) the 4-warp tile
-# spills inside the token loop on sm_89, so DoRA launches do not use it.
+# spills inside the token loop on sm_89 and the 32-token tile on sm_80 (E = 8, r = 8,
+# k = 2), so DoRA launches use neither.
 TOKEN_MAJOR_WGRAD = (
-    _configs(ALL, {"BLOCK_T": [16, 32], "BLOCK_F": [16]}, [8], [2])
+    _configs(ALL, {"BLOCK_T": [16], "BLOCK_F": [16]}, [8], [2])
+    + _configs(ALL, {"BLOCK_T": [32], "BLOCK_F": [16]}, [8], [2], dora=False)
     + _configs({"sm_80", "sm_86"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [4], [1], dora=False)
     + _configs({"sm_80", "sm_86"}, {"BLOCK_T": [16], "BLOCK_F": [16]}, [8], [1])
 )
