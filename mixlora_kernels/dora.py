@@ -155,6 +155,7 @@ def dora_expert_pass(xf, G, U, weights, experts, lora, scales: dict, *, keep: tu
     out_t = sum_j w_tj c_down[e_tj] * (down(h_tj) + s B A drop(h_tj)). Returns (y, combined)
     as ``dora_expert_ffn`` does."""
     from .autograd import expert_pass
+    from .routing import expert_one_hot
 
     per_pair = "down" in scales
     gate_up = tuple(None if c is None else c.float() for c in (scales.get("gate"), scales.get("up")))
@@ -169,7 +170,7 @@ def dora_expert_pass(xf, G, U, weights, experts, lora, scales: dict, *, keep: tu
     # Each pair's w * scale row by a one-hot product (no index_add: deterministic
     # gradients; the weighted one-hot (T, k, E) is what it saves); a slot without an
     # expert has a zero row. Saved for backward: coef and out, (k T, d) each.
-    onehot = torch.nn.functional.one_hot(experts.clamp(max=E), E + 1)[..., :E].to(out.dtype)
+    onehot = expert_one_hot(experts, E, out.dtype)
     coef = (weights.to(out.dtype).unsqueeze(-1) * onehot) @ scales["down"].to(out.dtype)
     return (coef * out.view(T, k, -1)).sum(1), False
 

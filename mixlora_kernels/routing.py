@@ -39,6 +39,13 @@ def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
+def expert_one_hot(experts: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """(..., E) in ``dtype``: 1 at each slot's expert, all 0 for the sentinel (>= E). A
+    comparison, not F.one_hot, which checks its input on the host (a sync that CUDA
+    graphs refuse)."""
+    return (experts.unsqueeze(-1) == torch.arange(num_experts, device=experts.device)).to(dtype)
+
+
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """x (T, d) times router_weight (E, d) transposed, in fp32 or wider."""
     compute = torch.promote_types(x.dtype, torch.float32)

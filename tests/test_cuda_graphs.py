@@ -1,5 +1,5 @@
 """CUDA graphs and host synchronisation, on a GPU (skipped elsewhere): no implicit
-synchronisation in a training step (torch.cuda.set_sync_debug_mode("error")), capture
+synchronisation in a training step, MixLoRA and MixDoRA (torch.cuda.set_sync_debug_mode("error")), capture
 and replay of the decode forward at T = 1..16 and of a training step with dropout (a replay is
 the eager step with the same dropout seed; replays draw fresh masks). Triton backend, bf16 (the GPU default)."""
 
@@ -24,10 +24,11 @@ STRATEGIES = {
 }
 
 
-def _block(strategy: str = "topk", dropout: float = 0.0, jitter: float | None = None) -> FusedMixLoraFFN:
+def _block(strategy: str = "topk", dropout: float = 0.0, jitter: float | None = None,
+           use_dora: bool = False) -> FusedMixLoraFFN:  # fmt: skip
     jitter = (0.01 if dropout else 0.0) if jitter is None else jitter
     cfg = MixLoraConfig(num_experts=8, r=16, lora_alpha=32, target_modules=ALL_MLP, lora_dropout=dropout,
-                        jitter_noise=jitter, **STRATEGIES[strategy])  # fmt: skip
+                        jitter_noise=jitter, use_dora=use_dora, **STRATEGIES[strategy])  # fmt: skip
     torch.manual_seed(0)
     block = FusedMixLoraFFN.from_mlp(make_mlp("llama", torch.float32), cfg, backend="triton")
     with torch.no_grad():
@@ -46,9 +47,10 @@ def _train_step(block, x, opt):
     return loss
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["mixlora", "mixdora"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_a_training_step_never_synchronises_with_the_host(strategy):
-    block = _block(strategy, dropout=0.1).train()
+def test_a_training_step_never_synchronises_with_the_host(strategy, use_dora):
+    block = _block(strategy, dropout=0.1, use_dora=use_dora).train()
     opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randn(2, 64, 16, device="cuda", dtype=torch.bfloat16)
     decode = x[:, :3]

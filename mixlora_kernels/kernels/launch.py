@@ -19,6 +19,7 @@ import torch
 import triton
 
 from ..expert_pass_torch import PassConfig
+from ..routing import expert_one_hot
 from .common import ACT_CODES, dot_precision, interpreting, next_pow2, rank_pad, token_major_width
 from .dropout import GATE, UP, Dropout, keep_mask
 from .expert_pass_bwd import bwd_args, expert_pass_tm_bwd, expert_pass_tm_wgrad
@@ -192,8 +193,7 @@ def down_expand(Zd, lora, dtype) -> torch.Tensor | None:
 
 def _expert_mask(experts, num_experts: int, dtype) -> torch.Tensor:
     """(T, K, E, 1): 1 in each pair's expert, all 0 for a slot without one."""
-    E = num_experts
-    return torch.nn.functional.one_hot(experts.clamp(max=E), E + 1)[..., :E, None].to(dtype)
+    return expert_one_hot(experts, num_experts, dtype).unsqueeze(-1)
 
 
 def pair_shrinks(Zd, experts, num_experts: int) -> torch.Tensor:
