@@ -26,6 +26,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .autograd import expert_pass
+from .routing import expert_one_hot
+
 # Chunk of identity rows pushed through a weight we cannot read directly.
 _PROBE_ROWS = 1024
 
@@ -154,9 +157,6 @@ def dora_expert_pass(xf, G, U, weights, experts, lora, scales: dict, *, keep: tu
     projection runs per pair, and the pairs are scaled and combined here:
     out_t = sum_j w_tj c_down[e_tj] * (down(h_tj) + s B A drop(h_tj)). Returns (y, combined)
     as ``dora_expert_ffn`` does."""
-    from .autograd import expert_pass
-    from .routing import expert_one_hot
-
     per_pair = "down" in scales
     gate_up = tuple(None if c is None else c.float() for c in (scales.get("gate"), scales.get("up")))
     H, Y = expert_pass(xf, G, U, weights, experts, lora, keep, seed, cfg, gate_up, per_pair)
