@@ -90,10 +90,15 @@ class TrainingMemory(NamedTuple):
         return self.frozen_weights + self.adapter_bytes + self.gradient_bytes + self.adamw_bytes + self.activations
 
 
+def _slots(strategy: str, top_k: int, num_experts: int) -> int:
+    """Routing slots per token: k for top-k, E for top-p, 1 for switch."""
+    return top_k if strategy == "mixlora" else num_experts if strategy == "mixlora-dynamic" else 1
+
+
 def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str, element: int) -> int:
     """What routing saves: the router's fp32 probabilities (T, E), the chosen experts
     (int64) and their weights in x's dtype, and each path's own intermediates."""
-    slots = top_k if strategy == "mixlora" else E if strategy == "mixlora-dynamic" else 1
+    slots = _slots(strategy, top_k, E)
     saved = T * E * 4 + T * slots * 8 + T * slots * element
     if strategy == "mixlora-switch":  # the bypass weight p_max of dropped tokens, x's dtype
         saved += T * element
@@ -106,13 +111,6 @@ def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str
     return saved + T * 8 + 2 * T  # switch: the argmax and two masks
 
 
-def _slots(config: MixLoraConfig) -> int:
-    """Routing slots per token: k for top-k, E for top-p, 1 for switch."""
-    if config.routing_strategy == "mixlora":
-        return config.top_k or 0
-    return config.num_experts if config.routing_strategy == "mixlora-dynamic" else 1
-
-
 def _dora_saved_bytes(T: int, d: int, f: int, config: MixLoraConfig, element: int, gate_up: int,
                       down_lora: bool) -> int:  # fmt: skip
     """What DoRA experts add on the Triton kernels. Per DoRA projection, its scale's
@@ -120,7 +118,8 @@ def _dora_saved_bytes(T: int, d: int, f: int, config: MixLoraConfig, element: in
     the fp32 scale (E, f) the kernels read again; for a DoRA down projection, its scale in
     x's dtype, the weighted and plain one-hot of the pairs' experts (T, slots, E), and the
     pairs' down outputs with their coefficients, (T * slots, d) each."""
-    E, k = config.num_experts, _slots(config)
+    E = config.num_experts
+    k = _slots(config.routing_strategy, config.top_k or 0, E)
     saved = gate_up * E * f * (4 + 4 + 1)
     if down_lora:
         saved += E * d * (4 + 1 + element) + 2 * T * k * E * element + 2 * T * k * d * element

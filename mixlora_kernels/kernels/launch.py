@@ -139,8 +139,8 @@ def check_pass_inputs(G, lora) -> int:
 
 
 def _scales(dora_scales) -> tuple:
-    """The DoRA scales as the kernels read them: (E, F) fp32 contiguous, or None."""
-    return tuple(None if c is None else c.float().contiguous() for c in dora_scales)
+    """The DoRA scales (E, F) fp32, as the operator takes them, made contiguous; or None."""
+    return tuple(None if c is None else c.contiguous() for c in dora_scales)
 
 
 def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg: PassConfig, rank: int, dropout=None,

@@ -134,7 +134,7 @@ def _tm_constants(cfg, K: int, E: int, er: int, variable: bool, flags: dict) -> 
 def _tm_jobs(arch: str, family: str) -> list[Job]:
     from ..kernels.common import next_pow2, token_major_width
     from ..kernels.launch import TOKEN_MAJOR_MAX_ER
-    from .configs import TOKEN_MAJOR, token_major_smem
+    from .configs import TOKEN_MAJOR, allows, token_major_smem
 
     jobs = []
     family_configs = [c for c in TOKEN_MAJOR if family in c.families]
@@ -164,7 +164,9 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
                     }  # fmt: skip
                     variant = f"{dtype} E={E} r={r} ER={er} {routing} {flags_name}"
                     key = ("expert_pass_tm_fwd", dtype, E, r, K, flags_name) if headline else None
-                    specialisations = _tm_specialisations(family_configs, key, flags_name, dtype, r)
+                    # The configs the runtime pruner leaves this class (see configs.allows).
+                    allowed = [c for c in family_configs if allows(c, flags)]
+                    specialisations = _tm_specialisations(allowed, key, flags_name, dtype, r)
                     scales = int(flags["DORA_GATE"]) + int(flags["DORA_UP"])
                     for cfg, divisible, spec, headline_key in specialisations:
                         const = _tm_constants(cfg, K, E, er, variable, flags)
