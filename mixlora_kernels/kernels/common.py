@@ -24,8 +24,42 @@ TOKEN_MAJOR_KEY = ["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when TRITON_INTERPRET asks, now, for Triton's CPU interpreter (read as Triton
+    reads it: 1, true, on, yes)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreted(fn) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(fn, InterpretedFunction)
+
+
+def check_interpreter() -> None:
+    """A clear error where TRITON_INTERPRET changed after a @triton.jit function was made.
+
+    Triton reads it once per function, when ``@triton.jit`` runs: for its own helpers
+    (tl.sigmoid, ...) when triton is imported, for these kernels when this subpackage is
+    (at the first Triton call). An interpreted kernel calling a compiled helper fails deep
+    inside ("Cannot call @triton.jit'd outside of the scope of a kernel"); a compiled
+    kernel given CPU tensors fails to launch."""
+    now = interpreting()
+    made = {"triton was imported": _interpreted(tl.sigmoid), "the kernels were loaded": _interpreted(activation)}
+    stale = [when for when, interpreted in made.items() if interpreted != now]
+    if not stale:
+        return
+    value = os.environ.get("TRITON_INTERPRET")
+    shown = "TRITON_INTERPRET is unset" if value is None else f"TRITON_INTERPRET={value!r}"
+    raise RuntimeError(
+        f"{shown} now, but it was {'not ' if now else ''}set when {' and '.join(stale)}: "
+        f"Triton reads it only as each @triton.jit function is defined, so the kernels cannot run "
+        f"{'in the interpreter' if now else 'compiled'}. Set it before triton is first imported: restart "
+        f"Python (in a notebook, the kernel) with it in the environment or set in the first cell; "
+        f'or use backend="torch"'
+    )
 
 
 def next_pow2(n: int) -> int:

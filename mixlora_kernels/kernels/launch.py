@@ -20,7 +20,7 @@ import triton
 
 from ..expert_pass_torch import PassConfig
 from ..routing import expert_one_hot
-from .common import ACT_CODES, dot_precision, interpreting, next_pow2, rank_pad, token_major_width
+from .common import ACT_CODES, check_interpreter, dot_precision, interpreting, next_pow2, rank_pad, token_major_width
 from .dropout import GATE, UP, Dropout, keep_mask
 from .expert_pass_bwd import bwd_args, expert_pass_tm_bwd, expert_pass_tm_wgrad
 from .expert_pass_es import expert_pass_es_fwd
@@ -41,6 +41,7 @@ _FLOPS_PER_S = 4.0e14
 
 
 def check_triton_device(device: torch.device) -> None:
+    check_interpreter()
     if device.type == "cuda":
         return
     if device.type == "cpu":
