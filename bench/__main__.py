@@ -144,15 +144,53 @@ def settings_from(args, parser: argparse.ArgumentParser) -> Settings:
     return Settings(device, dtype, backend, args.cases, args.rounds, stages=not args.no_stages)
 
 
+def check_writable(rows_file: Path, option: str, parser: argparse.ArgumentParser) -> None:
+    """A parser error, before the run, where the rows could not be appended to ``rows_file``:
+    its folder is made (as the run would make it) and the file opened for appending, left
+    as it was. Tried rather than asked (os.access): a privileged user is told yes where the
+    file system says no (/proc, a read-only mount)."""
+    folder = rows_file.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"{option} {folder}: cannot create this folder ({err.strerror or err})")
+    existed = rows_file.exists()
+    try:
+        with open(rows_file, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        parser.error(f"{option} {folder}: cannot write {rows_file.name} there ({err.strerror or err})")
+    if not existed:
+        rows_file.unlink()
+
+
+def check_plots(args, parser: argparse.ArgumentParser) -> None:
+    """--plots draws from the rows file, so it needs one, and matplotlib: both are known
+    before a run of minutes, not after it."""
+    if not args.plots:
+        return
+    if args.no_save:
+        parser.error("--plots draws PNGs from the saved rows, and --no-save saves nothing: drop one of them")
+    try:
+        import matplotlib.figure  # noqa: F401 (only whether it imports)
+    except ImportError:
+        from .plots import MISSING_MATPLOTLIB
+
+        parser.error(f"--plots: {MISSING_MATPLOTLIB}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    check_plots(args, parser)
     settings = settings_from(args, parser)
     on_gpu = settings.device.type == "cuda"
     shapes = args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES)
     label = device_name(settings.device)
     out_dir = None if args.no_save else RECORD_DIR if args.record else (args.out or default_out_dir())
     rows_file = None if out_dir is None else out_dir / f"{device_slug(label)}.jsonl"
+    if rows_file is not None:
+        check_writable(rows_file, "--record" if args.record else "--out" if args.out else "rows folder", parser)
     print(f"mixlora_kernels benchmark on {label}; {settings.dtype}, fused backend {settings.backend}; {versions()}")
     missed = checked = 0
     for i, shape in enumerate(shapes, 1):

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,7 @@ def test_rows_go_to_the_user_cache_unless_recorded(tmp_path, monkeypatch):
         (["--device", "gpu0"], "'gpu0' is not a device"),
         (["--backend", "cuda"], "invalid choice: 'cuda'"),
         (["--out", "x", "--record"], "not allowed with argument --out"),
+        (["--plots"], "--plots draws PNGs from the saved rows, and --no-save saves nothing"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " not in v else None,
 )
@@ -108,6 +110,48 @@ def test_bad_arguments_get_a_clear_error(argv, message, capsys):
         main([*TINY, *argv, "--no-save"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _no_run(*args, **kwargs):
+    raise AssertionError("the benchmark ran before its arguments were checked")
+
+
+@pytest.mark.parametrize(
+    "where, reason",
+    [
+        (lambda tmp: tmp / "a-file" / "rows", "Not a directory"),
+        pytest.param(
+            lambda tmp: Path("/proc/nope"),
+            "No such file or directory",
+            marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a /proc file system"),
+        ),
+    ],
+    ids=["under-a-file", "proc"],
+)
+def test_an_unwritable_out_is_refused_before_the_run(where, reason, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("bench.__main__.run_shape", _no_run)
+    out = where(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--out", str(out)])
+    assert exc.value.code == 2
+    assert f"--out {out}: cannot create this folder ({reason})" in capsys.readouterr().err
+
+
+def test_the_out_check_leaves_no_file_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.__main__.run_shape", _no_run)
+    with pytest.raises(AssertionError, match="ran before"):
+        main([*TINY, "--out", str(tmp_path / "new" / "rows")])
+    assert (tmp_path / "new" / "rows").is_dir() and not list((tmp_path / "new" / "rows").iterdir())
+
+
+def test_plots_without_matplotlib_are_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("bench.__main__.run_shape", _no_run)
+    # A None entry makes the import fail as if matplotlib were not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--plots", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--plots: plots need matplotlib" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only build")
