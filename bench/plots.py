@@ -37,13 +37,47 @@ MISSING_MATPLOTLIB = "plots need matplotlib: pip install -e '.[bench]'"
 STYLE = {case: dict(color=f"C{i}", marker="osPD^vx<>*"[i], markersize=8, mfc="none") for i, case in enumerate(CASES)}
 
 
+# What a case row needs for the plots (rows of other kinds are skipped).
+CASE_FIELDS = (*SHAPE_KEYS, "T", "case", "mode", "ms", "saved_bytes")
+
+
+class RowsError(ValueError):
+    """A rows file that cannot be plotted: missing, not JSON Lines, or case rows without
+    the fields the plots read. The message names the file (and line)."""
+
+
 def load_rows(paths: Iterable[str | Path]) -> list[dict]:
-    """Rows of one or more .jsonl files, in file order (blank lines skipped)."""
+    """Rows of one or more .jsonl files, in file order (blank lines skipped); a RowsError
+    naming the file and line where one is not a benchmark row."""
     rows = []
     for path in paths:
-        with open(path) as fh:
-            rows += [json.loads(line) for line in fh if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = list(fh)
+        except FileNotFoundError:
+            raise RowsError(f"{path}: no such file") from None
+        except OSError as err:
+            raise RowsError(f"{path}: cannot read it ({err.strerror or err})") from None
+        except UnicodeDecodeError:
+            raise RowsError(f"{path}: not JSON Lines (not UTF-8 text)") from None
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                rows.append(_parse_row(line, f"{path}: line {number}"))
     return rows
+
+
+def _parse_row(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RowsError(f"{where}: not JSON Lines ({err.msg}, column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise RowsError(f"{where}: not a benchmark row (a JSON {type(row).__name__}, not an object)")
+    if row.get("kind", "case") == "case":
+        missing = [key for key in CASE_FIELDS if row.get(key) is None]
+        if missing:
+            raise RowsError(f"{where}: a case row without {', '.join(missing)}, which the plots need")
+    return row
 
 
 def latest_rows(rows: Iterable[dict]) -> list[dict]:
@@ -171,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rows", nargs="+", help="benchmark result files (.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNGs")
     args = p.parse_args(argv)
-    paths = plot_rows(load_rows(args.rows), args.out)
+    try:
+        rows = load_rows(args.rows)
+    except RowsError as err:
+        p.error(str(err))
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        p.error(f"--out {args.out}: cannot create this folder ({err.strerror or err})")
+    paths = plot_rows(rows, args.out)
     for path in paths:
         print(path)
     if not paths:

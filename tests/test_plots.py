@@ -139,3 +139,25 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(SystemExit, match=r"plots need matplotlib: pip install -e '\.\[bench\]'"):
         main([str(CPU_ROWS), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "missing.jsonl: no such file"),
+        ('{"kind": "stage", "ms": 1.0}\n\n{"case": "fused",\n', "rows.jsonl: line 3: not JSON Lines"),
+        ("[1, 2]\n", "rows.jsonl: line 1: not a benchmark row (a JSON list, not an object)"),
+        ('{"case": "fused", "mode": "fwd", "ms": 1.0}\n', "rows.jsonl: line 1: a case row without device, dtype"),
+    ],
+    ids=["missing", "not-json", "not-an-object", "no-fields"],
+)
+def test_cli_names_the_file_and_the_problem_of_bad_rows(content, message, tmp_path, capsys):
+    rows = tmp_path / ("missing.jsonl" if content is None else "rows.jsonl")
+    if content is not None:
+        rows.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(rows), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2  # as argparse exits on bad arguments
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
