@@ -3,7 +3,18 @@ in CI as a command; these pin down the parts that decide pass or fail)."""
 
 from __future__ import annotations
 
-from mixlora_kernels.tuning.compile_check import _resource_usage, local_accesses_in_loops
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import triton
+
+from mixlora_kernels.tuning.compile_check import Job, Result, _resource_usage, compile_all, local_accesses_in_loops
+
+_HAS_PTXAS = os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"))
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -32,3 +43,37 @@ def test_registers_and_spill_stores_come_from_the_ptxas_report():
         "ptxas info    : Used 128 registers, used 1 barriers, 528 bytes cmem[0]\n"
     )
     assert _resource_usage(log, b"") == (128, 4)
+
+
+def _fake_compile(job: Job) -> Result:
+    # Fails the one whose variant says so, as compile_one reports an exception.
+    return Result(job, shared=0, error="CompilationError: boom" if job.variant == "bad" else None)
+
+
+def test_progress_counts_the_variants_done_and_the_failures_so_far(capsys):
+    jobs = [Job("dropout_keep", "sm_80", {}, v, {}, {}) for v in ("a", "bad", "c")]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        results = compile_all(pool, jobs, lambda job: 1024, every_s=0.0, fn=_fake_compile)
+    assert [r.job.variant for r in results] == ["a", "bad", "c"]  # in job order, as the report prints them
+    lines = capsys.readouterr().err.splitlines()
+    # every_s=0: a line at every wait, each counting up; the last one without "so far".
+    counts = [re.match(r"compile check: (\d)/3 variants done, (\d) failing( so far)?, \d+ s", line) for line in lines]
+    assert lines and all(counts), lines
+    assert [(int(m[1]), int(m[2])) for m in counts] == sorted((int(m[1]), int(m[2])) for m in counts)
+    assert lines[-1].startswith("compile check: 3/3 variants done, 1 failing, ")
+    assert all(m[3] for m in counts[:-1])
+
+
+@pytest.mark.skipif(not _HAS_PTXAS, reason="this Triton has no NVIDIA backend to compile for")
+def test_the_smallest_compile_check_prints_progress_on_stderr():
+    """Its smallest run (one arch, one kernel, one worker: two variants), as CI runs it."""
+    argv = ["--arch", "sm_80", "--kernel", "dropout_keep", "--jobs", "1"]
+    # It compiles, so the kernels must not be defined for the interpreter the tests use.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mixlora_kernels.tuning.compile_check", *argv],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^compile check: 2/2 variants done, 0 failing, \d+ s$", done.stderr, re.M), done.stderr
+    assert "compile check:" not in done.stdout and "2 compiled, 0 pruned, 0 failures" in done.stdout

@@ -15,7 +15,8 @@ an atomic, or if a headline class (bf16/fp16; E = 8 with r = 8 and 16, E = 4 wit
 r = 16; k = 1 and 2; gate/up/down with and without dropout; MixDoRA with dropout in bf16
 with k = 2) has a config that spills inside a loop, or, MixDoRA's aside (whose widest
 classes spill once per program outside the loops in every config), no spill-free config
-in a family.
+in a family. While it compiles, a line on stderr every 30 s and at the end gives the
+variants done out of the total and the failures so far.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
@@ -507,6 +508,45 @@ def _spill_report(results: list[Result]) -> int:
     return failures
 
 
+def _problems(res: Result, limit: int) -> list[str]:
+    """What fails one compile on its own: an error, shared memory over the limit, atomics."""
+    problems = []
+    if res.error:
+        problems.append(res.error)
+    elif res.shared > limit:
+        problems.append(f"shared memory {res.shared} > {limit}" + (" (estimate too low)" if res.job.estimate else ""))
+    if res.atomics:
+        problems.append("atomics in PTX")
+    return problems
+
+
+def compile_all(pool: Executor, jobs: list[Job], limit_of, every_s: float = 30.0, fn=compile_one) -> list[Result]:
+    """Every job's Result, in job order, compiled on ``pool``; a progress line on stderr
+    every ``every_s`` seconds and at the end (a full check runs for many minutes): the
+    variants done out of the total and how many failed so far."""
+    futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+    results: list[Result | None] = [None] * len(jobs)
+    pending, failed, start = set(futures), 0, time.perf_counter()
+    last = start
+    while pending:
+        done, pending = wait(pending, timeout=every_s, return_when=FIRST_COMPLETED)
+        for future in done:
+            res = results[futures[future]] = future.result()
+            failed += bool(_problems(res, limit_of(res.job)))
+        now = time.perf_counter()
+        if now - last >= every_s or not pending:
+            finished = len(jobs) - len(pending)
+            eta = ""
+            if pending and finished:
+                left = (now - start) / finished * len(pending)
+                eta = f", about {left / 60:.0f} min left" if left >= 120 else f", about {left:.0f} s left"
+            so_far = " so far" if pending else ""
+            print(f"compile check: {finished}/{len(jobs)} variants done, {failed} failing{so_far}, "
+                  f"{now - start:.0f} s{eta}", file=sys.stderr, flush=True)  # fmt: skip
+            last = now
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixlora_kernels.tuning.compile_check", description=__doc__)
     parser.add_argument("--arch", default="sm_80,sm_86,sm_89,sm_90", help="comma-separated, from " + ",".join(ARCHS))
@@ -534,7 +574,7 @@ def main(argv=None) -> int:
     print(f"compiling {len(to_compile)} kernel variants for {', '.join(archs)} with {args.jobs} workers "
           f"({len(pruned)} more are pruned at runtime by their shared-memory estimate)", flush=True)  # fmt: skip
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(compile_one, to_compile, chunksize=4))
+        results = compile_all(pool, to_compile, limit_of)
 
     failures = 0
     per_kernel: dict[tuple[str, str], set] = {}
@@ -549,13 +589,7 @@ def main(argv=None) -> int:
         job = res.job
         limit = limit_of(job)
         cfg = ",".join(f"{k}={v}" for k, v in job.config.items())
-        problems = []
-        if res.error:
-            problems.append(res.error)
-        elif res.shared > limit:
-            problems.append(f"shared memory {res.shared} > {limit}" + (" (estimate too low)" if job.estimate else ""))
-        if res.atomics:
-            problems.append("atomics in PTX")
+        problems = _problems(res, limit)
         failures += bool(problems)
         per_class.setdefault((job.kernel, job.arch, job.variant), 0)
         if not problems:
