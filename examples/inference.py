@@ -4,8 +4,10 @@
 
 OUTPUT_DIR is the directory ``finetune_tiny_llama.py`` wrote: the adapter lies in
 OUTPUT_DIR/adapter, and its adapter_config.json names the base model to load (a local
-directory here, a Hub id in real use). ``load_adapter`` injects MixLoRA from the
-adapter's own config and loads the weights; generation uses the KV cache as usual.
+directory here, a Hub id in real use). ``MixLoraModelForCausalLM.from_pretrained`` loads
+that base, injects MixLoRA from the adapter's own config and loads the weights; an
+adapter that names no base is refused at once, with how to load it. Generation uses the
+KV cache as usual.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import argparse
 import os
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from mixlora_kernels import MixLoraConfig, load_adapter
+from mixlora_kernels import MixLoraModelForCausalLM
 
 
 def encode(text: str) -> list[int]:
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     adapter_dir = os.path.join(args.output_dir, "adapter")
-    base = MixLoraConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(base), adapter_dir).eval()
+    model, _ = MixLoraModelForCausalLM.from_pretrained(adapter_dir)
+    model.eval()
 
     ids = torch.tensor([encode(args.prompt)])
     with torch.no_grad():

@@ -8,6 +8,7 @@ from .dora import ExpertDoRA
 from .functional import ExpertLoRA, MixLoraOutput, mixlora_ffn
 from .integrations import (
     ExpertLoad,
+    MixLoraModelForCausalLM,
     MixLoraTrainerMixin,
     expert_load_stats,
     inject_mixlora,
@@ -28,6 +29,7 @@ __all__ = [
     "FusedMixLoraFFN",
     "LoraLinear",
     "MixLoraConfig",
+    "MixLoraModelForCausalLM",
     "MixLoraOutput",
     "MixLoraTrainer",
     "MixLoraTrainerMixin",

@@ -3,12 +3,14 @@
 from typing import Any
 
 from .adapter import load_adapter, save_adapter
+from .loading import MixLoraModelForCausalLM
 from .training import ExpertLoad, MixLoraTrainerMixin, expert_load_stats, reset_expert_load
 from .transformers import SUPPORTED_MODEL_TYPES, inject_mixlora, model_adapter_targets
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ExpertLoad",
+    "MixLoraModelForCausalLM",
     "MixLoraTrainer",
     "MixLoraTrainerMixin",
     "expert_load_stats",

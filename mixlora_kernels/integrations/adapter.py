@@ -212,12 +212,27 @@ def load_adapter(
         raise FileNotFoundError(f"{path}: not an adapter directory")
     config = read_adapter_config(path)
     state, file = read_adapter_weights(path)
+    return _load_read_adapter(model, config, state, file, backend=backend, dtype=dtype)
+
+
+def _load_read_adapter(
+    model: nn.Module,
+    config: MixLoraConfig,
+    state: dict[str, torch.Tensor],
+    file: str,
+    *,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """``load_adapter`` for an adapter already read (``read_adapter_config`` and
+    ``read_adapter_weights`` of the directory holding ``file``), so that a loader can
+    check both before it builds the model."""
     existing = mixlora_config_of(model)
     undo = None
     if existing is None:
         undo = _inject(unwrap_model(model), config, backend, dtype)
     else:
-        _check_compatible(unwrap_model(model), existing, config, os.path.join(path, CONFIG_NAME))
+        _check_compatible(unwrap_model(model), existing, config, os.path.join(os.path.dirname(file), CONFIG_NAME))
         if any(_is_dtensor(t) for t in model_adapter_targets(model).values()):
             raise NotImplementedError(
                 "load_adapter: the model's adapter is sharded (FSDP2); load the adapter before fully_shard"
@@ -241,6 +256,23 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return callable(getattr(t, "full_tensor", None))
 
 
+def _check_directory_path(path: str) -> None:
+    """Refuse a path that cannot become the adapter directory: an existing file, or a
+    path below one (os.makedirs would fail there, after the weights were gathered)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(
+            f"save_adapter: {path!r} is an existing file, not a directory; an adapter is saved as a "
+            "directory (adapter_config.json and the weights): pass a directory path, new or existing"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(
+            f"save_adapter: cannot create the adapter directory {path!r}: {parent!r} is a file, not a directory"
+        )
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, safe_serialization: bool = True) -> None:
     """Write the adapter of ``model`` to directory ``path`` (created if needed).
 
@@ -255,6 +287,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, safe_serializatio
     In a distributed run only rank 0 writes. A model sharded with FSDP2 has its weights
     gathered first, which is a collective: call this on every rank then.
     """
+    path = os.fspath(path)
+    _check_directory_path(path)
     config = mixlora_config_of(model)
     if config is None:
         raise ValueError(f"save_adapter: {type(unwrap_model(model)).__name__} holds no MixLoRA adapter")
@@ -268,7 +302,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, safe_serializatio
         state[key] = value.to("cpu", copy=True, memory_format=torch.contiguous_format)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, SAFETENSORS_NAME if safe_serialization else BIN_NAME)
     partial = file + ".partial"
