@@ -10,6 +10,7 @@ included) is scaled by ``lora_magnitude_vector / ||W + s B A||`` per row (``dora
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -34,6 +35,52 @@ def check_base_projection(module: nn.Module, where: str) -> None:
         "bitsandbytes' Linear4bit / Linear8bitLt (load_in_4bit / load_in_8bit), or a module with a "
         "floating-point 2-D weight"
     )
+
+
+def keep_4bit_weights_unpacked(model: nn.Module) -> dict[nn.Module, bool]:
+    """Turn off bitsandbytes' CPU repacking on every ``Linear4bit`` in ``model`` and unpack
+    any layer already packed; return each layer's previous ``support_avx512bf16_for_cpu``
+    flag, for undoing.
+
+    On a CPU with AVX-512 BF16, a ``Linear4bit`` called in eval mode on an input that needs
+    no grad (a no-grad forward, the DoRA norm probe, a frozen model's first layer) rewrites
+    its weight once, in place, for a bf16 kernel that every later call then takes, training
+    included: it computes in bf16 (about 1e-3 off the dequantised layer), has no backward
+    (the gradient through the layer is lost, with only a warning), and the packing rounds
+    the block scales to bf16 for good. A frozen base must compute the same function on
+    every CPU and pass gradients, so its 4-bit layers stay in the portable layout. Nothing
+    is imported: a model holding bitsandbytes layers has imported bitsandbytes already.
+
+    Injection, ``FusedMixLoraFFN.from_mlp`` and ``LoraLinear`` call this before anything
+    runs a layer, so none of them reaches the packing (tests/test_quantized.py checks it on
+    an injected model), and the packing's shape rule (out % 32 == 0, in % blocksize == 0,
+    else it fails inside bitsandbytes) needs no check of its own."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return {}
+    previous: dict[nn.Module, bool] = {}
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            previous[module] = module.support_avx512bf16_for_cpu
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            _unpack_for_cpu(module, state, bnb.functional)
+    return previous
+
+
+def _unpack_for_cpu(module: nn.Module, state, functional) -> None:
+    """bitsandbytes' own inverse of its CPU packing (what it runs before ``.cuda()`` and
+    when saving). For block scales that were not double-quantised it leaves them as the
+    packing wrote them, (in / blocksize, out) in bf16, while dequantisation reads them flat
+    in (out, in / blocksize) order: they are put back in that order here (fp32, their
+    dtype before packing; the bf16 rounding stays)."""
+    module.weight.data, state = functional._convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+    if not state.nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    module.weight.quant_state = state
 
 
 def adapter_dtype_of(module: nn.Module) -> torch.dtype:
@@ -76,6 +123,7 @@ class LoraLinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraLinear: dropout={dropout!r} must be in [0, 1)")
         check_base_projection(base, f"LoraLinear base {type(base).__name__}")
+        keep_4bit_weights_unpacked(base)
         self.in_features, self.out_features = linear_features(base)
         self.r = r
         self.scaling = scaling

@@ -18,7 +18,7 @@ from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
-from .lora import adapter_dtype_of, check_base_projection, linear_features
+from .lora import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
 from .routing import expert_counts, router_loss
 
 # The routing fields of MixLoraConfig that mixlora_ffn takes; the config holds None for
@@ -154,7 +154,10 @@ class FusedMixLoraFFN(nn.Module):
         The MLP's weights are frozen and shared; only the router and the expert LoRA
         weights (created in ``dtype``, default the MLP's) require grad. ``backend`` is
         "triton", "torch" or "auto" (triton on CUDA; env MIXLORA_BACKEND overrides).
+        A bitsandbytes 4-bit MLP is kept out of bitsandbytes' CPU repacking (bf16, no
+        backward; ``keep_4bit_weights_unpacked``), before the DoRA norm probe runs it.
         """
+        keep_4bit_weights_unpacked(mlp)
         return cls(mlp, config, backend=backend, dtype=dtype)
 
     @property

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig
-from ..lora import LoraLinear
+from ..lora import LoraLinear, keep_4bit_weights_unpacked
 from ..modules import FusedMixLoraFFN, mixlora_blocks
 from ..state import MAGNITUDE_KEY, _block_targets
 
@@ -165,16 +165,22 @@ def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.
     attention = _attention_targets(model_type, config, decoder.layers[0].mlp) if len(decoder.layers) else []
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    cpu_packing: dict[nn.Module, bool] = {}
 
     def undo() -> None:
         for parent, name, original in reversed(replaced):
             setattr(parent, name, original)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
+        for layer, flag in cpu_packing.items():
+            layer.support_avx512bf16_for_cpu = flag
         if "mixlora_config" in model.__dict__:
             del model.mixlora_config
 
     try:
+        # Every 4-bit layer, not only those the adapter wraps: the whole model computes the
+        # same function on every CPU (``keep_4bit_weights_unpacked`` says why).
+        cpu_packing.update(keep_4bit_weights_unpacked(model))
         for layer in decoder.layers:
             mlp = layer.mlp
             # A new module takes the train/eval mode of the one it replaces: an adapter loaded
