@@ -15,13 +15,9 @@ An operator's outputs are tensors, never None: an output that a call does not pr
 absent weight) is an empty tensor, and the wrappers here turn it back into None. Which
 outputs exist follows from the arguments, so the fake implementations know it too.
 
-With backend="triton" the expert pass runs the Triton kernels both ways (the backward
-for layers whose stacked expert ranks fit the token-major kernels; wider ones run the
-torch backend's backward on what the Triton forward saved). The router's backward is a
-few (T, E) PyTorch ops.
+With backend="triton" the expert pass runs the Triton kernels both ways, for every layer
+width and routing strategy. The router's backward is a few (T, E) PyTorch ops.
 """
-
-import warnings
 
 import torch
 from torch import Tensor
@@ -160,7 +156,7 @@ def expert_pass_backward_op(
         rows = dH.shape[0]  # T, or T*K per pair
         dY = torch.zeros(rows, down_B.shape[1], device=x.device, dtype=x.dtype)
     dscales = (None, None)
-    if backend == "triton" and _triton_backward_fits(cfg, lora):
+    if backend == "triton":
         from .kernels.launch import expert_pass_bwd_triton
 
         dx, dG, dU, dw, dlora, dscales = expert_pass_bwd_triton(
@@ -169,11 +165,7 @@ def expert_pass_backward_op(
     else:
         if per_pair or gate_scale is not None or up_scale is not None:
             raise ValueError("mixlora::expert_pass_backward: DoRA scales run on the Triton kernels only")
-        if backend == "triton":
-            _warn_torch_backward_once()
-            keep = _triton_masks(cfg, seed, x, G)
-        else:
-            keep = (keep_gate, keep_up, keep_down)
+        keep = (keep_gate, keep_up, keep_down)
         dx, dG, dU, dw, dlora = expert_pass_torch.expert_pass_bwd(dH, dY, x, G, U, weights, experts, lora, keep, cfg)
     if shared_a and dlora["gate_A"] is not None:
         dlora["gate_A"] = dlora["gate_A"] + dlora["up_A"]
@@ -248,38 +240,6 @@ def _dropout(cfg, seed):
     from .kernels.dropout import Dropout
 
     return None if seed is None else Dropout(cfg.dropout, seed)
-
-
-def _triton_masks(cfg, seed, x, G) -> tuple:
-    """The Triton path's dropout masks as tensors, for the torch backward."""
-    if seed is None:
-        return None, None, None
-    from .kernels.dropout import dropout_masks
-
-    masks = dropout_masks(_dropout(cfg, seed), x.shape[0], x.shape[1], G.shape[1])
-    return masks["gate"], masks["up"], masks["down"]
-
-
-def _triton_backward_fits(cfg, lora) -> bool:
-    from .kernels.launch import backward_fits
-
-    rank = next((t.shape[1] for t in (lora.gate_A, lora.up_A, lora.down_A) if t is not None), 1)
-    return backward_fits(cfg.num_experts, rank)
-
-
-_warned_torch_backward = False
-
-
-def _warn_torch_backward_once() -> None:
-    global _warned_torch_backward
-    if not _warned_torch_backward:
-        _warned_torch_backward = True
-        warnings.warn(
-            "mixlora_kernels: the Triton backward covers layers whose stacked expert ranks "
-            "(E * r, padded to powers of two) are at most 128; this layer's expert pass runs "
-            "the torch backend's backward (same gradients, slower).",
-            stacklevel=3,
-        )
 
 
 def _softmax_backward(p: Tensor, dp: Tensor) -> Tensor:

@@ -225,10 +225,10 @@ def test_magnitudes_on_some_projections_only_in_the_kernels(roles):
 
 def _record_kernel_flags(monkeypatch) -> list[tuple]:
     """(kernel, DORA_GATE, DORA_UP, PER_PAIR) of every expert-pass kernel launched."""
-    from mixlora_kernels.kernels import expert_pass_bwd, expert_pass_tm
+    from mixlora_kernels.kernels import expert_pass_bwd, expert_pass_es_bwd, expert_pass_tm
 
     calls = []
-    for module in (expert_pass_tm, expert_pass_bwd):
+    for module in (expert_pass_tm, expert_pass_bwd, expert_pass_es_bwd):
         real = module.launch
 
         def spy(kernel, autotuned, configs, grid, args, *rest, _real=real):
@@ -242,14 +242,16 @@ def _record_kernel_flags(monkeypatch) -> list[tuple]:
 @pytest.mark.parametrize("roles", [("gate", "up"), ("gate", "up", "down")], ids=["gate-up", "all"])
 def test_mixdora_runs_inside_the_kernels_on_the_triton_backend(monkeypatch, roles):
     """The scales reach the forward, token and weight kernels (the down magnitude makes
-    the pass per pair), and the torch-op pair path is never taken."""
+    the pass per pair; the backward's token kernel runs once per slot), and the torch-op
+    pair path is never taken."""
     calls = _record_kernel_flags(monkeypatch)
     monkeypatch.setattr(dora_module, "_all_pairs", lambda *a, **k: pytest.fail("the torch-op pair path ran"))
     problem = on_device(make_problem(T=12, d=8, f=20, E=4, r=4, dtype=torch.float32))
     out = _check_against_reference(problem, _dora_for(problem, roles), "triton", torch.float32, atol=5e-5, rtol=5e-4)
     assert torch.isfinite(out.out).all()
     per_pair = "down" in roles
-    kernels = ("_expert_pass_tm_fwd_kernel", "_expert_pass_tm_bwd_kernel", "_expert_pass_tm_wgrad_kernel")
+    kernels = ("_expert_pass_tm_fwd_kernel", *["_expert_pass_es_bwd_kernel"] * problem.top_k,
+               "_expert_pass_es_wgrad_kernel")  # fmt: skip
     expected = [(name, True, True, per_pair) for name in kernels]
     assert calls == expected
 

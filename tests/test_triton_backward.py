@@ -1,7 +1,9 @@
-"""The Triton backward of the expert pass: that it runs (kernels launched, no fallback),
-gradients bitwise reproducible, experts without tokens get exactly zero gradients, and a
-short training run follows the torch backend's. The gradient values themselves are
-checked against the reference over the whole sweep in test_triton_forward.py."""
+"""The Triton backward of the expert pass: that it runs (the expert-sorted kernels by
+default, the token-major ones behind their switch, no fallback), that the weight
+kernel's shares of an expert's blocks add up, gradients bitwise reproducible, experts
+without tokens get exactly zero gradients, and a short training run follows the torch
+backend's. The gradient values themselves are checked against the reference over the
+whole sweep in test_triton_forward.py."""
 
 from __future__ import annotations
 
@@ -22,17 +24,40 @@ def _grads(problem, **kwargs):
     return torch.autograd.grad((out.float() ** 2).sum(), leaves)
 
 
-def test_backward_launches_the_triton_kernels_without_a_warning(monkeypatch):
+@pytest.mark.parametrize(
+    "forced,kernels",
+    [
+        (None, ["expert_pass_es_bwd", "expert_pass_es_wgrad"]),
+        ("token_major", ["expert_pass_tm_bwd", "expert_pass_tm_wgrad"]),
+    ],
+    ids=["default", "token_major"],
+)  # fmt: skip
+def test_backward_launches_the_triton_kernels_without_a_warning(monkeypatch, forced, kernels):
     calls = []
-    for name in ("expert_pass_tm_bwd", "expert_pass_tm_wgrad"):
+    if forced is not None:
+        monkeypatch.setenv(launch.BACKWARD_ENV, forced)
+    for name in ("expert_pass_tm_bwd", "expert_pass_tm_wgrad", "expert_pass_es_bwd", "expert_pass_es_wgrad"):
         real = getattr(launch, name)
         monkeypatch.setattr(launch, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     problem = on_device(make_problem(T=20, d=12, f=24, E=4, r=4, top_k=2)).to(torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grads = _grads(problem)
-    assert calls == ["expert_pass_tm_bwd", "expert_pass_tm_wgrad"]
+    assert calls == kernels
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_expert_shares_of_the_weight_kernel_sum_to_the_same_gradients(monkeypatch, split):
+    """The weight kernel cuts each expert's blocks into shares whose partial sums the
+    caller adds; any number of shares gives the gradients of one share (fp32: to
+    rounding)."""
+    problem = on_device(make_problem(T=48, d=12, f=24, E=3, r=4, top_k=2)).to(torch.float32)
+    monkeypatch.setattr(launch, "_expert_shares", lambda *a: 1)
+    one = _grads(problem)
+    monkeypatch.setattr(launch, "_expert_shares", lambda *a: split)
+    for a, b in zip(one, _grads(problem)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic", "mixlora-switch"])

@@ -1,7 +1,7 @@
 """The Triton backend (route, permute, both expert-pass organisations forward, the
-token-major backward) against the reference: on CPU through the interpreter in fp32 and
-fp16, on a GPU compiled, in bf16 and fp16 too. Every case checks the output and every
-gradient."""
+expert-sorted backward, and the token-major backward behind its switch) against the
+reference: on CPU through the interpreter in fp32 and fp16, on a GPU compiled, in bf16
+and fp16 too. Every case checks the output and every gradient."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ import sys
 import pytest
 import torch
 
-import reference
 from mixlora_kernels import mixlora_ffn
 from mixlora_kernels.kernels.expert_pass_tm import slot_order
-from mixlora_kernels.kernels.launch import ORGANISATION_ENV, choose_organisation, pass_costs
+from mixlora_kernels.kernels.launch import (
+    BACKWARD_ENV,
+    ORGANISATION_ENV,
+    choose_backward,
+    choose_organisation,
+    pass_costs,
+)
 from mixlora_kernels.kernels.permute import permute_fwd
 from mixlora_kernels.kernels.route import route_switch_fwd, route_top_p_fwd, route_topk_fwd
 from mixlora_kernels.routing import route_switch, route_top_p, route_topk
 from tests.conftest import assert_rel_rms
 from tests.problems import VARIANT_IDS, VARIANTS, leaf_names, make_problem, run_pair
 from tests.test_torch_backend import EK, check, dynamic_problem, experts_used
-
-pytestmark = pytest.mark.filterwarnings("ignore:mixlora_kernels. the Triton backward covers")
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -79,6 +82,30 @@ def test_sweep(organisation, E, k, T, dtype):
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=VARIANT_IDS)
 def test_variants(organisation, kwargs, dtype):
     check(on_device(make_problem(**kwargs)), dtype, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(T=7, E=3, top_k=2), dict(T=64, E=4, top_k=1), dict(T=33, E=3, routing_strategy="mixlora-dynamic",
+     top_p=0.6), *VARIANTS[:4]],
+    ids=["T7-E3k2", "T64-E4k1", "top_p", *VARIANT_IDS[:4]],
+)  # fmt: skip
+def test_token_major_backward(monkeypatch, kwargs):
+    """The token-major backward, kept behind MIXLORA_EXPERT_BWD for comparison, still
+    computes every gradient."""
+    monkeypatch.setenv(BACKWARD_ENV, "token_major")
+    assert choose_backward(4, 3) == "token_major"
+    kwargs = dict(dict(d=13, f=29, r=3), **kwargs) if "d" not in kwargs else kwargs
+    check(on_device(make_problem(**kwargs)), torch.float32, backend="triton")
+
+
+def test_backward_switch_validates_and_falls_back_where_token_major_cannot_run(monkeypatch):
+    assert choose_backward(64, 16) == "expert_sorted"
+    monkeypatch.setenv(BACKWARD_ENV, "token_major")
+    assert choose_backward(64, 16) == "expert_sorted"  # E * r past the token-major tiles
+    monkeypatch.setenv(BACKWARD_ENV, "tiled")
+    with pytest.raises(ValueError, match="MIXLORA_EXPERT_BWD='tiled'"):
+        choose_backward(8, 16)
 
 
 @pytest.mark.parametrize("capacity", [1, 3, 100])
@@ -300,18 +327,14 @@ def test_fp64_is_refused_with_a_clear_error():
         mixlora_ffn(problem.x, problem.router, problem.experts, backend="triton", **problem.kwargs())
 
 
-def test_wide_layers_fall_back_to_the_torch_backward_with_one_warning(monkeypatch):
-    import mixlora_kernels.autograd as ag
-
-    # E * r = 16 * 16 > 128: past what the token-major backward holds in registers.
-    problem = on_device(make_problem(T=8, d=8, f=12, E=16, r=16)).to(torch.float32)
-    monkeypatch.setattr(ag, "_warned_torch_backward", False)
-    out = mixlora_ffn(problem.x, problem.router, problem.experts, backend="triton", **problem.kwargs()).out
-    with pytest.warns(UserWarning, match="runs the torch backend's backward"):
-        out.sum().backward()
-    ref = reference.mixlora_ffn(problem.x, problem.router, problem.experts, **problem.kwargs()).out
-    (ref_grad,) = torch.autograd.grad(ref.sum(), problem.x)
-    torch.testing.assert_close(problem.x.grad, ref_grad, atol=2e-5, rtol=2e-4)
+@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic"])
+def test_wide_layers_run_the_triton_backward(strategy, recwarn):
+    """E * r = 16 * 16 > 128, past the token-major tiles: the expert-sorted backward
+    covers it, every gradient against the reference, with no warning."""
+    routing = dict(top_k=2) if strategy == "mixlora" else dict(top_p=0.5, router_scale=0.3)
+    problem = make_problem(T=8, d=8, f=12, E=16, r=16, routing_strategy=strategy, **routing)
+    check(on_device(problem), torch.float32, backend="triton")
+    assert not [w for w in recwarn if "backward" in str(w.message)]
 
 
 def needs_gpu(test):

@@ -4,6 +4,8 @@ interpreted)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -24,12 +26,10 @@ TOKEN_MAJOR_KEY = ["F", "E", "R", "T_BUCKET", "K", "ACT", "HAS_U", "HAS_GATE", "
 
 
 def interpreting() -> bool:
-    """True when TRITON_INTERPRET asks, now, for Triton's CPU interpreter (read as Triton
-    reads it: 1, true, on, yes)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when TRITON_INTERPRET asks, now, for Triton's CPU interpreter, read as Triton
+    reads it (1, true, on, yes). Read from os.environ, not through triton's knobs (a C
+    function), so that torch.compile traces it without a graph break."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _interpreted(fn) -> bool:
@@ -102,11 +102,42 @@ def pinned_config() -> dict | None:
     return out
 
 
+# A config forced on every launch of a block of code (``forced_config``), and the launches
+# recorded there (``recorded_launches``): how the sweep times one config of a kernel and
+# reads its registers, without the environment or the autotuner.
+_FORCED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mixlora_forced_config", default=None)
+_RECORDED: contextvars.ContextVar[list | None] = contextvars.ContextVar("mixlora_recorded_launches", default=None)
+
+
+@contextlib.contextmanager
+def forced_config(config: dict):
+    """Within the block, every launch runs ``config`` (the block sizes a kernel's configs
+    have, num_warps, num_stages) over its first config, as a pinned one would."""
+    token = _FORCED.set(dict(config))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Within the block, each launch with a fixed config appends (kernel name, what the
+    launch returned: the compiled kernel, or None in the interpreter) to the yielded list."""
+    log: list = []
+    token = _RECORDED.set(log)
+    try:
+        yield log
+    finally:
+        _RECORDED.reset(token)
+
+
 def fixed_config(configs) -> dict | None:
-    """The config a launch runs without autotuning: the pinned one (MIXLORA_TRITON_CONFIG
-    over the first config), or the first config under the interpreter, where autotuning
-    would only run every config slowly. None means the autotuner chooses."""
-    pinned = pinned_config()
+    """The config a launch runs without autotuning: a forced one (``forced_config``), the
+    pinned one (MIXLORA_TRITON_CONFIG), each over the first config, or the first config
+    under the interpreter, where autotuning would only run every config slowly. None means
+    the autotuner chooses."""
+    pinned = _FORCED.get() or pinned_config()
     if pinned is None and not interpreting():
         return None
     chosen = dict(configs[0].kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
@@ -121,7 +152,10 @@ def launch(kernel, autotuned, configs, grid, args: dict, cache: TuningCache | No
     ``tuning.cache``) holds or gets by running the autotuner once."""
     chosen = fixed_config(configs)
     if chosen is not None:
-        kernel[grid](**args, **chosen)
+        compiled = kernel[grid](**args, **chosen)
+        log = _RECORDED.get()
+        if log is not None:
+            log.append((kernel.fn.__name__, compiled))
     else:
         (default_cache() if cache is None else cache).launch(kernel, autotuned, configs, grid, args)
 

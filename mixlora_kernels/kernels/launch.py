@@ -14,21 +14,36 @@ between the two organisations of the forward.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
 
 from ..expert_pass_torch import PassConfig
 from ..routing import expert_one_hot
-from .common import ACT_CODES, check_interpreter, dot_precision, interpreting, next_pow2, rank_pad, token_major_width
+from ..tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
+from .common import (
+    ACT_CODES,
+    check_interpreter,
+    dot_precision,
+    fixed_config,
+    interpreting,
+    next_pow2,
+    rank_pad,
+    token_major_width,
+)
 from .dropout import GATE, UP, Dropout, keep_mask
 from .expert_pass_bwd import bwd_args, expert_pass_tm_bwd, expert_pass_tm_wgrad
 from .expert_pass_es import expert_pass_es_fwd
+from .expert_pass_es_bwd import es_bwd_args, expert_pass_es_bwd, expert_pass_es_wgrad
 from .expert_pass_tm import expert_pass_tm_fwd, slot_order
 from .permute import permute_fwd
 
 ORGANISATIONS = ("token_major", "expert_sorted")
 ORGANISATION_ENV = "MIXLORA_EXPERT_PASS"
+# Forces the backward's organisation (the default is expert-sorted; see choose_backward).
+BACKWARD_ENV = "MIXLORA_EXPERT_BWD"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Past this E_PAD * R_PAD the token-major pass holds too wide a masked tile in registers;
 # the cost model never picks it there, and a forced choice falls back to expert-sorted.
@@ -228,19 +243,179 @@ def expert_pass_fwd_triton(x, G, U, weights, experts, lora, cfg: PassConfig, dro
     return H, down_expand(Zd, lora, x.dtype)
 
 
-def backward_fits(E: int, R: int) -> bool:
-    """Whether the Triton backward (token-major, dense over the stacked expert ranks)
-    covers this layer; wider layers run the torch backend's backward."""
-    return token_major_fits(E, R)
+def choose_backward(E: int, R: int) -> str:
+    """The backward's organisation: expert-sorted (every layer width and routing
+    strategy), unless MIXLORA_EXPERT_BWD forces the token-major one, which runs only
+    where its masked (tokens, E*R) tiles fit and otherwise falls back to expert-sorted."""
+    forced = os.environ.get(BACKWARD_ENV, "").strip()
+    if forced and forced not in ORGANISATIONS:
+        raise ValueError(f"{BACKWARD_ENV}={forced!r}: must be one of {ORGANISATIONS}")
+    return "token_major" if forced == "token_major" and token_major_fits(E, R) else "expert_sorted"
 
 
 def _split_t(T: int, F: int, device: torch.device) -> int:
-    """Token ranges of the weight-gradient kernel: enough programs to fill the GPU with
-    its f tiles, no range under 256 tokens."""
+    """Token ranges of the token-major weight-gradient kernel: enough programs to fill the
+    GPU with its f tiles, no range under 256 tokens."""
     if device.type != "cuda":
         return 2 if T > 32 else 1  # the interpreter: exercise the partial sums, stay small
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(triton.cdiv(2 * sms, triton.cdiv(F, 32)), triton.cdiv(T, 256)))
+
+
+def _expert_shares(T: int, K: int, E: int, F: int, block_m: int, device: torch.device) -> int:
+    """Shares each expert's blocks are cut into by the expert-sorted weight kernel: enough
+    programs (f tiles x experts x shares) to fill the GPU, each share at least two blocks
+    of an evenly loaded expert."""
+    blocks_per_expert = triton.cdiv(T * K, E * block_m)
+    if device.type != "cuda":
+        return 2 if blocks_per_expert > 1 else 1  # the interpreter: exercise the partial sums
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = triton.cdiv(F, 64) * E
+    return max(1, min(triton.cdiv(2 * sms, programs), blocks_per_expert // 2, 8))
+
+
+def token_rank_rows(per_pair: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(T, E, R) from rows per pair (T*K, R): each pair's row at its expert's place, 0
+    where a token has no pair with that expert (a token's experts are distinct)."""
+    T, K = experts.shape
+    R = per_pair.shape[-1]
+    out = per_pair.new_zeros(T, num_experts + 1, R)
+    out.scatter_(1, experts.unsqueeze(-1).expand(T, K, R), per_pair.view(T, K, R))
+    return out[:, :num_experts]
+
+
+def _backward_token_major(args_in: dict, experts, cfg: PassConfig, R: int, T: int, F: int, device):
+    """The token-major backward (the token and weight kernels over masked E*R-wide tiles):
+    (dG, dU, dw (T, K), dxa_gate, dxa_up (T, E, R), dB_gate, dB_up, dA_down, dscales)."""
+    E = cfg.num_experts
+    order, slots = slot_order(experts, E) if cfg.variable_slots else (experts, experts)
+    args = bwd_args(**args_in, experts=experts.contiguous(), order=order, slots=slots, num_experts=E, rank=R,
+                    r_pad=next_pow2(R), act=ACT_CODES[cfg.kind], scale=cfg.scale, variable_k=cfg.variable_slots,
+                    precision=dot_precision(args_in["G"].dtype))  # fmt: skip
+    dG, dU, dw, dxa_gate, dxa_up = expert_pass_tm_bwd(args, _split_f(triton.cdiv(T, 64), F, device))
+    weight_grads = expert_pass_tm_wgrad(args, _split_t(T, F, device))
+    view = lambda t: None if t is None else t.view(T, E, R)
+    return dG, dU, dw, view(dxa_gate), view(dxa_up), *weight_grads
+
+
+class BackwardParts(NamedTuple):
+    """The expert-sorted backward's stages, one callable each, in the order they run, so
+    that each can be timed alone (the benchmark's ``expert bwd: <part>`` rows)."""
+
+    shrinks: Callable  # (x, lora, cfg, dropout) -> (inputs, xa_gate, xa_up)
+    down_lora: Callable  # (dY, Zd, lora, experts, cfg, R, per_pair) -> (dZ, dB_down)
+    permute: Callable  # (experts, E) -> Permutation
+    token_kernel: Callable  # (args, perm, experts, cfg) -> (dG, dU, dw (T, K), dxa_gate, dxa_up)
+    weight_kernel: Callable  # (args, perm, experts, cfg) -> (dB_gate, dB_up, dA_down, dscale_gate, dscale_up)
+    rank_gemms: Callable  # (dxa_gate, dxa_up, inputs, lora, cfg, x) -> (dx, dA_gate, dA_up)
+
+
+def backward_shrinks(x, lora, cfg: PassConfig, dropout):
+    """Stage "expert bwd: shrinks": the forward's shrinks s * drop(x) A^T drawn and
+    computed again, with the dropped inputs they leave."""
+    inputs = lora_inputs(x, lora, dropout)
+    return (inputs, *shrinks(x, lora, cfg.scale, dropout, inputs))
+
+
+def backward_down_lora(dY, Zd, lora, experts, cfg: PassConfig, R: int, per_pair: bool):
+    """Stage "expert bwd: down LoRA": dZ = dY B2 (the gradient of the weighted down
+    shrinks, (T, E*R) fp32) and dB2 = Z^T dY, two GEMMs E*R wide; (None, None) without a
+    down LoRA."""
+    if lora.down_A is None:
+        return None, None
+    E, d = cfg.num_experts, dY.shape[1]
+    B_down = lora.down_B.transpose(1, 2).reshape(E * R, d)
+    dZ = (dY @ B_down.t()).float()
+    Z = Zd
+    if per_pair:
+        Z, dZ = pair_shrinks(Zd, experts, E), token_shrinks(dZ, experts, E)
+    dB_down = (Z.to(dY.dtype).t() @ dY).view(E, R, d).transpose(1, 2).contiguous()
+    return dZ, dB_down
+
+
+def backward_args(G, U, dH, xa_gate, xa_up, dZ, lora, weights, dropout, dora_scales, per_pair: bool) -> dict:
+    """What both backward organisations take, rows made column-contiguous."""
+    contiguous = lambda t: None if t is None else t.contiguous()
+    return dict(
+        G=_rows(G), U=_rows(U), dH=_rows(dH), xa_gate=xa_gate, xa_up=xa_up, dZ=dZ, B_gate=contiguous(lora.gate_B),
+        B_up=contiguous(lora.up_B), A_down=contiguous(lora.down_A), weights=weights.float().contiguous(),
+        dropout=dropout, dora_scales=_scales(dora_scales), per_pair=per_pair,
+    )  # fmt: skip
+
+
+def backward_perm_m() -> int:
+    """Rows per block of the backward's permutation: BACKWARD_PERM_M, which every tuned
+    BLOCK_M divides; where both kernels run a fixed config (pinned, or the interpreter's
+    first), the larger of their BLOCK_M, so that small problems pad less."""
+    fixed = [fixed_config(configs) for configs in (EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD)]
+    if any(chosen is None for chosen in fixed):
+        return BACKWARD_PERM_M
+    return max(chosen["BLOCK_M"] for chosen in fixed)
+
+
+def backward_permute(experts, num_experts: int):
+    """Stage "expert bwd: permute": the pairs sorted by (slot, expert) in blocks of
+    ``backward_perm_m()`` rows (the same three launches as the forward's permute stage)."""
+    return permute_fwd(experts, num_experts, backward_perm_m())
+
+
+def _es_args(args_in: dict, perm, cfg: PassConfig, R: int) -> dict:
+    """The expert-sorted kernels' arguments from ``backward_args``'s."""
+    precision = dot_precision(args_in["G"].dtype)
+    return es_bwd_args(**args_in, perm=perm, num_experts=cfg.num_experts, rank=R, r_pad=rank_pad(R),
+                       act=ACT_CODES[cfg.kind], scale=cfg.scale, precision=precision)  # fmt: skip
+
+
+def backward_token_kernel(args_in: dict, perm, experts, cfg: PassConfig, R: int):
+    """Stage "expert bwd: token kernel": dG, dU, dw (T, K) and the gate/up shrink
+    gradients (T, E, R) (None where absent), the token kernel launched once per slot."""
+    T, F = args_in["G"].shape
+    E = cfg.num_experts
+    split = _split_f(perm.max_blocks_per_slot, F, args_in["G"].device)
+    dG, dU, dw, dxag, dxau = expert_pass_es_bwd(_es_args(args_in, perm, cfg, R), perm, split, cfg.first_slot_can_drop)
+    rows = lambda t: None if t is None else token_rank_rows(t, experts, E)
+    return dG, dU, dw.view(T, experts.shape[1]), rows(dxag), rows(dxau)
+
+
+def backward_weight_kernel(args_in: dict, perm, experts, cfg: PassConfig, R: int):
+    """Stage "expert bwd: weight kernel": dB_gate, dB_up, dA_down and the DoRA scales'
+    gradients, fp32 (None where absent)."""
+    T, F = args_in["G"].shape
+    E, K = cfg.num_experts, experts.shape[1]
+    shares = _expert_shares(T, K, E, F, perm.block_m, args_in["G"].device)
+    return expert_pass_es_wgrad(_es_args(args_in, perm, cfg, R), perm, shares)
+
+
+def backward_rank_gemms(dxa_gate, dxa_up, inputs, lora, cfg: PassConfig, x):
+    """Stage "expert bwd: shrink GEMMs": with xa = s drop(x) A^T, dA = s dxa^T drop(x)
+    and dx's LoRA share s drop'(dxa A), where drop(x) = keep * x (the 1 / (1 - p) is in s),
+    so drop'(v) = keep * v. Returns (dx share or None, dA_gate, dA_up)."""
+    T, d = x.shape
+    E = cfg.num_experts
+    dx, dA = None, {}
+    for role, dxa, (keep, x_in) in (("gate", dxa_gate, inputs[0]), ("up", dxa_up, inputs[1])):
+        A = getattr(lora, f"{role}_A")
+        if A is None:
+            dA[role] = None
+            continue
+        R = A.shape[1]
+        da = (dxa.reshape(T, E * R) * cfg.scale).to(x.dtype)
+        dA[role] = (da.t() @ x_in).view(E, R, d)
+        part = da @ A.reshape(E * R, d)
+        if keep is not None:
+            part = part * keep
+        dx = part if dx is None else dx + part
+    return dx, dA["gate"], dA["up"]
+
+
+EXPERT_SORTED_BACKWARD = BackwardParts(
+    backward_shrinks,
+    backward_down_lora,
+    backward_permute,
+    backward_token_kernel,
+    backward_weight_kernel,
+    backward_rank_gemms,
+)
 
 
 def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassConfig, Zd, dropout=None,
@@ -253,45 +428,23 @@ def expert_pass_bwd_triton(dH, dY, x, G, U, weights, experts, lora, cfg: PassCon
     unweighted, and dweights is zero."""
     R = check_pass_inputs(G, lora)
     T, F = G.shape
-    E, d = cfg.num_experts, x.shape[1]
+    E = cfg.num_experts
+    parts = EXPERT_SORTED_BACKWARD
     dlora = dict.fromkeys(lora._asdict())
-    inputs = lora_inputs(x, lora, dropout)
-    xa_gate, xa_up = shrinks(x, lora, cfg.scale, dropout, inputs)
-    dZ = None
-    if lora.down_A is not None:
-        B_down = lora.down_B.transpose(1, 2).reshape(E * R, d)
-        dZ = (dY @ B_down.t()).float()
-        Z = Zd
-        if per_pair:
-            Z, dZ = pair_shrinks(Zd, experts, E), token_shrinks(dZ, experts, E)
-        dlora["down_B"] = (Z.to(x.dtype).t() @ dY).view(E, R, d).transpose(1, 2).contiguous()
-    order, slots = slot_order(experts, E) if cfg.variable_slots else (experts, experts)
-    contiguous = lambda t: None if t is None else t.contiguous()
-    args = bwd_args(
-        _rows(G), _rows(U), _rows(dH), xa_gate, xa_up, dZ, contiguous(lora.gate_B), contiguous(lora.up_B),
-        contiguous(lora.down_A), weights.float().contiguous(), experts.contiguous(), order, slots, dropout,
-        num_experts=E, rank=R, r_pad=next_pow2(R), act=ACT_CODES[cfg.kind], scale=cfg.scale,
-        variable_k=cfg.variable_slots, precision=dot_precision(G.dtype), dora_scales=_scales(dora_scales),
-        per_pair=per_pair,
-    )  # fmt: skip
-    dG, dU, dw, dxa_gate, dxa_up = expert_pass_tm_bwd(args, _split_f(triton.cdiv(T, 64), F, G.device))
-    dB_gate, dB_up, dA_down, d_scale_gate, d_scale_up = expert_pass_tm_wgrad(args, _split_t(T, F, G.device))
+    inputs, xa_gate, xa_up = parts.shrinks(x, lora, cfg, dropout)
+    dZ, dlora["down_B"] = parts.down_lora(dY, Zd, lora, experts, cfg, R, per_pair)
+    args = backward_args(G, U, dH, xa_gate, xa_up, dZ, lora, weights, dropout, dora_scales, per_pair)
+    if choose_backward(E, R) == "token_major":
+        dG, dU, dw, dxa_gate, dxa_up, *weight_grads = _backward_token_major(args, experts, cfg, R, T, F, G.device)
+    else:
+        perm = parts.permute(experts, E)
+        dG, dU, dw, dxa_gate, dxa_up = parts.token_kernel(args, perm, experts, cfg, R)
+        weight_grads = parts.weight_kernel(args, perm, experts, cfg, R)
+    dB_gate, dB_up, dA_down, d_scale_gate, d_scale_up = weight_grads
     if per_pair:
         dw = torch.zeros_like(dw)
     for name, grad in (("gate_B", dB_gate), ("up_B", dB_up), ("down_A", dA_down)):
         if grad is not None:
             dlora[name] = grad.to(getattr(lora, name).dtype)
-    # xa = s * drop(x) A^T: dA = s dxa^T drop(x), and dx gains s drop'(dxa A), where
-    # drop(x) = keep * x (the 1 / (1 - p) is in s), so drop'(v) = keep * v = drop(v).
-    dx = None
-    for role, dxa, (keep, x_in) in (("gate", dxa_gate, inputs[0]), ("up", dxa_up, inputs[1])):
-        A = getattr(lora, f"{role}_A")
-        if A is None:
-            continue
-        da = (dxa.view(T, E * R) * cfg.scale).to(x.dtype)
-        dlora[f"{role}_A"] = (da.t() @ x_in).view(E, R, d)
-        part = da @ A.reshape(E * R, d)
-        if keep is not None:
-            part = part * keep
-        dx = part if dx is None else dx + part
+    dx, dlora["gate_A"], dlora["up_A"] = parts.rank_gemms(dxa_gate, dxa_up, inputs, lora, cfg, x)
     return dx, dG, dU, dw.to(weights.dtype), dlora, (d_scale_gate, d_scale_up)

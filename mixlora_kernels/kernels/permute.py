@@ -12,7 +12,7 @@ groups) scales like top-k:
     count    per block of tokens and slot: the pairs of each expert
     plan     one program: each group's size, its first block and the position of each
              token block's first pair in it (prefix sums), the groups' padding, the
-             group of every block and the first block of every slot
+             group of every block and the first block of every slot and group
     scatter  per block of tokens and slot: each pair's rank among the block's pairs of
              its group, plus the planned position, gives its place in the sorted order
 
@@ -37,6 +37,7 @@ class Permutation(NamedTuple):
     position: torch.Tensor  # (T*K,) int32 index of each pair in sorted_pairs; -1 if dropped
     block_group: torch.Tensor  # (max_blocks,) int32 group slot*E+expert of each block; -1 unused
     slot_blocks: torch.Tensor  # (K+1,) int32 first block of each slot; [K] = blocks in use
+    group_blocks: torch.Tensor  # (K*E+1,) int32 first block of each group; [K*E] = blocks in use
     block_m: int
     max_blocks_per_slot: int
 
@@ -78,6 +79,7 @@ def _permute_plan_kernel(
     sorted_ptr,  # (max_blocks * BLOCK_M,) out int32: the padding of every group (sentinel P)
     block_group_ptr,  # (max_blocks,) out int32 group of each block; -1 past the last
     slot_blocks_ptr,  # (K+1,) out int32 first block of each slot
+    group_blocks_ptr,  # (G+1,) out int32 first block of each group; [G] = blocks in use
     num_token_blocks,
     G,
     E,
@@ -106,6 +108,8 @@ def _permute_plan_kernel(
     for i in range(0, max_group_blocks):
         tl.store(block_group_ptr + first_block + i, g, mask=gmask & (i < blocks))
     total = tl.sum(blocks, axis=0)
+    tl.store(group_blocks_ptr + g, first_block, mask=gmask)
+    tl.store(group_blocks_ptr + G, total)
     lanes = tl.arange(0, 128)
     for start in range(total, max_blocks, 128):
         tl.store(block_group_ptr + start + lanes, -1 + 0 * lanes, mask=start + lanes < max_blocks)
@@ -158,11 +162,12 @@ def permute_fwd(experts: torch.Tensor, num_experts: int, block_m: int) -> Permut
     position = torch.empty(P, device=dev, dtype=torch.int32)
     block_group = torch.empty(max_blocks, device=dev, dtype=torch.int32)
     slot_blocks = torch.empty(K + 1, device=dev, dtype=torch.int32)
+    group_blocks = torch.empty(K * E + 1, device=dev, dtype=torch.int32)
     one_hot = dict(K=K, E_PAD=next_pow2(E), BLOCK_T=block_t)
     _permute_count_kernel[(token_blocks, K)](flat, counts, T, E, **one_hot)
     _permute_plan_kernel[(1,)](
-        counts, base, sorted_pairs, block_group, slot_blocks, token_blocks, K * E, E, P, max_blocks,
+        counts, base, sorted_pairs, block_group, slot_blocks, group_blocks, token_blocks, K * E, E, P, max_blocks,
         triton.cdiv(T, block_m), K=K, G_PAD=next_pow2(K * E), BLOCK_M=block_m,
     )  # fmt: skip
     _permute_scatter_kernel[(token_blocks, K)](flat, base, sorted_pairs, position, T, E, **one_hot)
-    return Permutation(sorted_pairs, position, block_group, slot_blocks, block_m, per_slot)
+    return Permutation(sorted_pairs, position, block_group, slot_blocks, group_blocks, block_m, per_slot)

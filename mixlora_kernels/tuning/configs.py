@@ -99,6 +99,53 @@ TOKEN_MAJOR_WGRAD = (
 )
 
 
+# Expert-sorted backward (the default backward). The permutation cuts the pairs into
+# blocks of 64 (BACKWARD_PERM_M); a program's tile is BLOCK_M of a block's rows (a divisor
+# of 64) by BLOCK_F columns. The token kernel's accumulators across its f loop are two
+# (BLOCK_M, R_PAD) shrink-gradient tiles and dw, the weight kernel's three (R_PAD,
+# BLOCK_F) weight-gradient tiles: R_PAD wide, not E*R, so the tiles can be large. What
+# bounds them is the recomputation, a dozen fp32 (BLOCK_M, BLOCK_F) tiles live per step
+# (G, U, dH, the LoRA expands, the activation and its derivative, the dropout draw): the
+# compile check finds 32 x 32 on 4 warps free of spills on every family, 32 x 64 and
+# 64 x 64 spilling inside the token kernel's loop, and the weight kernel spill-free up to
+# 32 x 128 on 8 warps. The space keeps the larger tiles, which the sweep times against
+# the safe ones, and on sm_90 reaches 64 x 128. The 32 x 32 tile comes first: the
+# interpreter and a pinned launch run the first config.
+BACKWARD_PERM_M = 64
+EXPERT_SORTED_BWD = (
+    _configs(ALL, {"BLOCK_M": [32], "BLOCK_F": [32]}, [4, 8], [2])
+    + _configs(ALL, {"BLOCK_M": [32], "BLOCK_F": [64]}, [4], [2])
+    + _configs(ALL, {"BLOCK_M": [64], "BLOCK_F": [32]}, [4], [2])
+    + _configs(ALL, {"BLOCK_M": [64], "BLOCK_F": [64]}, [8], [2])
+    + _configs({"sm_80", "sm_90"}, {"BLOCK_M": [64], "BLOCK_F": [128]}, [8], [2])
+    + _configs({"sm_90"}, {"BLOCK_M": [32], "BLOCK_F": [128]}, [8], [2])
+)
+EXPERT_SORTED_WGRAD = (
+    _configs(ALL, {"BLOCK_M": [32], "BLOCK_F": [32]}, [4], [2])
+    + _configs(ALL, {"BLOCK_M": [32], "BLOCK_F": [64]}, [4, 8], [2])
+    + _configs(ALL, {"BLOCK_M": [64], "BLOCK_F": [64]}, [8], [2])
+    + _configs({"sm_80", "sm_90"}, {"BLOCK_M": [32, 64], "BLOCK_F": [128]}, [8], [2])
+)
+
+
+def expert_sorted_bwd_smem(cfg: triton.Config, r_pad: int, elem: int, weight_kernel: bool = False) -> int:
+    """Shared-memory estimate of the expert-sorted backward kernels, an upper bound in the
+    manner of ``token_major_smem``: per pipelined step the gathered G, U and dH tiles
+    (and in the token kernel the dG and dU tiles it adds to, and the expert's three B
+    tiles), buffered once per stage past the first, plus the layout conversions of the
+    (BLOCK_M, BLOCK_F) operands its transposed products take, in the operand dtype (two
+    in the token kernel, three in the weight kernel, which also buffers the rank tiles of
+    a tile of pairs and loads its B tiles once)."""
+    block_m, bf = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_F"]
+    stages = max(1, cfg.num_stages - 1)
+    tile = block_m * bf
+    if weight_kernel:
+        per_step = elem * 3 * tile + (2 * elem + 4) * block_m * r_pad
+        return int(per_step * stages + 3 * elem * tile + 3 * elem * r_pad * bf)
+    per_step = elem * (5 * tile + 3 * r_pad * bf)
+    return int(per_step * stages + 2 * elem * tile)
+
+
 def token_major_bwd_smem(cfg: triton.Config, er: int, elem: int, weight_kernel: bool = False) -> int:
     """Shared-memory estimate of the token-major backward kernels, an upper bound in the
     manner of ``token_major_smem``: the G, U and dH tiles (and, in the token kernel, the
