@@ -3,12 +3,16 @@
 On CUDA, times are ``triton.testing.do_bench`` medians (with 20/80 % quantiles), autotune
 warmed by the first call. On CPU, where do_bench cannot run, the cases are timed in
 interleaved rounds with ``time.perf_counter`` (so drift of the machine hits every case
-alike) and the median and quantiles are taken the same way.
+alike) and the median and quantiles are taken the same way. A CPU sample repeats a short
+step until it lasts ``MIN_SAMPLE_MS``: a step of a few ms is as long as a scheduler time
+slice, so one preemption by another process (on a 2-core machine, with torch's 2 threads
+in lockstep) doubled single samples of it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -19,6 +23,10 @@ from collections.abc import Callable
 import torch
 
 MODES = ("fwd", "fwd_bwd")
+# CPU: the least a timing sample lasts (short steps are repeated within it), and the most
+# calls one sample may take.
+MIN_SAMPLE_MS = 25.0
+MAX_REPEATS = 64
 
 
 def device_name(device: torch.device) -> str:
@@ -76,21 +84,80 @@ def noisy(ms: tuple[float, float, float], threshold: float) -> float | None:
     return spread if spread > threshold else None
 
 
-def time_cpu(steps: dict[str, Callable], rounds: int, warmup: int = 1) -> dict[str, tuple[float, float, float]]:
-    """Interleaved rounds of every step; (median, q20, q80) in ms per step."""
+def _run_queue_wait_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU, from
+    /proc/<pid>/task/*/schedstat (Linux with schedstats; None elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, read = 0, 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as fh:
+                total += int(fh.read().split()[1])
+            read += 1
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9 if read else None
+
+
+class CpuWait:
+    """Context manager: ``fraction`` is then the share of the block's time that torch's
+    threads spent waiting for a CPU another process (or the hypervisor) held, or None
+    where it cannot be known. It measures contention where it happens, in this process,
+    which a machine-wide load (a container, a large host) would not; and a machine this
+    busy inflates every time, however small its spread."""
+
+    def __enter__(self) -> CpuWait:
+        self.fraction: float | None = None
+        self._start = (_run_queue_wait_s(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        waited, wall = _run_queue_wait_s(), time.perf_counter() - self._start[1]
+        if waited is not None and self._start[0] is not None and wall > 0:
+            self.fraction = max(0.0, (waited - self._start[0]) / (wall * max(1, torch.get_num_threads())))
+
+
+def repeats_for(ms: float, min_sample_ms: float) -> int:
+    """Calls per sample of a step whose call takes ``ms``, so that a sample lasts
+    ``min_sample_ms``."""
+    return max(1, min(MAX_REPEATS, math.ceil(min_sample_ms / max(ms, 1e-3))))
+
+
+def time_cpu(
+    steps: dict, rounds: int, warmup: int = 1, min_sample_ms: float = MIN_SAMPLE_MS
+) -> dict[str, tuple[float, float, float]]:
+    """Interleaved rounds of every step; (median, q20, q80) in ms per call of each step, a
+    sample being the mean of the calls it takes to last ``min_sample_ms``. The first
+    round times one call of each step (after the warm-up, whose first call pays one-time
+    costs): a sample of a long step, the calibration of a short one, which then runs one
+    round more."""
     for step in steps.values():
         for _ in range(warmup):
             step()
+    repeats = dict.fromkeys(steps, 1)
     samples = {name: [] for name in steps}
-    for _ in range(rounds):
+    calibrating = True
+    while any(len(s) < rounds for s in samples.values()):
         for name, step in steps.items():
+            if len(samples[name]) == rounds:
+                continue
             start = time.perf_counter()
-            step()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(repeats[name]):
+                step()
+            ms = (time.perf_counter() - start) * 1e3 / repeats[name]
+            if calibrating:
+                repeats[name] = repeats_for(ms, min_sample_ms)
+                if repeats[name] > 1:
+                    continue
+            samples[name].append(ms)
+        calibrating = False
     return {name: _quantiles(s) for name, s in samples.items()}
 
 
-def time_cuda(steps: dict[str, Callable], rep_ms: int = 200) -> dict[str, tuple[float, float, float]]:
+def time_cuda(steps: dict, rep_ms: int = 200) -> dict[str, tuple[float, float, float]]:
     import triton
 
     out = {}

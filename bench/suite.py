@@ -14,6 +14,7 @@ from mixlora_kernels.tuning.cache import reset_tuning_events, tuning_events
 from .cases import Shape, Weights, calibrate_top_p, make_cases
 from .harness import (
     MODES,
+    CpuWait,
     make_step,
     noisy,
     peak_memory,
@@ -27,6 +28,10 @@ from .stages import make_stages, print_stages, stage_rows
 from .targets import Verdict, ratio, targets_for, verdicts
 
 NOISY_SPREAD = 1.15  # q80 / q20 above this and a median means little
+# The share of the timing that torch's threads waited for a CPU held by another process,
+# above which every time is inflated (on 2 cores torch's two threads wait for each other
+# at every op, so one preempted thread stalls both).
+BUSY_WAIT = 0.10
 
 
 @dataclass
@@ -48,16 +53,21 @@ class ShapeResult:
     organisation: str | None = None
     tuning: dict = field(default_factory=dict)  # {"seconds": ..., "tuned": n, "from_disk": n}
     warnings: list[str] = field(default_factory=list)
+    cpu_wait: float | None = None  # CPU: the share of the timing torch's threads waited for a CPU
 
 
 def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
-def _time(steps: dict, settings: Settings) -> dict:
+def _time(steps: dict, settings: Settings) -> tuple[dict, float | None]:
+    """The timings of ``steps`` and, on CPU, the share of the time torch's threads waited
+    for a CPU (``CpuWait``)."""
     if settings.device.type == "cuda":
-        return time_cuda(steps)
-    return time_cpu(steps, settings.rounds)
+        return time_cuda(steps), None
+    with CpuWait() as wait:
+        timed = time_cpu(steps, settings.rounds)
+    return timed, wait.fraction
 
 
 def _no_grad(fn, x):
@@ -86,8 +96,9 @@ def _cold_first_call(step, device: torch.device) -> float:
         return time.perf_counter() - start
 
 
-def measure(shape: Shape, settings: Settings) -> dict:
-    """{(case, mode): {"ms": (med, q20, q80), "peak": bytes}, (case, "saved"): bytes, ...}"""
+def measure(shape: Shape, settings: Settings) -> tuple[dict, float | None]:
+    """({(case, mode): {"ms": (med, q20, q80), "peak": bytes}, (case, "saved"): bytes, ...},
+    the share of the timing torch's threads waited for a CPU)."""
     device, dtype = settings.device, settings.dtype
     w = Weights(shape, dtype, device)
     x = torch.randn(shape.T, shape.d, device=device, dtype=dtype, requires_grad=True)
@@ -102,26 +113,44 @@ def measure(shape: Shape, settings: Settings) -> dict:
     frozen = [m.weight for m in w.base.values()] + params
     for name, fn in cases.items():
         results[(name, "saved")] = saved_bytes(fn, x, frozen)
+    steps = {}
     for mode in MODES:
-        start = time.perf_counter()
-        progress(f"{shape.name} T={shape.T}: timing {mode} of {len(cases)} cases")
         if mode == "fwd" and shape.T <= 64:
             # Decode: forward only, no autograd graph.
-            steps = {name: _no_grad(fn, x) for name, fn in cases.items()}
+            by_case = {name: _no_grad(fn, x) for name, fn in cases.items()}
         else:
-            steps = {name: make_step(fn, x, params, mode) for name, fn in cases.items()}
-        if "fused_compiled" in steps:
-            results[("fused_compiled", f"compile_{mode}")] = _cold_first_call(steps["fused_compiled"], device)
-        for name, t in _time(steps, settings).items():
-            results[(name, mode)] = {"ms": t, "peak": peak_memory(steps[name], device)}
-        progress(f"{shape.name} T={shape.T}: {mode} done in {time.perf_counter() - start:.1f} s")
-    return results
+            by_case = {name: make_step(fn, x, params, mode) for name, fn in cases.items()}
+        if "fused_compiled" in by_case:
+            results[("fused_compiled", f"compile_{mode}")] = _cold_first_call(by_case["fused_compiled"], device)
+        steps.update({(name, mode): step for name, step in by_case.items()})
+    # Both modes in the same rounds: a load that comes or goes between two phases made a
+    # forward slower than its forward+backward.
+    start = time.perf_counter()
+    progress(f"{shape.name} T={shape.T}: timing {' and '.join(MODES)} of {len(cases)} cases")
+    timed, waited = _time(steps, settings)
+    for key, t in timed.items():
+        results[key] = {"ms": t, "peak": peak_memory(steps[key], device)}
+    progress(f"{shape.name} T={shape.T}: timed in {time.perf_counter() - start:.1f} s")
+    return results, waited
+
+
+def is_noisy(ms: tuple[float, float, float], cpu_wait: float | None) -> bool:
+    """Whether a timing is no measurement: its spread is over NOISY_SPREAD, or torch's
+    threads waited for a CPU more than BUSY_WAIT of the time it was timed."""
+    return noisy(ms, NOISY_SPREAD) is not None or (cpu_wait or 0.0) > BUSY_WAIT
+
+
+def spread_fields(ms: tuple[float, float, float], cpu_wait: float | None) -> dict:
+    """The row fields that say how far a timing can be trusted."""
+    _, q20, q80 = ms
+    return {"spread": q80 / q20 if q20 > 0 else None, "cpu_wait": cpu_wait, "noisy": is_noisy(ms, cpu_wait)}
 
 
 def run_shape(shape: Shape, settings: Settings, label: str) -> ShapeResult:
     reset_tuning_events()
-    results = measure(shape, settings)
+    results, cpu_wait = measure(shape, settings)
     result = ShapeResult(shape, results, verdicts(results, targets_for(shape, settings.device, settings.dtype)))
+    result.cpu_wait = cpu_wait
     events = tuning_events()
     tuned = [e for e in events if e.source == "tuned"]
     result.tuning = {
@@ -139,15 +168,23 @@ def run_shape(shape: Shape, settings: Settings, label: str) -> ShapeResult:
         w = Weights(shape, settings.dtype, settings.device)
         x = torch.randn(shape.T, shape.d, device=settings.device, dtype=settings.dtype)
         stages, result.organisation = make_stages(shape, w, x, settings.backend)
-        timed = _time({s.name: s.step for s in stages}, settings)
-        result.stage_rows = stage_rows(stages, timed, label)
+        timed, waited = _time({s.name: s.step for s in stages}, settings)
+        rows = stage_rows(stages, timed, label)
+        result.stage_rows = [{**row, **spread_fields(timed[row["stage"]], waited)} for row in rows]
     return result
+
+
+def _ms_cell(timing: dict | None, width: int, cpu_wait: float | None) -> str:
+    """A median in a table column, marked * where it is no measurement (``is_noisy``)."""
+    if timing is None:
+        return f"{float('nan'):>{width - 1}.3f} "
+    return f"{timing['ms'][0]:>{width - 1}.3f}{'*' if is_noisy(timing['ms'], cpu_wait) else ' '}"
 
 
 def print_result(result: ShapeResult, label: str) -> None:
     shape, results = result.shape, result.results
     print(f"\n{shape.label()}  [{label}]")
-    header = f"{'case':<16}{'fwd ms':>10}{'fwd+bwd ms':>12}{'x floor':>9}{'fused speedup':>15}{'us/token':>10}"
+    header = f"{'case':<16}{'fwd ms':>9} {'fwd+bwd ms':>11} {'x floor':>9}{'fused speedup':>15}{'us/token':>10}"
     header += f"{'TFLOP/s':>9}{'saved MB':>10}{'saved/vanilla':>15}"
     print(header)
     nan = float("nan")
@@ -159,11 +196,16 @@ def print_result(result: ShapeResult, label: str) -> None:
         saved = results.get((case, "saved"), 0) / 2**20
         vs_vanilla = ratio(results, case, "vanilla", "saved")
         print(
-            f"{case:<16}{fwd['ms'][0] if fwd else nan:>10.3f}{ms_fb:>12.3f}"
+            f"{case:<16}{_ms_cell(fwd, 10, result.cpu_wait)}{_ms_cell(fb, 12, result.cpu_wait)}"
             f"{floor or nan:>9.2f}{speedup or nan:>15.2f}"
             f"{1e3 * ms_fb / shape.T:>10.2f}{flops(shape, 'fwd_bwd') / (ms_fb * 1e9):>9.2f}"
             f"{saved:>10.1f}{vs_vanilla or nan:>15.2f}"
         )
+    if (result.cpu_wait or 0.0) > BUSY_WAIT:
+        print(f"  * torch's threads waited {result.cpu_wait:.0%} of the timing for a CPU other processes held: "
+              "every time above is inflated (rows: noisy true); rerun on an idle machine")  # fmt: skip
+    elif any(mode in MODES and noisy(value["ms"], NOISY_SPREAD) for (_, mode), value in results.items()):
+        print(f"  * noisy: q80/q20 > {NOISY_SPREAD} over the rounds (rows: noisy true): no measurement")
     routing = results.get(("fused_top_p", "routing"))
     if routing:
         ratios = [ratio(results, "fused_top_p", "fused", mode) for mode in MODES]
@@ -233,6 +275,7 @@ def rows_for(result: ShapeResult, label: str, settings: Settings) -> list[dict]:
                 "ms_q80": q80,
                 "us_per_token": 1e3 * med / shape.T,
                 "tflops_dense_equiv": flops(shape, mode) / (med * 1e9),
+                **spread_fields(value["ms"], result.cpu_wait),
                 "peak_bytes": value["peak"],
                 "saved_bytes": results.get((case, "saved")),
                 **results.get((case, "routing"), {}),

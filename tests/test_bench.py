@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import harness, suite
 from bench.__main__ import RECORD_DIR, main
 from bench.cases import Shape, Weights, calibrate_top_p
 from bench.gpu_check import main as gpu_check
 from bench.gpu_check import shard_summary
-from bench.harness import noisy
+from bench.harness import noisy, repeats_for, time_cpu
 from bench.stages import device_peaks
-from bench.suite import CASES
+from bench.suite import BUSY_WAIT, CASES, ShapeResult, print_result, spread_fields
 from bench.targets import CPU_TARGETS, GPU_TARGETS, targets_for
 
 TINY = ["--shape", "tiny:64:96:64:4:2:4", "--rounds", "1"]
@@ -49,7 +50,7 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     printed = captured.out
     assert "top-p routing (top_p=" in printed and "experts/token) / top-k (k=2)" in printed
     assert "no targets are defined for this shape" in printed
-    assert "timing fwd_bwd of 9 cases" in captured.err  # progress goes to stderr
+    assert "timing fwd and fwd_bwd of 9 cases" in captured.err  # progress goes to stderr
     assert "torch.compile / eager (fused): fwd " in printed
     assert "MixDoRA / MixLoRA (fused): fwd " in printed
     rows = read_rows(tmp_path)
@@ -59,6 +60,8 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     top_p_rows = [row for row in cases if row["case"] == "fused_top_p"]
     assert all(row["experts_per_token"] == pytest.approx(2.0, abs=0.1) for row in top_p_rows)
     assert all(row["ms"] > 0 and row["device"].startswith("CPU") for row in cases)
+    # How far each time can be trusted (a busy machine may mark any of them noisy).
+    assert all(row["spread"] >= 1.0 and isinstance(row["noisy"], bool) and "cpu_wait" in row for row in rows)
     compiled = [row for row in cases if row["case"] == "fused_compiled"]
     assert len(compiled) == 2 and all(row["compile_seconds"] > 0 for row in compiled)
     assert all("compile_seconds" not in row for row in cases if row["case"] != "fused_compiled")
@@ -76,6 +79,10 @@ def test_bench_times_the_triton_stages(capsys):
     printed = capsys.readouterr().out
     for stage in ("shrinks", "expert pass (token-major)", "expert bwd"):
         assert f"  {stage} " in printed
+    # The expert backward cut into its parts, each timed alone, and their sum beside the whole.
+    for part in ("shrinks", "down LoRA GEMMs", "permute", "token kernel", "weight kernel", "shrink GEMMs"):
+        assert f"  expert bwd: {part} " in printed
+    assert "the expert bwd parts sum to " in printed
     assert "no targets checked" in printed
 
 
@@ -182,6 +189,86 @@ def test_noisy_spread_is_flagged():
     assert noisy((10.0, 8.0, 12.0), 1.15) == pytest.approx(1.5)
 
 
+class FakeClock:
+    """perf_counter for the harness: a step advances it by its ``ms``, nothing else does."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def step(self, ms: float):
+        def run():
+            self.now += ms / 1e3
+
+        return run
+
+
+def test_short_steps_are_repeated_within_a_sample(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock.now)
+    assert repeats_for(2.0, 25.0) == 13 and repeats_for(40.0, 25.0) == 1
+    assert repeats_for(0.0, 25.0) == harness.MAX_REPEATS
+    calls = {"short": 0, "long": 0}
+
+    def counted(name, ms):
+        step = clock.step(ms)
+        return lambda: (calls.__setitem__(name, calls[name] + 1), step())
+
+    timed = time_cpu({"short": counted("short", 1.0), "long": counted("long", 30.0)}, rounds=3)
+    # One warm-up call each; the short step a calibrating call, then 3 samples of 25 calls;
+    # the long one 3 samples of one call, the first round's included. Times per call.
+    assert calls == {"short": 1 + 1 + 3 * 25, "long": 1 + 3}
+    assert timed["short"] == pytest.approx((1.0, 1.0, 1.0)) and timed["long"] == pytest.approx((30.0, 30.0, 30.0))
+
+
+def test_cpu_wait_is_the_share_of_the_time_torch_threads_waited(monkeypatch):
+    waits = iter([1.0, 1.5])
+    monkeypatch.setattr(harness, "_run_queue_wait_s", lambda: next(waits))
+    clock = iter([10.0, 11.0, 12.0, 13.0])
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(harness.torch, "get_num_threads", lambda: 2)
+    with harness.CpuWait() as wait:
+        pass
+    assert wait.fraction == pytest.approx(0.25)  # 0.5 s waited of 2 threads x 1 s
+    monkeypatch.setattr(harness, "_run_queue_wait_s", lambda: None)
+    with harness.CpuWait() as wait:
+        pass
+    assert wait.fraction is None  # no schedstat (not Linux): unknown, not zero
+
+
+def test_both_modes_are_timed_in_the_same_rounds(monkeypatch):
+    """A load arriving between a forward phase and a forward+backward phase made a forward
+    slower than its forward+backward: the modes are interleaved in one set of rounds."""
+    calls = []
+
+    def fake_time(steps, rounds):
+        calls.append(list(steps))
+        return dict.fromkeys(steps, (1.0, 1.0, 1.0))
+
+    monkeypatch.setattr(suite, "time_cpu", fake_time)
+    shape = Shape("tiny", d=64, f=96, T=16, E=4, k=2, r=4)
+    settings = suite.Settings(CPU, torch.float32, "torch", ("fused", "dense"))
+    results, _ = suite.measure(shape, settings)
+    assert calls == [[("fused", "fwd"), ("dense", "fwd"), ("fused", "fwd_bwd"), ("dense", "fwd_bwd")]]
+    assert results[("dense", "fwd_bwd")]["ms"] == (1.0, 1.0, 1.0)
+
+
+def test_noisy_rows_are_marked_in_the_row_and_the_table(capsys):
+    quiet, spread = (10.0, 9.9, 10.2), (10.0, 8.0, 12.0)
+    assert spread_fields(quiet, 0.01) == {"spread": pytest.approx(10.2 / 9.9), "cpu_wait": 0.01, "noisy": False}
+    assert spread_fields(spread, None)["noisy"] and spread_fields(quiet, BUSY_WAIT + 0.05)["noisy"]
+    shape = Shape("tiny", d=64, f=96, T=16, E=4, k=2, r=4)
+    results = {(case, mode): {"ms": ms, "peak": None} for case, ms in (("fused", spread), ("dense", quiet))
+               for mode in ("fwd", "fwd_bwd")}  # fmt: skip
+    print_result(ShapeResult(shape, results, []), "CPU")
+    table = capsys.readouterr().out
+    assert "    10.000*     10.000*" in table and "    10.000      10.000 " in table
+    assert "* noisy: q80/q20 > 1.15" in table
+    busy = ShapeResult(shape, {k: {**v, "ms": quiet} for k, v in results.items()}, [], cpu_wait=0.4)
+    print_result(busy, "CPU")
+    table = capsys.readouterr().out
+    assert table.count("10.000*") == 4 and "torch's threads waited 40% of the timing for a CPU" in table
+
+
 def test_device_peaks_by_name():
     assert device_peaks("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
     assert device_peaks("NVIDIA H100 PCIe") == (756e12, 2.0e12)
@@ -209,6 +296,10 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# GPU check on CPU") and "| expert bwd |" in summary
+    # The config sweep ran (through the interpreter, in its own process) and is tabled.
+    sweep_rows = [row for row in rows if row["kind"] == "sweep"]
+    assert {row["kernel"] for row in sweep_rows} >= {"expert_pass_es_bwd", "expert_pass_es_wgrad"}
+    assert "## Config sweep" in summary and "| small | 48 | expert_pass_es_bwd |" in summary
     assert "| MixDoRA / MixLoRA fwd |" in summary and "| small | 256 |" in summary
 
 
