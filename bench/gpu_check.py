@@ -4,17 +4,22 @@ network. Run from the checkout with PYTHONPATH=. (nothing is installed).
 
     1. the GPU tests: compiled kernels, bf16 and fp16, in parallel shards, time-boxed
     2. the benchmark of LLaMA-2-7B's FFN at T = 16 and 4096 and Gemma-2B's at T = 4096
-       (E = 8, k = 2, r = 16; fwd and fwd+bwd; the four baselines; the stages)
-    3. plots of the rows, and a summary table with the SPEC targets beside the results
+       (E = 8, k = 2, r = 16; fwd and fwd+bwd; the four baselines; the stages, the
+       expert backward cut into its parts)
+    3. the config sweep (``bench.sweep``): every config of every expert-pass kernel at
+       LLaMA-2-7B's and Gemma-2B's shapes, T = 4096 and 512, time-boxed
+    4. plots of the rows, and a summary table with the SPEC targets beside the results
 
-Everything lands in DIR: rows.jsonl, tests.log, plots/*.png, summary.md. ``--small``
-runs the same steps at tiny shapes (on CPU: the torch backend, fp32), to check the
-command itself end to end without a GPU.
+Everything lands in DIR: rows.jsonl, tests.log, sweep.log, plots/*.png, summary.md.
+``--small`` runs the same steps at tiny shapes (on CPU: the torch backend, fp32, and the
+sweep through the Triton interpreter), to check the command itself end to end without
+a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -26,7 +31,9 @@ import torch
 
 from .cases import Shape
 from .harness import device_name, versions, write_rows
+from .stages import backward_parts_line
 from .suite import Settings, print_result, rows_for, run_shape
+from .sweep import sweep_tables
 from .targets import GPU_TARGETS, ratio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +182,36 @@ def summary_table(results, label: str, tests: dict | None, seconds: float, small
                     f"| {row['stage']} | {row['ms']:.3f} | {row['gb_per_s']:.1f} | {row['tflops']:.2f} | "
                     f"{pct(row['bandwidth_of_peak'])} | {pct(row['compute_of_peak'])} |"
                 )
+            parts = backward_parts_line(result.stage_rows)
+            if parts:
+                lines += ["", parts[0].upper() + parts[1:] + "."]
     return "\n".join(lines) + "\n"
+
+
+def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
+    """``python -m bench.sweep`` in its own process (on CPU with the interpreter on, which
+    must be chosen before triton is imported), its rows appended to rows.jsonl, its output
+    to sweep.log; the rows it wrote."""
+    rows_file = out / "rows.jsonl"
+    before = rows_file.stat().st_size if rows_file.exists() else 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "bench.sweep", "--file", str(rows_file), "--budget-s", str(budget)]
+    cmd += ["--small"] if small else []
+    with open(out / "sweep.log", "w", encoding="utf-8") as log:
+        # The budget stops new configs; the margin covers the one in flight and the setup.
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=budget + 120).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    print(f"  sweep: exit {code}; output in {out / 'sweep.log'}")
+    if not rows_file.exists():
+        return []
+    with open(rows_file, encoding="utf-8") as fh:
+        fh.seek(before)
+        return [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") == "sweep"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
-    p.add_argument("--test-timeout", type=float, default=420.0, help="seconds for the test step (default 420)")
+    p.add_argument("--test-timeout", type=float, default=270.0, help="seconds for the test step (default 270)")
+    p.add_argument("--skip-sweep", action="store_true", help="no config sweep")
+    p.add_argument("--sweep-budget", type=float, default=120.0, help="seconds for the sweep (default 120)")
     p.add_argument("--test-files", default="", help="comma-separated test files (default: the GPU test files)")
     p.add_argument("-k", dest="select", default="", help="a pytest -k expression for the test step")
     args = p.parse_args(argv)
@@ -226,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         write_rows(str(out / "rows.jsonl"), rows_for(result, label, settings))
         results.append(result)
 
+    sweep_rows: list[dict] = []
+    if not args.skip_sweep:
+        print(f"\n== config sweep (at most {args.sweep_budget:.0f} s)", flush=True)
+        sweep_rows = run_sweep(out, args.small, args.sweep_budget)
+
     print("\n== plots", flush=True)
     try:
         from .plots import load_rows, plot_rows
@@ -236,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  no plots: {exc}")
 
     table = summary_table(results, label, tests, time.perf_counter() - start, args.small)
+    if sweep_rows:
+        table += "\n## Config sweep\n\n" + "\n".join(sweep_tables(sweep_rows)) + "\n"
+    elif not args.skip_sweep:
+        table += "\n## Config sweep\n\nNo sweep rows: see sweep.log.\n"
     (out / "summary.md").write_text(table, encoding="utf-8")
     print("\n" + table)
     return 0 if tests is None or tests["ok"] else 1

@@ -9,11 +9,21 @@ target can be traced to a stage.
                     does this inside its expert pass)
     expert pass     H = sum_j w_tj h_tj and the down LoRA's shrinks
     down            down(H) through the base module, plus the rank-r expand
-    expert bwd      the expert pass's backward
+    expert bwd      the expert pass's backward, whole; on the Triton backend also its
+                    parts, ``expert bwd: <part>``, each timed alone, whose sum is the whole:
+        shrinks           s * drop(x) A^T recomputed (one GEMM per projection)
+        down LoRA GEMMs   dZ = dY B2 and dB2 = Z^T dY
+        permute           the pairs sorted by (slot, expert)
+        token kernel      dG, dU, dw and the shrink gradients (launched once per slot)
+        weight kernel     dB1, dB3, dA2 (per expert and f tile)
+        shrink GEMMs      dA1, dA3 and dx's LoRA share from the shrink gradients
 
 Each stage's bytes and FLOPs are a model of the least it must move and compute (the
 useful rank-r FLOPs, not what a masked dense tile spends), so achieved bandwidth and
-TFLOP/s read as a fraction of what the stage could reach on the device.
+TFLOP/s read as a fraction of what the stage could reach on the device. A backward
+part's model is the least its own design moves: the token kernel gathers G, U and dH
+once per pair and reads back in each later slot the dG and dU the earlier ones wrote,
+the weight kernel gathers G, U and dH once per pair (README, Design).
 """
 
 from __future__ import annotations
@@ -111,6 +121,7 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
         expert_pass_bwd_triton(dH, dY, x, G, U, weights, routing.experts, experts, cfg, Zd)
 
     pairs = T * k
+    backward_parts: list[Stage] = []
     stages = [
         Stage("base gate/up", base, elem * (T * d + 2 * f * d + 2 * T * f), 4.0 * T * d * f),
         Stage("route", route, elem * T * d + 4 * (E * d + T * E) + 12 * pairs, 2.0 * T * d * E),
@@ -118,7 +129,7 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
     rank_flops = 6.0 * pairs * f * r  # gate and up expands, the down shrink
     pass_bytes = elem * 3 * T * f + 4 * T * E * r
     if backend == "triton":
-        from mixlora_kernels.kernels.launch import backward_fits, choose_organisation, down_expand, fused_pass, shrinks
+        from mixlora_kernels.kernels.launch import choose_organisation, down_expand, fused_pass, shrinks
         from mixlora_kernels.kernels.permute import permute_fwd
 
         organisation = choose_organisation(T, f, E, r, k, elem)
@@ -140,8 +151,8 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
         ]
         _, Zd = fused_pass(G, U, xa_gate, xa_up, weights, routing.experts, experts, cfg, r)
         down_lora = lambda: down_expand(Zd, experts, x.dtype)
-        if backward_fits(E, r):
-            backward = backward_triton
+        backward = backward_triton
+        backward_parts = _backward_parts(shape, x, G, U, weights, routing.experts, experts, cfg, Zd, dH, dY)
     else:
         organisation = "torch"
         stages += [
@@ -158,8 +169,48 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
         # Reads dH, G, U and the output gradient; writes dG and dU; the rank-r work is the
         # forward's recomputed plus twice it for the gradients.
         Stage("expert bwd", backward, elem * (5 * T * f + 2 * T * d), 3 * rank_flops),
+        *backward_parts,
     ]
     return stages, organisation
+
+
+def backward_part_models(shape: Shape, elem: int) -> dict[str, tuple[float, float]]:
+    """{part: (bytes, FLOPs)} of the expert-sorted backward's parts at this shape, as the
+    stage rows and the README's design section count them."""
+    T, d, f, E, k, r = shape.T, shape.d, shape.f, shape.E, shape.k, shape.r
+    pairs, er = T * k, E * r
+    return {
+        "shrinks": (elem * (T * d + 2 * er * d + 2 * T * er), 4.0 * T * d * er),
+        "down LoRA GEMMs": (elem * (2 * T * d + er * d) + 4 * 2 * T * er, 4.0 * T * d * er),
+        "permute": (8 * 3 * pairs, 0.0),
+        "token kernel": (elem * (3 * k + 2 * k + 2 * (k - 1)) * T * f + 4 * 3 * pairs * r, 10.0 * pairs * f * r),
+        "weight kernel": (elem * 3 * k * T * f + elem * 3 * er * f, 12.0 * pairs * f * r),
+        "shrink GEMMs": (elem * (3 * T * d + 2 * er * d) + 4 * 2 * T * er, 8.0 * T * d * er),
+    }
+
+
+def _backward_parts(shape, x, G, U, weights, routed, experts, cfg, Zd, dH, dY) -> list[Stage]:
+    """The Triton backward's parts as stages, each on inputs computed once by the part
+    before it."""
+    from mixlora_kernels.kernels import launch
+
+    R = experts.gate_A.shape[1]
+    parts = launch.EXPERT_SORTED_BACKWARD
+    inputs, xa_gate, xa_up = parts.shrinks(x, experts, cfg, None)
+    dZ, _ = parts.down_lora(dY, Zd, experts, routed, cfg, R, False)
+    args = launch.backward_args(G, U, dH, xa_gate, xa_up, dZ, experts, weights, None, (None, None), False)
+    perm = parts.permute(routed, cfg.num_experts)
+    _, _, _, dxa_gate, dxa_up = parts.token_kernel(args, perm, routed, cfg, R)
+    models = backward_part_models(shape, x.element_size())
+    calls = {
+        "shrinks": lambda: parts.shrinks(x, experts, cfg, None),
+        "down LoRA GEMMs": lambda: parts.down_lora(dY, Zd, experts, routed, cfg, R, False),
+        "permute": lambda: parts.permute(routed, cfg.num_experts),
+        "token kernel": lambda: parts.token_kernel(args, perm, routed, cfg, R),
+        "weight kernel": lambda: parts.weight_kernel(args, perm, routed, cfg, R),
+        "shrink GEMMs": lambda: parts.rank_gemms(dxa_gate, dxa_up, inputs, experts, cfg, x),
+    }
+    return [Stage(f"expert bwd: {name}", fn, *models[name]) for name, fn in calls.items()]
 
 
 def _triton_pass(x, G, U, weights, routed, experts, cfg):
@@ -204,3 +255,15 @@ def print_stages(rows: list[dict], organisation: str) -> None:
             f"  {row['stage']:<30}{row['ms']:>9.3f}{row['gb_per_s']:>9.1f}{row['tflops']:>9.2f}"
             f"{pct(row['bandwidth_of_peak']):>12}{pct(row['compute_of_peak']):>16}"
         )
+    line = backward_parts_line(rows)
+    if line:
+        print(f"  {line}")
+
+
+def backward_parts_line(rows: list[dict]) -> str | None:
+    """How the ``expert bwd: <part>`` rows add up against the whole backward's row."""
+    parts = [row["ms"] for row in rows if row["stage"].startswith("expert bwd: ")]
+    whole = next((row["ms"] for row in rows if row["stage"] == "expert bwd"), None)
+    if not parts or whole is None:
+        return None
+    return f"the expert bwd parts sum to {sum(parts):.3f} ms, the whole expert bwd took {whole:.3f} ms"
