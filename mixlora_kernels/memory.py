@@ -4,7 +4,7 @@ AdamW state, and the activations each MixLoRA FFN block saves for backward.
 
 ``ffn_saved_bytes`` lists what the block saves, tensor by tensor (the tests compare it
 with the bytes autograd actually saves, for every routing strategy and both backends):
-x and its fp32 copy for the router, the base projections G and U, the routing, and by
+x (which the router shares), the base projections G and U, the routing, and by
 path the Triton pass's weighted down shrinks Zd and dropout seed, or the torch pass's
 dropout masks; with DoRA experts on the Triton kernels, the scales and the per-pair down
 outputs. Attention, norms and the rest of a decoder layer save what the base model
@@ -135,7 +135,7 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     ``gated``: gate/up MLPs (False for fc1/fc2, which have no U); ``down_lora``: the down
     projection has expert LoRA; ``gate_up_lora``: the gate (and up) projections have it
     (counted with DoRA experts only); ``shared_dropout``: gate and up share one LoRA input
-    (Phi3). Dropout counts when ``training`` and the config's expert dropout is on.
+    (Phi3). Dropout and router jitter count when ``training`` and the config has them.
     DoRA experts are modelled where they run in the Triton kernels (E * r padded to at
     most 128, as ``kernels.launch.dora_fits``); elsewhere this raises NotImplementedError."""
     if element not in (2, 4):
@@ -150,9 +150,10 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     T, d, f = tokens, hidden, intermediate
     E, r = config.num_experts, config.expert_r
     x = T * d * element
-    router_input = T * d * 4 if element == 2 else 0  # the router's fp32 copy (fp32 input is its own)
     projections = (2 if gated else 1) * T * f * element
-    saved = x + router_input + projections
+    saved = x + projections  # the router saves x itself (routing.router_logits)
+    if training and config.jitter_noise > 0:
+        saved += 2 * T * d * element  # router jitter: its factors, and the jittered input the router saves
     saved += _routing_saved_bytes(T, E, config.routing_strategy, config.top_k or 0, backend, element)
     dropout = training and config.expert_dropout > 0
     if backend == "triton":

@@ -46,11 +46,29 @@ def expert_one_hot(experts: torch.Tensor, num_experts: int, dtype: torch.dtype) 
     return (experts.unsqueeze(-1) == torch.arange(num_experts, device=experts.device)).to(dtype)
 
 
+class _RouterLogits(torch.autograd.Function):
+    """x W^T in fp32 (or wider) that saves x as it came, not its fp32 copy: the expert
+    pass saves x anyway, so the router adds nothing T x d to what backward holds (the
+    copy was T * d * 4 bytes, 67 MB at LLaMA-2-7B with 4096 tokens). Backward casts again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x.to(compute), weight.to(compute))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = (grad @ weight.to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dweight = (grad.t() @ x.to(grad.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dweight
+
+
 def router_logits(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
     """x (T, d) times router_weight (E, d) transposed, in fp32 or wider."""
-    compute = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(compute), router_weight.to(compute))
+        return _RouterLogits.apply(x, router_weight)
 
 
 def _all_kept(logits: torch.Tensor) -> torch.Tensor:

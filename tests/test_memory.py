@@ -42,6 +42,22 @@ def test_ffn_saved_bytes_is_what_autograd_saves(kind, targets, backend, dtype, s
     assert saved_bytes(block, x, list(block.parameters())) == expected
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("backend", "dtype"), CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
+def test_router_jitter_is_counted(backend, dtype, strategy):
+    """Jitter multiplies the router's input by saved factors, and the router saves the
+    jittered input: two (T, d) tensors in x's dtype; in eval mode, none."""
+    cfg = MixLoraConfig(num_experts=4, r=4, target_modules=ALL_MLP, lora_dropout=0.0, jitter_noise=0.05,
+                        **STRATEGIES[strategy])  # fmt: skip
+    block = FusedMixLoraFFN.from_mlp(make_mlp("llama", dtype), cfg, backend=backend)
+    x = torch.randn(24, block.hidden_size, dtype=dtype, requires_grad=True)
+    for training in (True, False):
+        block.train(training)
+        expected = ffn_saved_bytes(24, block.hidden_size, block.intermediate_size, cfg, element=x.element_size(),
+                                   backend=backend, training=training)  # fmt: skip
+        assert saved_bytes(block, x, list(block.parameters())) == expected, training
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi", "phi3"])
 def test_training_memory_counts_the_adapter_and_base_of_an_injected_model(model_type, use_dora):
