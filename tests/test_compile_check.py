@@ -12,7 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import triton
 
-from mixlora_kernels.tuning.compile_check import Job, Result, _resource_usage, compile_all, local_accesses_in_loops
+from mixlora_kernels.tuning.compile_check import (
+    ARCHS,
+    Job,
+    Result,
+    _resource_usage,
+    compile_all,
+    jobs_for,
+    local_accesses_in_loops,
+    sample_jobs,
+)
 
 _HAS_PTXAS = os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"))
 
@@ -77,3 +86,29 @@ def test_the_smallest_compile_check_prints_progress_on_stderr():
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^compile check: 2/2 variants done, 0 failing, \d+ s$", done.stderr, re.M), done.stderr
     assert "compile check:" not in done.stdout and "2 compiled, 0 pruned, 0 failures" in done.stdout
+
+
+def test_the_sample_keeps_every_headline_class_and_a_share_of_the_rest():
+    """CI's --sample 4: each headline class's first config (the safe config every family
+    keeps), about a quarter of the other jobs, every kernel and arch, the same on every run."""
+    jobs = [job for arch in ARCHS for job in jobs_for(arch)]
+    sample = sample_jobs(jobs, 4)
+    assert sample == sample_jobs(jobs, 4) and sample_jobs(jobs, 1) == jobs
+    headline_classes = {(j.kernel, j.arch, j.variant) for j in jobs if j.headline is not None}
+    firsts = {}
+    for job in jobs:
+        firsts.setdefault((job.kernel, job.arch, job.variant), job)
+    assert all(firsts[c] in sample for c in headline_classes)
+    rest = [j for j in jobs if firsts[(j.kernel, j.arch, j.variant)] is not j or j.headline is None]
+    kept = [j for j in rest if j in sample]
+    assert 0.15 < len(kept) / len(rest) < 0.35
+    assert {(j.kernel, j.arch) for j in sample} == {(j.kernel, j.arch) for j in jobs}
+
+
+def test_the_compile_check_refuses_the_interpreter(monkeypatch, capsys):
+    from mixlora_kernels.tuning.compile_check import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--arch", "sm_80", "--kernel", "dropout_keep"])
+    assert exit_info.value.code == 2 and "unset it" in capsys.readouterr().err

@@ -639,18 +639,20 @@ def compile_all(pool: Executor, jobs: list[Job], limit_of, every_s: float = 30.0
 def sample_jobs(jobs: list[Job], every: int) -> list[Job]:
     """A deterministic sample for a quicker check (CI): every headline class's first
     config (the safe config each family keeps; the spill gate then reads the sampled
-    configs), and of the other jobs about one in ``every``, chosen by a hash of the job so
-    that the same jobs are picked on every run and every kernel and arch is sampled.
+    configs), each kernel's first job on each arch, and of the other jobs about one in
+    ``every``, chosen by a hash of the job so that the same jobs are picked on every run.
     ``every`` <= 1 keeps them all."""
     if every <= 1:
         return list(jobs)
-    seen, out = set(), []
+    seen, kernels, out = set(), set(), []
     for job in jobs:
         cls = (job.kernel, job.arch, job.variant)
         first = cls not in seen
+        first_of_kernel = (job.kernel, job.arch) not in kernels
         seen.add(cls)
+        kernels.add((job.kernel, job.arch))
         name = f"{job.kernel}|{job.arch}|{job.variant}|{sorted(job.config.items())}"
-        if (first and job.headline is not None) or zlib.crc32(name.encode()) % every == 0:
+        if (first and job.headline is not None) or first_of_kernel or zlib.crc32(name.encode()) % every == 0:
             out.append(job)
     return out
 
@@ -666,6 +668,11 @@ def main(argv=None) -> int:
         help="compile every headline class's first config and about 1 in N of the other jobs (default 1: all)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    from ..kernels.common import interpreting
+
+    if interpreting():
+        parser.error("TRITON_INTERPRET is set: the kernels are defined for the interpreter and cannot be compiled "
+                     "for a GPU; unset it (TRITON_INTERPRET= or env -u TRITON_INTERPRET) and run again")  # fmt: skip
     from .configs import SHARED_MEMORY_LIMITS
 
     # Pin Triton's fp-fusion default (3.9 warns that it will change) for every worker, and
