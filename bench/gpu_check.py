@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
-    p.add_argument("--test-timeout", type=float, default=270.0, help="seconds for the test step (default 270)")
+    p.add_argument("--test-timeout", type=float, default=250.0, help="seconds for the test step (default 250)")
     p.add_argument("--skip-sweep", action="store_true", help="no config sweep")
     p.add_argument("--sweep-budget", type=float, default=120.0, help="seconds for the sweep (default 120)")
     p.add_argument("--test-files", default="", help="comma-separated test files (default: the GPU test files)")

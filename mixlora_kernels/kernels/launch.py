@@ -1,14 +1,17 @@
 """The Triton expert pass composed from its stages, forward and backward, and the choice
-between the two organisations of the forward.
+between the organisations of the forward and of the backward.
 
     shrinks      xa = s * drop(x) A^T for every expert at once (one cuBLAS GEMM, E*R wide)
     expert pass  token-major or expert-sorted kernel -> H (T, F), Z partial sums
     down         Y = Z B2^T (one GEMM, E*R deep); the caller runs down(H) through the
                  base module and adds Y
 
-    backward     shrinks recomputed; dZ = dY B2 and dB2 = Z^T dY (GEMMs); the token
-                 kernel (dG, dU, dw, shrink gradients) and the weight kernel (dB1, dB3,
-                 dA2); dA1, dA3 and dx's LoRA share from the shrink gradients (GEMMs)
+    backward     shrinks recomputed; dZ = dY B2 and dB2 = Z^T dY (GEMMs); the pairs
+                 sorted by (slot, expert); the expert-sorted token kernel (dG, dU, dw,
+                 shrink gradients; once per slot) and weight kernel (dB1, dB3, dA2, per
+                 expert and f tile); dA1, dA3 and dx's LoRA share from the shrink
+                 gradients (GEMMs). MIXLORA_EXPERT_BWD=token_major runs the earlier
+                 token-major kernels in place of the sorted ones, where they fit.
 """
 
 from __future__ import annotations

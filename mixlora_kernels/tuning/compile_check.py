@@ -639,20 +639,22 @@ def compile_all(pool: Executor, jobs: list[Job], limit_of, every_s: float = 30.0
 def sample_jobs(jobs: list[Job], every: int) -> list[Job]:
     """A deterministic sample for a quicker check (CI): every headline class's first
     config (the safe config each family keeps; the spill gate then reads the sampled
-    configs), each kernel's first job on each arch, and of the other jobs about one in
-    ``every``, chosen by a hash of the job so that the same jobs are picked on every run.
+    configs), each config's first job for each kernel and arch (so that every config of
+    the space compiles somewhere), and of the other jobs about one in ``every``, chosen by
+    a hash of the job so that the same jobs are picked on every run.
     ``every`` <= 1 keeps them all."""
     if every <= 1:
         return list(jobs)
-    seen, kernels, out = set(), set(), []
+    seen, configs, out = set(), set(), []
     for job in jobs:
         cls = (job.kernel, job.arch, job.variant)
+        config = (job.kernel, job.arch, tuple(sorted(job.config.items())))
         first = cls not in seen
-        first_of_kernel = (job.kernel, job.arch) not in kernels
+        first_of_config = config not in configs
         seen.add(cls)
-        kernels.add((job.kernel, job.arch))
+        configs.add(config)
         name = f"{job.kernel}|{job.arch}|{job.variant}|{sorted(job.config.items())}"
-        if (first and job.headline is not None) or first_of_kernel or zlib.crc32(name.encode()) % every == 0:
+        if (first and job.headline is not None) or first_of_config or zlib.crc32(name.encode()) % every == 0:
             out.append(job)
     return out
 
@@ -699,7 +701,7 @@ def main(argv=None) -> int:
     per_kernel: dict[tuple[str, str], set] = {}
     per_class: dict[tuple[str, str, str], int] = {}
     header = (
-        f"{'kernel':<20}{'arch':<7}{'config':<48}{'smem B':>8}{'est B':>8}{'regs':>6}{'spill':>6}{'loop':>5}"
+        f"{'kernel':<22}{'arch':<7}{'config':<48}{'smem B':>8}{'est B':>8}{'regs':>6}{'spill':>6}{'loop':>5}"
         f"{'atom':>5}  variant"
     )
     print(header)
@@ -715,7 +717,7 @@ def main(argv=None) -> int:
             per_kernel.setdefault((job.kernel, job.arch), set()).add(cfg)
             per_class[(job.kernel, job.arch, job.variant)] += 1
         print(
-            f"{job.kernel:<20}{job.arch:<7}{cfg:<48}{fmt(res.shared):>8}{fmt(job.estimate):>8}{fmt(res.registers):>6}"
+            f"{job.kernel:<22}{job.arch:<7}{cfg:<48}{fmt(res.shared):>8}{fmt(job.estimate):>8}{fmt(res.registers):>6}"
             f"{fmt(res.spills):>6}{fmt(res.loop_spills):>5}{'yes' if res.atomics else 'no':>5}  {job.variant}"
             + (f"  FAILED: {'; '.join(problems)}" if problems else "")
         )
