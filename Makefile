@@ -6,7 +6,7 @@ install:
 	$(PYTHON) -m pip install -e ".[test]"
 
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 lint:
 	$(PYTHON) -m ruff check mixlora_kernels reference tests bench examples

@@ -198,7 +198,7 @@ def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "bench.sweep", "--file", str(rows_file), "--budget-s", str(budget)]
-    cmd += ["--small"] if small else []
+    cmd += ["--small", "--configs", "1"] if small else []  # small: the step runs, one config per kernel
     with open(out / "sweep.log", "w", encoding="utf-8") as log:
         # The budget stops new configs; the margin covers the one in flight and the setup.
         try:

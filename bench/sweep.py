@@ -16,8 +16,8 @@ small partial sums the launcher adds up after it. A row records the milliseconds
 achieved GB/s and TFLOP/s against the kernel's modelled bytes and FLOPs, their fraction
 of the device's peak, and the registers and spill stores of the compiled kernel. Rows go
 to ``<out>/<device>.jsonl`` (``"kind": "sweep"``). ``--small`` runs a tiny shape and the
-first two configs per kernel: on CPU through the Triton interpreter (set
-TRITON_INTERPRET=1), which checks the command, not the kernels' speed.
+first two configs per kernel (``--configs N`` sets how many): on CPU through the Triton
+interpreter (set TRITON_INTERPRET=1), which checks the command, not the kernels' speed.
 """
 
 from __future__ import annotations
@@ -169,12 +169,13 @@ def _measure(
     return (med, q20, q80), regs, spills
 
 
-def sweep_shape(shape: Shape, dtype, device, label: str, small: bool, deadline: float) -> tuple[list[dict], int]:
-    """The rows of one shape, and how many configs the time budget left unrun."""
+def sweep_shape(shape: Shape, dtype, device, label: str, configs: int | None, deadline: float):
+    """The rows of one shape (the first ``configs`` configs per kernel, or all), and how
+    many configs the time budget left unrun."""
     peak_flops, peak_bytes = device_peaks(label)
     rows, skipped = [], 0
     for case in kernel_cases(shape, dtype, device):
-        for cfg in case.configs[:2] if small else case.configs:
+        for cfg in case.configs[:configs]:
             if time.monotonic() > deadline:
                 skipped += 1
                 continue
@@ -232,6 +233,7 @@ def parse_args(argv):
     p.add_argument("--file", type=Path, default=None, help="append the rows here, not to <out>/<device>.jsonl")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--budget-s", type=float, default=180.0, help="stop starting configs after this many seconds")
+    p.add_argument("--configs", type=int, default=None, metavar="N", help="the first N configs per kernel (--small: 2)")
     return p, p.parse_args(argv)
 
 
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     total_skipped = 0
     for shape in SMALL_SHAPES if args.small else SHAPES:
         print(f"\n{shape.label()}", flush=True)
-        rows, skipped = sweep_shape(shape, dtype, device, label, args.small, deadline)
+        configs = args.configs if args.configs is not None else (2 if args.small else None)
+        rows, skipped = sweep_shape(shape, dtype, device, label, configs, deadline)
         total_skipped += skipped
         if not args.no_save:
             write_rows(str(path), [dict(row, **meta) for row in rows])

@@ -14,6 +14,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each takes its share
+# of threads, and so do the processes its tests start, rather than every one taking all of
+# them (torch's threads run each op in lockstep, and a busy core stalls them all).
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 
 def _interpreter_scalar_index_compat() -> None:
     """Triton 3.6's interpreter holds a scalar kernel argument as a one-element array and
@@ -100,8 +109,10 @@ def _seed():
 @pytest.fixture
 def exclusive_gpu():
     """For a test that needs a large share of the GPU's memory: under the GPU check's
-    parallel shards (MIXLORA_TEST_SHARD), one such test runs at a time, across processes."""
-    if not os.environ.get("MIXLORA_TEST_SHARD") or not torch.cuda.is_available():
+    parallel shards (MIXLORA_TEST_SHARD) or pytest-xdist's workers, one such test runs at a
+    time, across processes."""
+    parallel = os.environ.get("MIXLORA_TEST_SHARD") or os.environ.get("PYTEST_XDIST_WORKER")
+    if not parallel or not torch.cuda.is_available():
         yield
         return
     import fcntl

@@ -86,9 +86,8 @@ def test_variants(organisation, kwargs, dtype):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(T=7, E=3, top_k=2), dict(T=64, E=4, top_k=1), dict(T=33, E=3, routing_strategy="mixlora-dynamic",
-     top_p=0.6), *VARIANTS[:4]],
-    ids=["T7-E3k2", "T64-E4k1", "top_p", *VARIANT_IDS[:4]],
+    [dict(T=7, E=3, top_k=2), dict(T=33, E=3, routing_strategy="mixlora-dynamic", top_p=0.6), *VARIANTS[1:3]],
+    ids=["T7-E3k2", "top_p", *VARIANT_IDS[1:3]],
 )  # fmt: skip
 def test_token_major_backward(monkeypatch, kwargs):
     """The token-major backward, kept behind MIXLORA_EXPERT_BWD for comparison, still

@@ -47,24 +47,25 @@ EXPERT_SORTED_BWD_KEY = ["F", "E", "R", "T_BUCKET", "K", "PERM_M", "ACT", "HAS_U
 
 
 @triton.jit
-def _block_pairs(sorted_ptr, w_ptr, start, T, K: tl.constexpr, PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The BLOCK_M sorted pairs from row ``start``: (pair ids, valid, tokens as int64,
-    weights). A padding row (sentinel T*K) is invalid and has weight 0. PER_PAIR: w = 1
-    (the routing weights come after a DoRA down projection)."""
+def _tile_inputs(sorted_ptr, w_ptr, xag_ptr, xau_ptr, dz_ptr, start, expert, T, E, R, K: tl.constexpr,
+                 R_PAD: tl.constexpr, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_DOWN: tl.constexpr,
+                 PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """The BLOCK_M sorted pairs from row ``start`` and what they bring: (pair ids, valid,
+    tokens as int64, weights, and the (BLOCK_M, R_PAD) rows of the gate and up shrinks and
+    of dZ at each pair's token and the block's expert). A padding row (sentinel T*K) is
+    invalid, with weight 0 and zero rows. PER_PAIR: w = 1 (the routing weights come after a
+    DoRA down projection). One helper for all of it: the interpreter pays per call."""
     pairs = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
     valid = pairs < T * K
     tok = (pairs // K).to(tl.int64)  # widened before any stride
     w = tl.where(valid, 1.0, 0.0) if PER_PAIR else tl.load(w_ptr + pairs, mask=valid, other=0.0)
-    return pairs, valid, tok, w
-
-
-@triton.jit
-def _pair_rank_tile(ptr, tok, valid, expert, E, R, R_PAD: tl.constexpr):
-    """(BLOCK_M, R_PAD) rows of a (T, E, R) tensor at each pair's token and the block's
-    expert; 0 on padding rows and past R."""
     rr = tl.arange(0, R_PAD)
+    off = tok[:, None] * E * R + expert * R + rr[None, :]
     mask = valid[:, None] & (rr < R)[None, :]
-    return tl.load(ptr + tok[:, None] * E * R + expert * R + rr[None, :], mask=mask, other=0.0)
+    xag = tl.load(xag_ptr + off, mask=mask, other=0.0) if HAS_GATE else 0
+    xau = tl.load(xau_ptr + off, mask=mask, other=0.0) if HAS_UP else 0
+    dz = tl.load(dz_ptr + off, mask=mask, other=0.0) if HAS_DOWN else 0
+    return pairs, valid, tok, w, xag, xau, dz
 
 
 @triton.jit
@@ -207,10 +208,9 @@ def _expert_pass_es_bwd_kernel(
         return
     expert = tl.load(block_group_ptr + block) % E
     start = block * PERM_M + (tl.program_id(0) % (PERM_M // BLOCK_M)) * BLOCK_M
-    pairs, valid, tok, w = _block_pairs(sorted_ptr, w_ptr, start, T, K, PER_PAIR, BLOCK_M)
-    xag = _pair_rank_tile(xag_ptr, tok, valid, expert, E, R, R_PAD) if HAS_GATE else 0
-    xau = _pair_rank_tile(xau_ptr, tok, valid, expert, E, R, R_PAD) if HAS_UP else 0
-    dz = _pair_rank_tile(dz_ptr, tok, valid, expert, E, R, R_PAD) if HAS_DOWN else 0
+    pairs, valid, tok, w, xag, xau, dz = _tile_inputs(sorted_ptr, w_ptr, xag_ptr, xau_ptr, dz_ptr, start, expert, T,
+                                                      E, R, K, R_PAD, HAS_GATE, HAS_UP, HAS_DOWN, PER_PAIR,
+                                                      BLOCK_M)  # fmt: skip
     dt = dg_ptr.dtype.element_ty
 
     dxag = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -257,6 +257,7 @@ def _expert_pass_es_bwd_kernel(
 def _expert_pass_es_wgrad_kernel(
     sorted_ptr,  # (max_blocks * PERM_M,) int32 pair ids t*K+j by (slot, expert); T*K = padding
     group_blocks_ptr,  # (K*E+1,) int32 first block of each group slot*E+expert
+    slot_blocks_ptr,  # (K+1,) int32 first block of each slot
     g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
     u_ptr,  # (T, F) up projection (HAS_U)
     dh_ptr,  # (T, F) gradient of H (row stride stride_dt); PER_PAIR: (T*K, F), row t*K+j
@@ -310,7 +311,9 @@ def _expert_pass_es_wgrad_kernel(
     fmask = cols < F
     bg, bu, ad, cg, cu = _expert_tiles(bg_ptr, bu_ptr, ad_ptr, cg_ptr, cu_ptr, expert, cols, fmask, F, R, R_PAD,
                                        HAS_GATE, HAS_UP, HAS_DOWN, DORA_GATE, DORA_UP)  # fmt: skip
-    # This program's share of the expert's blocks, counted over its groups in slot order.
+    # This program's share of the expert's blocks, counted over its groups in slot order;
+    # only the slots that hold blocks are walked (under top-p the later of the E slots
+    # are often empty).
     js = tl.arange(0, K_PAD)
     group = js * E + expert
     first_blocks = tl.load(group_blocks_ptr + group, mask=js < K, other=0)
@@ -318,13 +321,16 @@ def _expert_pass_es_wgrad_kernel(
     total = tl.sum(counts, axis=0)
     lo = share * total // num_splits
     hi = (share + 1) * total // num_splits
+    slot_starts = tl.load(slot_blocks_ptr + js, mask=js < K, other=0)
+    slot_ends = tl.load(slot_blocks_ptr + js + 1, mask=js < K, other=0)
+    used_slots = tl.max(tl.where(slot_ends > slot_starts, js + 1, 0), axis=0)
 
     dbg = tl.zeros((R_PAD, BLOCK_F), dtype=tl.float32)
     dbu = tl.zeros((R_PAD, BLOCK_F), dtype=tl.float32)
     dad = tl.zeros((R_PAD, BLOCK_F), dtype=tl.float32)
     dcg = tl.zeros((BLOCK_F,), dtype=tl.float32)
     dcu = tl.zeros((BLOCK_F,), dtype=tl.float32)
-    for j in range(0, K):
+    for j in range(0, used_slots):
         first = tl.load(group_blocks_ptr + j * E + expert)
         count = tl.load(group_blocks_ptr + j * E + expert + 1) - first
         seen = tl.sum(tl.where(js < j, counts, 0), axis=0)  # the blocks of the earlier slots' groups
@@ -332,11 +338,10 @@ def _expert_pass_es_wgrad_kernel(
         lo_tile = tl.maximum(lo - seen, 0) * (PERM_M // BLOCK_M)
         hi_tile = tl.minimum(hi - seen, count) * (PERM_M // BLOCK_M)
         for tile in range(lo_tile, hi_tile):
-            pairs, valid, tok, w = _block_pairs(sorted_ptr, w_ptr, first * PERM_M + tile * BLOCK_M, T, K, PER_PAIR,
-                                                BLOCK_M)  # fmt: skip
-            xag = _pair_rank_tile(xag_ptr, tok, valid, expert, E, R, R_PAD) if HAS_GATE else 0
-            xau = _pair_rank_tile(xau_ptr, tok, valid, expert, E, R, R_PAD) if HAS_UP else 0
-            dz = _pair_rank_tile(dz_ptr, tok, valid, expert, E, R, R_PAD) if HAS_DOWN else 0
+            pairs, valid, tok, w, xag, xau, dz = _tile_inputs(
+                sorted_ptr, w_ptr, xag_ptr, xau_ptr, dz_ptr, first * PERM_M + tile * BLOCK_M, expert, T, E, R, K,
+                R_PAD, HAS_GATE, HAS_UP, HAS_DOWN, PER_PAIR, BLOCK_M,
+            )  # fmt: skip
             hd, dg, du, _, dcg_b, dcu_b = _pair_tile_grads(
                 pairs, valid, tok, w, cols, fmask, xag, xau, dz, bg, bu, ad, cg, cu, g_ptr, u_ptr, dh_ptr, seed_ptr,
                 stride_gt, stride_ut, stride_dt, F, p_drop, scale, ACT, HAS_U, HAS_GATE, HAS_UP, HAS_DOWN, HAS_KEEP,
@@ -439,12 +444,24 @@ def expert_pass_es_bwd(args: dict, perm: Permutation, split_f: int, can_drop: bo
                 du_ptr=_present(dU, dG), dw_ptr=dw, dxag_ptr=_present(dxag, dw), dxau_ptr=_present(dxau, dw),
                 f_per_split=f_per_split)  # fmt: skip
 
-    def grid(meta):
-        return (perm.max_blocks_per_slot * (perm.block_m // meta["BLOCK_M"]), split_f)
-
+    # Each slot's programs: as many as it may have blocks (a bound the host knows). On the
+    # host (the interpreter, CPU tensors) reading the real counts costs nothing, and the
+    # interpreter pays for every program it starts: there, exactly the blocks in use.
+    blocks = [perm.max_blocks_per_slot] * K
+    if G.device.type == "cpu":
+        starts = perm.slot_blocks.tolist()
+        blocks = [starts[slot + 1] - starts[slot] for slot in range(K)]
+    accumulate = can_drop  # the first launch stores, unless dG and dU start at zero
     for slot in range(K):
-        launch_args = dict(base, slot=slot, ACCUMULATE=can_drop or slot > 0)
+        if blocks[slot] == 0:
+            continue
+
+        def grid(meta, n=blocks[slot]):
+            return (n * (perm.block_m // meta["BLOCK_M"]), split_f)
+
+        launch_args = dict(base, slot=slot, ACCUMULATE=accumulate)
         launch(_expert_pass_es_bwd_kernel, _expert_pass_es_bwd_autotuned, EXPERT_SORTED_BWD, grid, launch_args)
+        accumulate = True
     total = lambda t: None if t is None else t.sum(0)
     return dG, dU, dw.sum(0), total(dxag), total(dxau)
 
@@ -463,7 +480,8 @@ def expert_pass_es_wgrad(args: dict, perm: Permutation, num_splits: int):
     dbg, dbu, dad = new("HAS_GATE", E, F, R), new("HAS_UP", E, F, R), new("HAS_DOWN", E, R, F)
     dcg, dcu = new("DORA_GATE", E, F), new("DORA_UP", E, F)
     stand_in = next(t for t in (dbg, dbu, dad, G) if t is not None)
-    launch_args = dict(args, group_blocks_ptr=perm.group_blocks, dbg_ptr=_present(dbg, stand_in),
+    launch_args = dict(args, group_blocks_ptr=perm.group_blocks, slot_blocks_ptr=perm.slot_blocks,
+                       dbg_ptr=_present(dbg, stand_in),
                        dbu_ptr=_present(dbu, stand_in), dad_ptr=_present(dad, stand_in),
                        dcg_ptr=_present(dcg, stand_in), dcu_ptr=_present(dcu, stand_in),
                        num_splits=num_splits, K_PAD=next_pow2(args["K"]))  # fmt: skip
