@@ -78,12 +78,20 @@ def parse_shape(spec: str) -> Shape:
     return shape
 
 
-def parse_cases(text: str) -> tuple[str, ...]:
-    names = tuple(c for c in text.split(",") if c)
-    unknown = sorted(set(names) - set(CASES))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
-    return names
+def case_parser(choices: tuple[str, ...]):
+    """An argparse type: a comma-separated, non-empty subset of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(c for c in text.split(",") if c)
+        unknown = sorted(set(names) - set(choices))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown cases {unknown}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+parse_cases = case_parser(CASES)
 
 
 def parse_device(text: str) -> torch.device:

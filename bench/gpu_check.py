@@ -8,9 +8,13 @@ network. Run from the checkout with PYTHONPATH=. (nothing is installed).
        expert backward cut into its parts)
     3. the config sweep (``bench.sweep``): every config of every expert-pass kernel at
        LLaMA-2-7B's and Gemma-2B's shapes, T = 4096 and 512, time-boxed
-    4. plots of the rows, and a summary table with the SPEC targets beside the results
+    4. generation (``bench.generation``): tokens/s of a small llama with MixLoRA layers,
+       eager and under CUDA graphs, against the base model and the unfused reference,
+       at batch 1 and 8, time-boxed
+    5. plots of the rows, and a summary table with the SPEC targets beside the results
 
-Everything lands in DIR: rows.jsonl, tests.log, sweep.log, plots/*.png, summary.md.
+Everything lands in DIR: rows.jsonl, tests.log, sweep.log, generation.log, plots/*.png,
+summary.md.
 ``--small`` runs the same steps at tiny shapes (on CPU: the torch backend, fp32, and the
 sweep through the Triton interpreter), to check the command itself end to end without
 a GPU.
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .cases import Shape
+from .generation import generation_table
 from .harness import device_name, versions, write_rows
 from .stages import backward_parts_line
 from .suite import Settings, print_result, rows_for, run_shape
@@ -50,6 +55,7 @@ GPU_TEST_FILES = [
     "tests/test_cuda_graphs.py",
     "tests/test_compile.py",
     "tests/test_dora.py",
+    "tests/test_generation.py",
 ]
 
 
@@ -188,30 +194,41 @@ def summary_table(results, label: str, tests: dict | None, seconds: float, small
     return "\n".join(lines) + "\n"
 
 
-def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
-    """``python -m bench.sweep`` in its own process (on CPU with the interpreter on, which
-    must be chosen before triton is imported), its rows appended to rows.jsonl, its output
-    to sweep.log; the rows it wrote."""
+def run_step(out: Path, module: str, kind: str, args: list[str], budget: float, margin: float,
+             interpret: bool = False) -> list[dict]:  # fmt: skip
+    """``python -m <module>`` in its own process, its rows appended to rows.jsonl and its
+    output to <kind>.log; the rows of ``kind`` it wrote. ``budget`` stops it starting new
+    work; ``margin`` covers what is in flight and the setup. ``interpret``: on CPU with
+    the Triton interpreter on, which must be chosen before triton is imported."""
     rows_file = out / "rows.jsonl"
     before = rows_file.stat().st_size if rows_file.exists() else 0
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if not torch.cuda.is_available():
+    if interpret and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "bench.sweep", "--file", str(rows_file), "--budget-s", str(budget)]
-    cmd += ["--small", "--configs", "1"] if small else []  # small: the step runs, one config per kernel
-    with open(out / "sweep.log", "w", encoding="utf-8") as log:
-        # The budget stops new configs; the margin covers the one in flight and the setup.
+    cmd = [sys.executable, "-m", module, "--file", str(rows_file), "--budget-s", str(budget), *args]
+    with open(out / f"{kind}.log", "w", encoding="utf-8") as log:
         try:
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=budget + 120).returncode  # fmt: skip
+                                  timeout=budget + margin).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             code = "timeout"
-    print(f"  sweep: exit {code}; output in {out / 'sweep.log'}")
+    print(f"  {kind}: exit {code}; output in {out / f'{kind}.log'}")
     if not rows_file.exists():
         return []
     with open(rows_file, encoding="utf-8") as fh:
         fh.seek(before)
-        return [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") == "sweep"]
+        return [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") == kind]
+
+
+def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
+    """The config sweep's rows (small: the step runs, one config per kernel)."""
+    return run_step(out, "bench.sweep", "sweep", ["--small", "--configs", "1"] if small else [], budget, 60, True)
+
+
+def run_generation(out: Path, small: bool, budget: float) -> list[dict]:
+    """The generation benchmark's rows (written as each case finishes, so a case cut off
+    by the margin loses only itself)."""
+    return run_step(out, "bench.generation", "generation", ["--small"] if small else [], budget, 60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
-    p.add_argument("--test-timeout", type=float, default=250.0, help="seconds for the test step (default 250)")
+    p.add_argument("--test-timeout", type=float, default=200.0, help="seconds for the test step (default 200)")
     p.add_argument("--skip-sweep", action="store_true", help="no config sweep")
-    p.add_argument("--sweep-budget", type=float, default=120.0, help="seconds for the sweep (default 120)")
+    p.add_argument("--sweep-budget", type=float, default=100.0, help="seconds for the sweep (default 100)")
+    p.add_argument("--skip-generation", action="store_true", help="no generation benchmark")
+    p.add_argument("--generation-budget", type=float, default=40.0, help="seconds for generation (default 40)")
     p.add_argument("--test-files", default="", help="comma-separated test files (default: the GPU test files)")
     p.add_argument("-k", dest="select", default="", help="a pytest -k expression for the test step")
     args = p.parse_args(argv)
@@ -269,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== config sweep (at most {args.sweep_budget:.0f} s)", flush=True)
         sweep_rows = run_sweep(out, args.small, args.sweep_budget)
 
+    generation_rows: list[dict] = []
+    if not args.skip_generation:
+        print(f"\n== generation (at most {args.generation_budget:.0f} s)", flush=True)
+        generation_rows = run_generation(out, args.small, args.generation_budget)
+
     print("\n== plots", flush=True)
     try:
         from .plots import load_rows, plot_rows
@@ -283,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         table += "\n## Config sweep\n\n" + "\n".join(sweep_tables(sweep_rows)) + "\n"
     elif not args.skip_sweep:
         table += "\n## Config sweep\n\nNo sweep rows: see sweep.log.\n"
+    if generation_rows:
+        table += "\n## Generation\n\n" + "\n".join(generation_table(generation_rows)) + "\n"
+    elif not args.skip_generation:
+        table += "\n## Generation\n\nNo generation rows: see generation.log.\n"
     (out / "summary.md").write_text(table, encoding="utf-8")
     print("\n" + table)
     return 0 if tests is None or tests["ok"] else 1

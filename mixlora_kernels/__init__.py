@@ -1,5 +1,5 @@
 """Triton kernels and a drop-in module for MixLoRA (arXiv 2404.15159): LoRA experts that
-share one frozen FFN, at about the cost of that FFN."""
+share one frozen FFN, built to cost about what that FFN costs."""
 
 from typing import Any
 
@@ -11,6 +11,7 @@ from .integrations import (
     MixLoraModelForCausalLM,
     MixLoraTrainerMixin,
     expert_load_stats,
+    generate_with_cuda_graphs,
     inject_mixlora,
     load_adapter,
     reset_expert_load,
@@ -35,6 +36,7 @@ __all__ = [
     "MixLoraTrainerMixin",
     "adapter_state_dict",
     "expert_load_stats",
+    "generate_with_cuda_graphs",
     "inject_mixlora",
     "load_adapter",
     "load_adapter_state_dict",

@@ -11,12 +11,13 @@ import pathlib
 
 import pytest
 import torch
-from hf_models import adapter_copy, injected, mixlora_config, reference_model, tiny_model, tokens
+from hf_models import adapter_copy, injected, mixlora_config, tiny_model, tokens
 from safetensors.torch import load_file, save_file
 
 from mixlora_kernels import MixLoraConfig, adapter_state_dict, inject_mixlora, load_adapter, save_adapter
 from mixlora_kernels.integrations.adapter import BIN_NAME, SAFETENSORS_NAME
 from mixlora_kernels.modules import mixlora_blocks
+from reference.hf import reference_model
 
 
 def _logits(model, ids):

@@ -301,6 +301,12 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
     assert {row["kernel"] for row in sweep_rows} >= {"expert_pass_es_bwd", "expert_pass_es_wgrad"}
     assert "## Config sweep" in summary and "| small | 48 | expert_pass_es_bwd |" in summary
     assert "| MixDoRA / MixLoRA fwd |" in summary and "| small | 256 |" in summary
+    # Generation ran in its own process: the eager cases at batch 1 and 8 (no CUDA graphs here).
+    generation = [row for row in rows if row["kind"] == "generation"]
+    assert {(row["case"], row["batch"]) for row in generation} == {
+        (case, batch) for case in ("base", "unfused", "fused") for batch in (1, 8)
+    }
+    assert "## Generation" in summary and "| fused | 8 |" in summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -16,7 +16,6 @@ from hf_models import (
     injected,
     mixlora_config,
     randomize_adapter,
-    reference_model,
     tiny_config,
     tiny_model,
     tokens,
@@ -25,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from mixlora_kernels import FusedMixLoraFFN, LoraLinear, MixLoraConfig, inject_mixlora
 from mixlora_kernels.modules import mixlora_blocks
+from reference.hf import reference_model
 
 
 def _logits(model, ids, mask=None):

@@ -1,8 +1,10 @@
-"""MixLoRA in Hugging Face models: injection, the adapter format, training helpers."""
+"""MixLoRA in Hugging Face models: injection, the adapter format, loading, training helpers,
+generation under CUDA graphs."""
 
 from typing import Any
 
 from .adapter import load_adapter, save_adapter
+from .generation import generate_with_cuda_graphs
 from .loading import MixLoraModelForCausalLM
 from .training import ExpertLoad, MixLoraTrainerMixin, expert_load_stats, reset_expert_load
 from .transformers import SUPPORTED_MODEL_TYPES, inject_mixlora, model_adapter_targets
@@ -14,6 +16,7 @@ __all__ = [
     "MixLoraTrainer",
     "MixLoraTrainerMixin",
     "expert_load_stats",
+    "generate_with_cuda_graphs",
     "inject_mixlora",
     "load_adapter",
     "model_adapter_targets",
