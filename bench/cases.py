@@ -16,6 +16,9 @@ only by algorithm:
     fused_dora   MixDoRA: ``fused`` with DoRA magnitudes on gate, up and down (the down
                  projection then runs once per (token, expert) pair)
     vanilla_dora the reference loop with the same DoRA experts (MoE-PEFT's MixDoRA)
+    fused_graphed, dense_graphed
+                 ``fused`` and ``dense`` captured once in a CUDA graph and replayed: the
+                 decode forward without launch overhead (CUDA, T <= 64, forward only)
 """
 
 from __future__ import annotations
@@ -109,6 +112,25 @@ def calibrate_top_p(w: Weights, x: torch.Tensor, iterations: int = 40) -> tuple[
         mid = (low + high) / 2
         low, high = (mid, high) if mean(mid) < w.shape.k else (low, mid)
     return high, mean(high)
+
+
+# Graphed cases: the eager case each one captures.
+GRAPHED_CASES = {"fused_graphed": "fused", "dense_graphed": "dense"}
+
+
+def graphed_step(fn, x: torch.Tensor):
+    """A step replaying one no-grad forward of ``fn`` on ``x`` captured in a CUDA graph,
+    warmed up on a side stream first (autotuning synchronises and must not be captured)."""
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        fn(x)
+    return graph.replay
 
 
 def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: bool = False) -> dict:

@@ -26,6 +26,8 @@ CASES = (
     "shared_w13",
     "vanilla",
     "vanilla_dora",
+    "fused_graphed",
+    "dense_graphed",
 )
 MODES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 SHAPE_KEYS = ("device", "dtype", "name", "d", "f", "E", "k", "r")
@@ -34,7 +36,7 @@ MISSING_MATPLOTLIB = "plots need matplotlib: pip install -e '.[bench]'"
 
 # One colour and marker per case across every figure, so a case reads the same everywhere;
 # hollow markers keep two cases with nearly equal values both visible.
-STYLE = {case: dict(color=f"C{i}", marker="osPD^vx<>*"[i], markersize=8, mfc="none") for i, case in enumerate(CASES)}
+STYLE = {case: dict(color=f"C{i}", marker="osPD^vx<>*hd"[i], markersize=8, mfc="none") for i, case in enumerate(CASES)}
 
 
 # What a case row needs for the plots (rows of other kinds are skipped).

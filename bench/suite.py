@@ -11,7 +11,7 @@ import torch
 
 from mixlora_kernels.tuning.cache import reset_tuning_events, tuning_events
 
-from .cases import Shape, Weights, calibrate_top_p, make_cases
+from .cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p, graphed_step, make_cases
 from .harness import (
     MODES,
     CpuWait,
@@ -25,7 +25,7 @@ from .harness import (
 )
 from .plots import CASES
 from .stages import make_stages, print_stages, stage_rows
-from .targets import Verdict, ratio, targets_for, verdicts
+from .targets import DECODE_MAX_T, Verdict, ratio, targets_for, verdicts
 
 NOISY_SPREAD = 1.15  # q80 / q20 above this and a median means little
 # The share of the timing that torch's threads waited for a CPU held by another process,
@@ -108,7 +108,7 @@ def measure(shape: Shape, settings: Settings) -> tuple[dict, float | None]:
         top_p, used = calibrate_top_p(w, x)
         results[("fused_top_p", "routing")] = {"top_p": top_p, "experts_per_token": used}
     all_cases = make_cases(w, settings.backend, top_p, compiled="fused_compiled" in settings.cases)
-    cases = {name: all_cases[name] for name in settings.cases}
+    cases = {name: all_cases[name] for name in settings.cases if name not in GRAPHED_CASES}
     params = w.parameters()
     frozen = [m.weight for m in w.base.values()] + params
     for name, fn in cases.items():
@@ -123,6 +123,15 @@ def measure(shape: Shape, settings: Settings) -> tuple[dict, float | None]:
         if "fused_compiled" in by_case:
             results[("fused_compiled", f"compile_{mode}")] = _cold_first_call(by_case["fused_compiled"], device)
         steps.update({(name, mode): step for name, step in by_case.items()})
+    if device.type == "cuda" and shape.T <= DECODE_MAX_T:
+        # Decode forward without launch overhead: each captured once, replayed per step.
+        for name, eager in GRAPHED_CASES.items():
+            if name not in settings.cases:
+                continue
+            try:
+                steps[(name, "fwd")] = graphed_step(all_cases[eager], x)
+            except RuntimeError as exc:  # a failed capture costs its case, not the run
+                progress(f"{shape.name} T={shape.T}: {name} not timed, capture failed: {exc}")
     # Both modes in the same rounds: a load that comes or goes between two phases made a
     # forward slower than its forward+backward.
     start = time.perf_counter()
@@ -219,6 +228,13 @@ def print_result(result: ShapeResult, label: str) -> None:
         print(
             f"  torch.compile / eager (fused): fwd {ratios[0] or nan:.2f}, fwd+bwd {ratios[1] or nan:.2f}; "
             f"first calls (compiling) {seconds[0]:.1f} s fwd, {seconds[1]:.1f} s fwd+bwd"
+        )
+    if ("fused_graphed", "fwd") in results:
+        fwd = lambda num, den: ratio(results, num, den, "fwd") or nan
+        print(
+            f"  CUDA graphs (decode fwd): fused graphed / dense {fwd('fused_graphed', 'dense'):.2f}, "
+            f"/ dense graphed {fwd('fused_graphed', 'dense_graphed'):.2f}; graphed / eager: "
+            f"fused {fwd('fused_graphed', 'fused'):.2f}, dense {fwd('dense_graphed', 'dense'):.2f}"
         )
     if ("fused_dora", "fwd") in results:
         ratios = [ratio(results, "fused_dora", "fused", mode) for mode in MODES]

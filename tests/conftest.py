@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each takes its share
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: each takes its share
 # of threads, and so do the processes its tests start, rather than every one taking all of
 # them (torch's threads run each op in lockstep, and a busy core stalls them all).
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from bench import harness, suite
 from bench.__main__ import RECORD_DIR, main
-from bench.cases import Shape, Weights, calibrate_top_p
+from bench.cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p
 from bench.gpu_check import main as gpu_check
 from bench.gpu_check import shard_summary
 from bench.harness import noisy, repeats_for, time_cpu
@@ -55,7 +56,7 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     assert "MixDoRA / MixLoRA (fused): fwd " in printed
     rows = read_rows(tmp_path)
     cases = [row for row in rows if row["kind"] == "case"]
-    assert {row["case"] for row in cases} == set(CASES)
+    assert {row["case"] for row in cases} == set(CASES) - set(GRAPHED_CASES)  # no CUDA graphs on CPU
     assert {row["mode"] for row in cases} == {"fwd", "fwd_bwd"}
     top_p_rows = [row for row in cases if row["case"] == "fused_top_p"]
     assert all(row["experts_per_token"] == pytest.approx(2.0, abs=0.1) for row in top_p_rows)
@@ -175,7 +176,8 @@ def test_dtype_aliases_are_accepted(tmp_path):
 def test_targets_apply_only_where_defined():
     spec = lambda T: Shape("any-name", 4096, 11008, T)
     assert targets_for(spec(4096), CUDA, torch.bfloat16) == tuple(t for t in GPU_TARGETS if not t.decode)
-    assert [t.description for t in targets_for(spec(16), CUDA, torch.bfloat16)] == ["decode fwd time / dense floor"]
+    decode = [t.description for t in targets_for(spec(16), CUDA, torch.bfloat16)]
+    assert decode == ["decode fwd time / dense floor", "decode graphed fwd time / dense floor"]
     assert targets_for(spec(4096), CUDA, torch.float16) == ()
     assert targets_for(spec(4096), CPU, torch.float32) == ()
     assert targets_for(Shape("llama2-7b", 4096, 11008, 4096, r=64), CUDA, torch.bfloat16) == ()
@@ -287,7 +289,7 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     cases = [row for row in rows if row["kind"] == "case"]
     assert {(row["T"], row["mode"]) for row in cases} == {(16, "fwd"), (16, "fwd_bwd"), (256, "fwd"), (256, "fwd_bwd")}
-    assert {row["case"] for row in cases} == set(CASES)
+    assert {row["case"] for row in cases} == set(CASES) - set(GRAPHED_CASES)  # no CUDA graphs on CPU
     for row in cases:
         assert row["ms"] > 0 and row["saved_bytes"] > 0 and row["dtype"] == "float32"
     assert {row["stage"] for row in rows if row["kind"] == "stage"} == STAGES
@@ -352,3 +354,10 @@ def test_the_console_script_runs_the_benchmark_from_any_directory(tmp_path):
     if installed:
         done = subprocess.run([installed, "--rounds", "0"], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 2 and "usage: mixlora-bench" in done.stderr and "--rounds" in done.stderr
+
+
+def test_the_readme_lists_every_bench_case():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `--cases"))
+    listed = set(re.findall(r"\b[a-z][a-z0-9_]+\b", row.split("|")[2]))
+    assert set(CASES) <= listed, f"the README's --cases row leaves out {sorted(set(CASES) - listed)}"
