@@ -13,7 +13,8 @@ only by algorithm:
                  mass against top-k at equal work
     fused_compiled  ``fused`` under torch.compile (the default inductor backend): what
                  fusing the elementwise work around the operators buys
-    fused_dora   MixDoRA: ``fused`` with DoRA magnitudes on gate, up and down (the down
+    fused_dora   MixDoRA: ``fused`` with DoRA magnitudes on gate, up and down (with
+                 autograd on, a training step: the row norms computed afresh; the down
                  projection then runs once per (token, expert) pair)
     vanilla_dora the reference loop with the same DoRA experts (MoE-PEFT's MixDoRA)
     fused_graphed, dense_graphed
@@ -30,7 +31,7 @@ from torch import nn
 
 import reference
 from mixlora_kernels import ExpertDoRA, ExpertLoRA, mixlora_ffn
-from mixlora_kernels.dora import weight_sq_norms
+from mixlora_kernels.dora import clear_row_norms, weight_sq_norms
 from mixlora_kernels.routing import route_top_p, router_logits
 
 
@@ -114,6 +115,14 @@ def calibrate_top_p(w: Weights, x: torch.Tensor, iterations: int = 40) -> tuple[
     return high, mean(high)
 
 
+def fresh_norms_when_training() -> None:
+    """MixDoRA keeps its row norms while the adapter is unchanged (inference); a training
+    step changes it every step. With autograd on, a case stands for a training step: the
+    norms are computed afresh, as they would be after the optimizer step."""
+    if torch.is_grad_enabled():
+        clear_row_norms()
+
+
 # Graphed cases: the eager case each one captures.
 GRAPHED_CASES = {"fused_graphed": "fused", "dense_graphed": "dense"}
 
@@ -159,10 +168,11 @@ def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: b
             ),
             "fused": fused,
             "fused_dora": lambda x: (
+                fresh_norms_when_training(),
                 mixlora_ffn(
                     x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend, dora=w.dora
-                ).out
-            ),
+                ).out,
+            )[1],
             "vanilla_dora": lambda x: (
                 reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, dora=w.dora).out
             ),

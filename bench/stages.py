@@ -18,6 +18,17 @@ target can be traced to a stage.
         weight kernel     dB1, dB3, dA2 (per expert and f tile)
         shrink GEMMs      dA1, dA3 and dx's LoRA share from the shrink gradients
 
+With MixDoRA (the ``fused_dora`` case, Triton backend) the DoRA forward's own stages
+follow, ``dora: <stage>``, whose sum is its expert pass and down projection:
+
+    dora: scales           m / ||W + s B A|| per expert and role: W A^T through each
+                           frozen projection (each W read again, every training step;
+                           kept between calls while the adapter is unchanged)
+    dora: expert pass      the pass with the gate/up scales inside, each pair's h
+                           written unweighted (k T rows)
+    dora: down per pair    down(h) on the k T pair rows, plus the rank-r expand
+    dora: combine          each pair scaled by w c_down[e] and summed per token
+
 Each stage's bytes and FLOPs are a model of the least it must move and compute (the
 useful rank-r FLOPs, not what a masked dense tile spends), so achieved bandwidth and
 TFLOP/s read as a fraction of what the stage could reach on the device. A backward
@@ -75,9 +86,11 @@ class Stage:
             self.fn()
 
 
-def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tuple[list[Stage], str]:
+def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
+                dora: bool = False) -> tuple[list[Stage], str]:  # fmt: skip
     """The stages of one fused forward and backward at this shape, with inputs computed
-    once; and the expert-pass organisation they ran (or "torch")."""
+    once, and with ``dora`` (Triton backend) MixDoRA's forward stages after them; and the
+    expert-pass organisation they ran (or "torch")."""
     T, d, f, E, k, r = shape.T, shape.d, shape.f, shape.E, shape.k, shape.r
     elem = x.element_size()
     x = x.detach()
@@ -171,7 +184,58 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str) -> tupl
         Stage("expert bwd", backward, elem * (5 * T * f + 2 * T * d), 3 * rank_flops),
         *backward_parts,
     ]
+    if dora and backend == "triton" and _dora_in_kernels(E, r):
+        stages += _dora_stages(shape, w, x, G, U, weights, routing.experts, cfg)
     return stages, organisation
+
+
+def _dora_in_kernels(E: int, r: int) -> bool:
+    from mixlora_kernels.kernels.launch import dora_fits
+
+    return dora_fits(E, r)
+
+
+def _dora_stages(shape: Shape, w: Weights, x, G, U, weights, routed, cfg) -> list[Stage]:
+    """MixDoRA's forward on the Triton kernels (``dora.dora_expert_pass``) cut into its
+    stages, each on inputs computed once by the stage before it."""
+    from mixlora_kernels.autograd import expert_pass
+    from mixlora_kernels.dora import clear_row_norms, expert_scales
+    from mixlora_kernels.functional import _weight_times
+    from mixlora_kernels.routing import expert_one_hot
+
+    T, d, f, E, k, r = shape.T, shape.d, shape.f, shape.E, shape.k, shape.r
+    elem, pairs = x.element_size(), T * k
+    lora = w.experts
+    times = _weight_times(w.gate_proj, w.up_proj, w.down_proj, None, f)
+    # As in training, where every step changes the adapter: the row norms computed afresh.
+    scales_of = lambda: (clear_row_norms(), expert_scales(lora, w.dora, w.scaling, times))[1]
+    no_keep = (None, None, None)
+    with torch.no_grad():
+        scales = scales_of()
+        gate_up = (scales["gate"].float(), scales["up"].float())
+        H, Y = expert_pass(x, G, U, weights, routed, lora, no_keep, None, cfg, gate_up, True)
+        out = w.down_proj(H) + Y
+        onehot = expert_one_hot(routed, E, out.dtype)
+    down_scale = scales["down"].to(out.dtype)
+
+    def down():
+        w.down_proj(H) + Y
+
+    def combine():
+        coef = (weights.to(out.dtype).unsqueeze(-1) * onehot) @ down_scale
+        (coef * out.view(T, k, -1)).sum(1)
+
+    er = E * r
+    # Scales: each frozen W read once more (W A^T for every expert), the LoRA weights.
+    scale_model = (elem * (3 * f * d + 6 * er * (d + f)) + 4 * 3 * E * (2 * f + d), 6.0 * er * d * f)
+    pass_model = (elem * (2 * T * f + pairs * f + pairs * d) + 4 * T * er, 6.0 * pairs * f * r)
+    per_pair = lambda: expert_pass(x, G, U, weights, routed, lora, no_keep, None, cfg, gate_up, True)
+    return [
+        Stage("dora: scales", scales_of, *scale_model),
+        Stage("dora: expert pass", per_pair, *pass_model),
+        Stage("dora: down per pair", down, elem * (pairs * f + f * d + 2 * pairs * d), 2.0 * pairs * f * d),
+        Stage("dora: combine", combine, elem * (2 * pairs * d + T * d), 2.0 * pairs * d * (E + 1)),
+    ]
 
 
 def backward_part_models(shape: Shape, elem: int) -> dict[str, tuple[float, float]]:

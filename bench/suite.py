@@ -176,7 +176,7 @@ def run_shape(shape: Shape, settings: Settings, label: str) -> ShapeResult:
         progress(f"{shape.name} T={shape.T}: timing the stages")
         w = Weights(shape, settings.dtype, settings.device)
         x = torch.randn(shape.T, shape.d, device=settings.device, dtype=settings.dtype)
-        stages, result.organisation = make_stages(shape, w, x, settings.backend)
+        stages, result.organisation = make_stages(shape, w, x, settings.backend, dora="fused_dora" in settings.cases)
         timed, waited = _time({s.name: s.step for s in stages}, settings)
         rows = stage_rows(stages, timed, label)
         result.stage_rows = [{**row, **spread_fields(timed[row["stage"]], waited)} for row in rows]

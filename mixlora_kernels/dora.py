@@ -21,6 +21,7 @@ frozen layer, quantised or not.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -138,15 +139,78 @@ def _pair_expand(xa: torch.Tensor, b: torch.Tensor, expert: torch.Tensor) -> tor
 def expert_scales(lora, dora: ExpertDoRA, scaling: float, weight_times: dict) -> dict[str, torch.Tensor]:
     """The DoRA scales m / ||W + s B A|| per role with a magnitude, (E, out), differentiable
     in m only, in fp32 (fp64 for fp64 magnitudes). ``weight_times``: per such role, a
-    function A (E, r, in) -> W A^T (E, out, r) through the frozen projection."""
+    function A (E, r, in) -> W A^T (E, out, r) through the frozen projection. The row
+    norms come from ``_NORMS`` while A, B and ||W||^2 are the tensors they were computed
+    from, unchanged since."""
     scales = {}
     for name in ("gate", "up", "down"):
         m = getattr(dora, f"{name}_m")
         if m is not None:
             a, b = _stack(lora, name)
-            norms = lora_row_norms(getattr(dora, f"{name}_sq_norms"), weight_times[name](a), a, b, scaling)
+            sq = getattr(dora, f"{name}_sq_norms")
+            norms = _NORMS.get(a, b, sq, scaling)
+            if norms is None:
+                norms = lora_row_norms(sq, weight_times[name](a), a, b, scaling)
+                _NORMS.put(a, b, sq, scaling, norms)
             scales[name] = magnitude_scale(m, norms)
     return scales
+
+
+class _RowNormCache:
+    """The last row norms ||W + s B A|| computed per B tensor, reused while A, B and ||W||^2
+    are the same tensors at the same versions (an in-place update, such as an optimizer
+    step or a loaded state dict, bumps the version) and s is the same. Each norm costs a
+    pass of the frozen weight (W A^T), as much as the base projection reads at decode, and
+    they are constant through inference and across gradient-accumulation steps.
+
+    The frozen W itself is not tracked: as ``weight_sq_norms`` (computed once per module),
+    it is assumed not to change. Not used while torch.compile traces (the norms are then
+    part of the graph) or while a CUDA graph is captured (a replay after an optimizer step
+    must recompute them, not read a stale copy)."""
+
+    def __init__(self) -> None:
+        # id(B) -> (refs to B, A and ||W||^2, stamp, norms); an entry leaves with its B.
+        # (Not a WeakKeyDictionary: it compares keys with ==, elementwise on tensors.)
+        self._entries: dict[int, tuple] = {}
+
+    @staticmethod
+    def _usable(a, b, sq) -> bool:
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in (a, b, sq)):
+            return False  # inference-mode tensors keep no version
+        return not (b.is_cuda and torch.cuda.is_current_stream_capturing())
+
+    @staticmethod
+    def _stamp(a, b, sq, scaling) -> tuple:
+        return (a._version, b._version, sq._version, float(scaling), a.dtype, b.dtype, sq.dtype)
+
+    def get(self, a, b, sq, scaling) -> torch.Tensor | None:
+        if not self._usable(a, b, sq):
+            return None
+        entry = self._entries.get(id(b))
+        if entry is None:
+            return None
+        b_ref, a_ref, sq_ref, stamp, norms = entry
+        same = b_ref() is b and a_ref() is a and sq_ref() is sq and stamp == self._stamp(a, b, sq, scaling)
+        return norms if same else None
+
+    def put(self, a, b, sq, scaling, norms: torch.Tensor) -> None:
+        if not self._usable(a, b, sq):
+            return
+        key, entries = id(b), self._entries
+        b_ref = weakref.ref(b, lambda _, key=key: entries.pop(key, None))
+        entries[key] = (b_ref, weakref.ref(a), weakref.ref(sq), self._stamp(a, b, sq, scaling), norms)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_NORMS = _RowNormCache()
+
+
+def clear_row_norms() -> None:
+    """Forget every kept row norm: the next forward of each MixDoRA layer computes its
+    norms afresh (what the benchmarks do to time a training step)."""
+    _NORMS.clear()
 
 
 def dora_expert_pass(xf, G, U, weights, experts, lora, scales: dict, *, keep: tuple, seed, cfg, down_proj):

@@ -75,7 +75,16 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
 
 def test_bench_times_the_triton_stages(capsys):
     """The Triton backend (here through the interpreter): its stages, backward included."""
-    argv = ["--backend", "triton", "--shape", "tiny:32:64:32:4:2:4", "--rounds", "1", "--cases", "fused,dense"]
+    argv = [
+        "--backend",
+        "triton",
+        "--shape",
+        "tiny:32:64:32:4:2:4",
+        "--rounds",
+        "1",
+        "--cases",
+        "fused,dense,fused_dora",
+    ]
     assert main([*argv, "--no-save"]) == 0
     printed = capsys.readouterr().out
     for stage in ("shrinks", "expert pass (token-major)", "expert bwd"):
@@ -84,6 +93,9 @@ def test_bench_times_the_triton_stages(capsys):
     for part in ("shrinks", "down LoRA GEMMs", "permute", "token kernel", "weight kernel", "shrink GEMMs"):
         assert f"  expert bwd: {part} " in printed
     assert "the expert bwd parts sum to " in printed
+    # MixDoRA's forward in its own stages (the DoRA kernels, the per-pair down projection).
+    for stage in ("scales", "expert pass", "down per pair", "combine"):
+        assert f"  dora: {stage} " in printed
     assert "no targets checked" in printed
 
 

@@ -458,3 +458,72 @@ def test_expert_lora_use_dora_makes_only_the_experts_dora():
     )
     names = [n for n, _ in model.named_parameters() if "magnitude" in n]
     assert names and all(".mlp.lora_magnitude." in n for n in names)
+
+
+def _counted_norms(monkeypatch) -> list[int]:
+    """A list that grows by one per row-norm computation (each a pass of a frozen weight)."""
+    calls = []
+    real = dora_module.lora_row_norms
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dora_module, "lora_row_norms", counted)
+    return calls
+
+
+def _dora_block() -> FusedMixLoraFFN:
+    cfg = MixLoraConfig(num_experts=3, r=2, lora_alpha=4, use_dora=True)
+    block = FusedMixLoraFFN.from_mlp(_mlp(bias=True), cfg, backend="torch")
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return block.eval()  # no dropout or jitter: outputs comparable across calls
+
+
+def test_row_norms_are_computed_once_while_the_adapter_is_unchanged(monkeypatch):
+    """Inference and gradient accumulation reuse the row norms; any in-place change of an
+    A or B (an optimizer step), or another scale, computes them again, and each output
+    equals one computed from scratch."""
+    block = _dora_block()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    calls = _counted_norms(monkeypatch)
+    fresh = lambda: (dora_module.clear_row_norms(), block(x))[1]
+    first = block(x)
+    assert len(calls) == 3  # gate, up, down
+    with torch.no_grad():
+        again = block(x)
+    first.square().sum().backward()  # a training micro-step on the same weights
+    block(x).square().sum().backward()
+    assert len(calls) == 3 and torch.equal(again, first.detach())
+    opt = torch.optim.SGD([p for p in block.parameters() if p.requires_grad], lr=0.1)
+    opt.step()  # A, B and m change in place
+    stepped = block(x)
+    assert len(calls) == 6
+    torch.testing.assert_close(stepped, fresh(), rtol=0, atol=0)
+    with torch.no_grad():
+        block.lora_A["up_proj"].mul_(1.5)  # one A alone
+    calls.clear()
+    out = block(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, fresh(), rtol=0, atol=0)
+    calls.clear()
+    block.scaling *= 2
+    out = block(x)
+    assert len(calls) == 3
+    torch.testing.assert_close(out, fresh(), rtol=0, atol=0)
+
+
+def test_row_norms_are_not_kept_for_inference_tensors(monkeypatch):
+    block = _dora_block()
+    calls = _counted_norms(monkeypatch)
+    with torch.inference_mode():
+        x = torch.randn(5, 16, dtype=torch.float64)
+        inference_copy = copy.deepcopy(block)  # parameters made in inference mode keep no version
+        out = inference_copy(x)
+        assert len(calls) == 3
+        inference_copy(x)
+        assert len(calls) == 6
+        torch.testing.assert_close(out, block(x), rtol=0, atol=0)
