@@ -126,9 +126,13 @@ def run(shape: ModelShape, dtype, device, batches, prompt_len: int, new_tokens: 
             if time.monotonic() > deadline:
                 print(f"  batch {batch} {case}: not run (the {budget_s:.0f} s budget is spent)")
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                ms, tokens = time_case(models[GRAPHED.get(case, case)], ids, new_tokens, case in GRAPHED, repeats)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    ms, tokens = time_case(models[GRAPHED.get(case, case)], ids, new_tokens, case in GRAPHED, repeats)
+            except Exception as exc:  # one case failing (a capture, a compile) costs that case, not the rest
+                print(f"  batch {batch} {case}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
             row = dict(kind="generation", case=case, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                        ms=ms, ms_per_token=ms / new_tokens, tokens_per_s=batch * new_tokens / (ms / 1e3),
                        model=shape.label(), model_shape=asdict(shape), dtype=str(dtype).removeprefix("torch."),

@@ -128,3 +128,22 @@ def test_the_generation_bench_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_failing_generation_case_costs_only_itself(tmp_path, capsys, monkeypatch):
+    import bench.generation as generation
+
+    real = generation.time_case
+
+    def failing_unfused(model, *args, **kwargs):
+        if not any(type(m).__name__ == "ReferenceMixLoraMLP" for m in model.modules()):
+            return real(model, *args, **kwargs)
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(generation, "time_case", failing_unfused)
+    rows_file = tmp_path / "rows.jsonl"
+    assert generation.main(["--small", "--file", str(rows_file), "--batches", "1"]) == 0
+    assert "batch 1 unfused: failed: RuntimeError: capture failed" in capsys.readouterr().out
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [row["case"] for row in rows] == ["base", "fused"]
+    assert "tokens_equal" not in rows[1]  # nothing to compare with
