@@ -11,10 +11,11 @@ network. Run from the checkout with PYTHONPATH=. (nothing is installed).
     4. generation (``bench.generation``): tokens/s of a small llama with MixLoRA layers,
        eager and under CUDA graphs, against the base model and the unfused reference,
        at batch 1 and 8, time-boxed
-    5. plots of the rows, and a summary table with the SPEC targets beside the results
+    5. with --ncu, Nsight Compute over one training step's kernels (``bench.profile_step``)
+    6. plots of the rows, and a summary table with the SPEC targets beside the results
 
-Everything lands in DIR: rows.jsonl, tests.log, sweep.log, generation.log, plots/*.png,
-summary.md.
+Everything lands in DIR: rows.jsonl, tests.log, sweep.log, generation.log, ncu.txt (with
+--ncu), plots/*.png, summary.md.
 ``--small`` runs the same steps at tiny shapes (on CPU: the torch backend, fp32, and the
 sweep through the Triton interpreter), to check the command itself end to end without
 a GPU.
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -225,6 +227,37 @@ def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
     return run_step(out, "bench.sweep", "sweep", ["--small", "--configs", "1"] if small else [], budget, 60, True)
 
 
+def find_ncu() -> str | None:
+    """Nsight Compute's command line: on the PATH, or where the CUDA image installs it."""
+    found = shutil.which("ncu")
+    if found:
+        return found
+    installed = sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))
+    return str(installed[-1]) if installed else None
+
+
+def run_ncu(out: Path, small: bool, timeout: float) -> None:
+    """Nsight Compute over the kernels of one profiled training step (``bench.profile_step``):
+    the expert pass, routing and permutation kernels, every counter section, read at the
+    device's own clocks. Its report goes to ncu.txt. On CPU (small) the step runs without
+    it, to check the command."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    step = [sys.executable, "-m", "bench.profile_step", *(["--small"] if small else [])]
+    ncu = find_ncu() if torch.cuda.is_available() else None
+    if torch.cuda.is_available() and ncu is None:
+        print("  ncu: Nsight Compute not found; nothing profiled")
+        return
+    cmd = step if ncu is None else [ncu, "--clock-control", "none", "--nvtx", "--nvtx-include", "profiled/",
+                                    "-k", "regex:_expert_pass|_route|_permute", "--set", "full", *step]  # fmt: skip
+    with open(out / "ncu.txt", "w", encoding="utf-8") as log:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    print(f"  ncu: exit {code}; report in {out / 'ncu.txt'}")
+
+
 def run_generation(out: Path, small: bool, budget: float) -> list[dict]:
     """The generation benchmark's rows (written as each case finishes, so a case cut off
     by the margin loses only itself)."""
@@ -245,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-budget", type=float, default=100.0, help="seconds for the sweep (default 100)")
     p.add_argument("--skip-generation", action="store_true", help="no generation benchmark")
     p.add_argument("--generation-budget", type=float, default=40.0, help="seconds for generation (default 40)")
+    p.add_argument(
+        "--ncu",
+        action="store_true",
+        help="profile one training step's kernels with Nsight Compute (about a minute more)",
+    )
     p.add_argument("--test-files", default="", help="comma-separated test files (default: the GPU test files)")
     p.add_argument("-k", dest="select", default="", help="a pytest -k expression for the test step")
     args = p.parse_args(argv)
@@ -292,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_generation:
         print(f"\n== generation (at most {args.generation_budget:.0f} s)", flush=True)
         generation_rows = run_generation(out, args.small, args.generation_budget)
+
+    if args.ncu:
+        print("\n== Nsight Compute (one training step, at most 150 s)", flush=True)
+        run_ncu(out, args.small, 150.0)
 
     print("\n== plots", flush=True)
     try:

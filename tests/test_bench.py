@@ -293,7 +293,7 @@ def test_device_peaks_by_name():
 def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
     """The one-command GPU run at tiny shapes: test step (the GPU tests, skipped here),
     benchmark rows, plots and the summary table, all under one folder."""
-    assert gpu_check(["--out", str(tmp_path), "--small", "--shards", "2"]) == 0
+    assert gpu_check(["--out", str(tmp_path), "--small", "--shards", "2", "--ncu"]) == 0
     printed = capsys.readouterr().out
     assert "Small mode" in printed and "| small | 256 | fwd+bwd time / dense floor | <= 1.1 |" in printed
     log = (tmp_path / "tests.log").read_text()
@@ -321,6 +321,8 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
         (case, batch) for case in ("base", "unfused", "fused") for batch in (1, 8)
     }
     assert "## Generation" in summary and "| fused | 8 |" in summary
+    # --ncu: the profiled step runs (no profiler on CPU, so the step alone).
+    assert "fused fwd+bwd at small" in (tmp_path / "ncu.txt").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
