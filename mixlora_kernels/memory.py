@@ -84,10 +84,12 @@ class TrainingMemory(NamedTuple):
     adamw_bytes: int  # AdamW's two moments, fp32
     activations_per_layer: int  # saved for backward by one MixLoRA FFN block
     activations: int  # by the MixLoRA FFN blocks of every layer
+    dora_norm_bytes: int = 0  # MixDoRA's row norms, kept between steps (fp32, E x out per magnitude)
 
     @property
     def total(self) -> int:
-        return self.frozen_weights + self.adapter_bytes + self.gradient_bytes + self.adamw_bytes + self.activations
+        return (self.frozen_weights + self.adapter_bytes + self.gradient_bytes + self.adamw_bytes + self.activations
+                + self.dora_norm_bytes)  # fmt: skip
 
 
 def _slots(strategy: str, top_k: int, num_experts: int) -> int:
@@ -185,11 +187,13 @@ def training_memory(shape: ModelShape, config: MixLoraConfig, *, batch: int, seq
     targets = config.for_model_type(shape.model_type).target_module_names
     E, r = config.num_experts, config.expert_r
     per_layer = E * shape.hidden  # the router
+    norms = 0  # the MixDoRA row norms dora.expert_scales keeps, one per magnitude
     for name, (i, o) in projections.items():
         if name not in targets:
             continue
         if name in MLP_PROJECTIONS:  # with DoRA, a magnitude per expert and output row
             per_layer += E * r * (i + o) + (E * o if config.expert_dora else 0)
+            norms += 4 * E * o if config.expert_dora else 0
         else:
             per_layer += config.r * (i + o) + (o if config.use_dora else 0)
     params = per_layer * shape.layers
@@ -200,4 +204,5 @@ def training_memory(shape: ModelShape, config: MixLoraConfig, *, batch: int, seq
         gated=shape.model_type != "phi", down_lora=mlp[-1] in targets, shared_dropout=shape.model_type == "phi3",
         gate_up_lora=any(name in targets for name in mlp[:-1]),
     )  # fmt: skip
-    return TrainingMemory(frozen, params, 4 * params, 4 * params, 8 * params, per_block, per_block * shape.layers)
+    return TrainingMemory(frozen, params, 4 * params, 4 * params, 8 * params, per_block, per_block * shape.layers,
+                          norms * shape.layers)  # fmt: skip

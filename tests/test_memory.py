@@ -11,6 +11,7 @@ from test_module import ALL_MLP, make_mlp
 
 from bench.harness import saved_bytes
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, inject_mixlora
+from mixlora_kernels import dora as dora_module
 from mixlora_kernels.memory import LLAMA2_7B, LLAMA3_8B, ModelShape, ffn_saved_bytes, training_memory
 
 STRATEGIES = {
@@ -72,6 +73,18 @@ def test_training_memory_counts_the_adapter_and_base_of_an_injected_model(model_
     assert memory.frozen_weights == 2 * (frozen - biases - norms)  # bf16 linears and embeddings
     assert memory.adamw_bytes == 2 * memory.adapter_bytes == 8 * memory.adapter_parameters
     assert memory.activations == memory.activations_per_layer * shape.layers
+    # After a forward, the MixDoRA row norms kept between steps (phi3's fused gate/up keeps
+    # none, its halves being new views each call; its down projection's are kept).
+    dora_module.clear_row_norms()
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 5)))
+    kept = sum(entry[-1].numel() * entry[-1].element_size() for entry in dora_module._NORMS._entries.values())
+    if model_type == "phi3" and use_dora:
+        assert kept == 4 * config.num_experts * shape.hidden * shape.layers
+    else:
+        assert kept == memory.dora_norm_bytes
+    assert memory.total == (memory.frozen_weights + memory.adapter_bytes + memory.gradient_bytes
+                            + memory.adamw_bytes + memory.activations + memory.dora_norm_bytes)  # fmt: skip
 
 
 def test_the_quantised_base_sizes_and_the_published_models():
@@ -129,3 +142,6 @@ def test_training_memory_counts_the_dora_magnitudes():
     extra = training_memory(LLAMA2_7B, dora, batch=1, seq_len=16).adapter_parameters
     extra -= training_memory(LLAMA2_7B, plain, batch=1, seq_len=16).adapter_parameters
     assert extra == 32 * (4096 + 8 * (11008 + 11008 + 4096))  # q_proj's magnitude, the experts' (E, out) each
+    # The experts' row norms kept between steps, fp32 (E, out) per magnitude; none without DoRA.
+    assert training_memory(LLAMA2_7B, dora, batch=1, seq_len=16).dora_norm_bytes == 32 * 4 * 8 * (11008 + 11008 + 4096)
+    assert training_memory(LLAMA2_7B, plain, batch=1, seq_len=16).dora_norm_bytes == 0
