@@ -153,6 +153,12 @@ def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: b
             backend=backend,
         ).out  # fmt: skip
     fused = lambda x: mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend).out
+
+    def fused_dora(x):
+        fresh_norms_when_training()
+        return mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend,
+                           dora=w.dora).out  # fmt: skip
+
     compiled_case = {"fused_compiled": torch.compile(fused)} if compiled else {}
     return (
         top_p_case
@@ -167,12 +173,7 @@ def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: b
                 x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling
             ),
             "fused": fused,
-            "fused_dora": lambda x: (
-                fresh_norms_when_training(),
-                mixlora_ffn(
-                    x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, backend=backend, dora=w.dora
-                ).out,
-            )[1],
+            "fused_dora": fused_dora,
             "vanilla_dora": lambda x: (
                 reference.mixlora_ffn(x, w.router, w.experts, **w.base, top_k=s.k, scaling=w.scaling, dora=w.dora).out
             ),

@@ -196,24 +196,31 @@ def summary_table(results, label: str, tests: dict | None, seconds: float, small
     return "\n".join(lines) + "\n"
 
 
+def run_logged(cmd: list[str], log_path: Path, timeout: float, interpret: bool = False):
+    """Run ``cmd`` from the checkout (on PYTHONPATH), its output to ``log_path``; its exit
+    code, or "timeout". ``interpret``: on CPU with the Triton interpreter on, which must be
+    chosen before triton is imported."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if interpret and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
 def run_step(out: Path, module: str, kind: str, args: list[str], budget: float, margin: float,
              interpret: bool = False) -> list[dict]:  # fmt: skip
     """``python -m <module>`` in its own process, its rows appended to rows.jsonl and its
     output to <kind>.log; the rows of ``kind`` it wrote. ``budget`` stops it starting new
-    work; ``margin`` covers what is in flight and the setup. ``interpret``: on CPU with
-    the Triton interpreter on, which must be chosen before triton is imported."""
+    work; ``margin`` covers what is in flight and the setup; ``interpret`` as for
+    ``run_logged``."""
     rows_file = out / "rows.jsonl"
     before = rows_file.stat().st_size if rows_file.exists() else 0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if interpret and not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", module, "--file", str(rows_file), "--budget-s", str(budget), *args]
-    with open(out / f"{kind}.log", "w", encoding="utf-8") as log:
-        try:
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=budget + margin).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+    code = run_logged(cmd, out / f"{kind}.log", budget + margin, interpret)
     print(f"  {kind}: exit {code}; output in {out / f'{kind}.log'}")
     if not rows_file.exists():
         return []
@@ -241,7 +248,6 @@ def run_ncu(out: Path, small: bool, timeout: float) -> None:
     the expert pass, routing and permutation kernels, every counter section, read at the
     device's own clocks. Its report goes to ncu.txt. On CPU (small) the step runs without
     it, to check the command."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     step = [sys.executable, "-m", "bench.profile_step", *(["--small"] if small else [])]
     ncu = find_ncu() if torch.cuda.is_available() else None
     if torch.cuda.is_available() and ncu is None:
@@ -249,12 +255,7 @@ def run_ncu(out: Path, small: bool, timeout: float) -> None:
         return
     cmd = step if ncu is None else [ncu, "--clock-control", "none", "--nvtx", "--nvtx-include", "profiled/",
                                     "-k", "regex:_expert_pass|_route|_permute", "--set", "full", *step]  # fmt: skip
-    with open(out / "ncu.txt", "w", encoding="utf-8") as log:
-        try:
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+    code = run_logged(cmd, out / "ncu.txt", timeout)
     print(f"  ncu: exit {code}; report in {out / 'ncu.txt'}")
 
 

@@ -181,7 +181,7 @@ class _RowNormCache:
 
     @staticmethod
     def _stamp(a, b, sq, scaling) -> tuple:
-        return (a._version, b._version, sq._version, float(scaling), a.dtype, b.dtype, sq.dtype)
+        return (a._version, b._version, sq._version, float(scaling))
 
     def get(self, a, b, sq, scaling) -> torch.Tensor | None:
         if not self._usable(a, b, sq):

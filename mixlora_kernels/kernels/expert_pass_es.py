@@ -153,13 +153,8 @@ def expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, perm
         sorted_ptr=perm.sorted_pairs, block_group_ptr=perm.block_group, slot_blocks_ptr=perm.slot_blocks,
         E=E, R=R, scale=scale, f_per_split=f_per_split, K=K, R_PAD=r_pad, ACT=act, BLOCK_M=perm.block_m,
     )  # fmt: skip
-    # On the host (the interpreter, CPU tensors) the real block counts cost nothing to read,
-    # and the interpreter pays for every program it starts: there, exactly the blocks in use
-    # (a slot without blocks has no launch; slot 0 always has some unless H starts at zero).
-    blocks = [perm.max_blocks_per_slot] * K
-    if G.device.type == "cpu":
-        starts = perm.slot_blocks.tolist()
-        blocks = [starts[slot + 1] - starts[slot] for slot in range(K)]
+    # An empty slot has no launch; slot 0 always has blocks, so H is stored before any slot adds.
+    blocks = perm.launch_blocks()
     for slot in range(K):
         if blocks[slot] == 0:
             continue

@@ -257,7 +257,6 @@ def _expert_pass_es_bwd_kernel(
 def _expert_pass_es_wgrad_kernel(
     sorted_ptr,  # (max_blocks * PERM_M,) int32 pair ids t*K+j by (slot, expert); T*K = padding
     group_blocks_ptr,  # (K*E+1,) int32 first block of each group slot*E+expert
-    slot_blocks_ptr,  # (K+1,) int32 first block of each slot
     g_ptr,  # (T, F) gate projection, x dtype (row stride stride_gt)
     u_ptr,  # (T, F) up projection (HAS_U)
     dh_ptr,  # (T, F) gradient of H (row stride stride_dt); PER_PAIR: (T*K, F), row t*K+j
@@ -312,8 +311,8 @@ def _expert_pass_es_wgrad_kernel(
     bg, bu, ad, cg, cu = _expert_tiles(bg_ptr, bu_ptr, ad_ptr, cg_ptr, cu_ptr, expert, cols, fmask, F, R, R_PAD,
                                        HAS_GATE, HAS_UP, HAS_DOWN, DORA_GATE, DORA_UP)  # fmt: skip
     # This program's share of the expert's blocks, counted over its groups in slot order;
-    # only the slots that hold blocks are walked (under top-p the later of the E slots
-    # are often empty).
+    # the walk ends at the expert's last slot with blocks (under top-p the later of the E
+    # slots are often empty).
     js = tl.arange(0, K_PAD)
     group = js * E + expert
     first_blocks = tl.load(group_blocks_ptr + group, mask=js < K, other=0)
@@ -321,9 +320,7 @@ def _expert_pass_es_wgrad_kernel(
     total = tl.sum(counts, axis=0)
     lo = share * total // num_splits
     hi = (share + 1) * total // num_splits
-    slot_starts = tl.load(slot_blocks_ptr + js, mask=js < K, other=0)
-    slot_ends = tl.load(slot_blocks_ptr + js + 1, mask=js < K, other=0)
-    used_slots = tl.max(tl.where(slot_ends > slot_starts, js + 1, 0), axis=0)
+    used_slots = tl.max(tl.where(counts > 0, js + 1, 0), axis=0)
 
     dbg = tl.zeros((R_PAD, BLOCK_F), dtype=tl.float32)
     dbu = tl.zeros((R_PAD, BLOCK_F), dtype=tl.float32)
@@ -444,13 +441,7 @@ def expert_pass_es_bwd(args: dict, perm: Permutation, split_f: int, can_drop: bo
                 du_ptr=_present(dU, dG), dw_ptr=dw, dxag_ptr=_present(dxag, dw), dxau_ptr=_present(dxau, dw),
                 f_per_split=f_per_split)  # fmt: skip
 
-    # Each slot's programs: as many as it may have blocks (a bound the host knows). On the
-    # host (the interpreter, CPU tensors) reading the real counts costs nothing, and the
-    # interpreter pays for every program it starts: there, exactly the blocks in use.
-    blocks = [perm.max_blocks_per_slot] * K
-    if G.device.type == "cpu":
-        starts = perm.slot_blocks.tolist()
-        blocks = [starts[slot + 1] - starts[slot] for slot in range(K)]
+    blocks = perm.launch_blocks()
     accumulate = can_drop  # the first launch stores, unless dG and dU start at zero
     for slot in range(K):
         if blocks[slot] == 0:
@@ -480,8 +471,7 @@ def expert_pass_es_wgrad(args: dict, perm: Permutation, num_splits: int):
     dbg, dbu, dad = new("HAS_GATE", E, F, R), new("HAS_UP", E, F, R), new("HAS_DOWN", E, R, F)
     dcg, dcu = new("DORA_GATE", E, F), new("DORA_UP", E, F)
     stand_in = next(t for t in (dbg, dbu, dad, G) if t is not None)
-    launch_args = dict(args, group_blocks_ptr=perm.group_blocks, slot_blocks_ptr=perm.slot_blocks,
-                       dbg_ptr=_present(dbg, stand_in),
+    launch_args = dict(args, group_blocks_ptr=perm.group_blocks, dbg_ptr=_present(dbg, stand_in),
                        dbu_ptr=_present(dbu, stand_in), dad_ptr=_present(dad, stand_in),
                        dcg_ptr=_present(dcg, stand_in), dcu_ptr=_present(dcu, stand_in),
                        num_splits=num_splits, K_PAD=next_pow2(args["K"]))  # fmt: skip

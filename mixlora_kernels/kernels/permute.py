@@ -41,6 +41,17 @@ class Permutation(NamedTuple):
     block_m: int
     max_blocks_per_slot: int
 
+    def launch_blocks(self) -> list[int]:
+        """Blocks to launch per slot: the bound the host knows without a sync. On the host
+        (the interpreter, CPU tensors) the real counts cost nothing to read and the
+        interpreter pays for every program it starts, so there: exactly the blocks in use
+        (0 for an empty slot, which then has no launch)."""
+        K = self.slot_blocks.numel() - 1
+        if self.slot_blocks.device.type != "cpu":
+            return [self.max_blocks_per_slot] * K
+        starts = self.slot_blocks.tolist()
+        return [starts[slot + 1] - starts[slot] for slot in range(K)]
+
 
 @triton.jit
 def _slot_one_hot(experts_ptr, b, j, T, E, K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr):

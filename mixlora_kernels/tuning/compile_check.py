@@ -342,8 +342,7 @@ def _es_bwd_jobs(arch: str, family: str) -> list[Job]:
                             const = dict(K=K, R_PAD=r_pad, ACT=0, PRECISION="tf32", PERM_M=BACKWARD_PERM_M,
                                          **flags)  # fmt: skip
                             if weight:
-                                sig = {"sorted_ptr": "*i32", "group_blocks_ptr": "*i32", "slot_blocks_ptr": "*i32",
-                                       **sig}  # fmt: skip
+                                sig = {"sorted_ptr": "*i32", "group_blocks_ptr": "*i32", **sig}
                                 sig.update(dbg_ptr="*fp32", dbu_ptr="*fp32", dad_ptr="*fp32", dcg_ptr="*fp32",
                                            dcu_ptr="*fp32")  # fmt: skip
                                 scalars = ["scale", "stride_gt", "stride_ut", "p_drop", "stride_dt", "num_splits",
