@@ -157,6 +157,9 @@ def summary_table(results, label: str, tests: dict | None, seconds: float, small
             shown = "n/a" if value is None else f"{value:.3f}"
             mark = ("met" if v.met else "**missed**") if v else "(no target here)"
             lines.append(f"| {s.name} | {s.T} | {t.description} | {t.op} {t.bound} | {shown} | {mark} |")
+        for t, ms, met in result.stage_verdicts:
+            mark = "met" if met else "**missed**"
+            lines.append(f"| {s.name} | {s.T} | stage {t.stage} ms | <= {t.ms} | {ms:.3f} | {mark} |")
     lines.append("")
     dora = [r for r in results if ("fused_dora", "fwd") in r.results]
     if dora:

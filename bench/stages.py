@@ -2,7 +2,7 @@
 target can be traced to a stage.
 
     base gate/up    G = x W1^T, U = x W3^T (the floor's own GEMMs, for scale)
-    route           router logits and the routing kernel
+    route           router logits and routing (on the Triton path one fused kernel)
     permute         pairs grouped by expert (expert-sorted organisation; the torch
                     backend's (slot, expert) groups)
     shrinks         s * drop(x) A^T for every expert (Triton backend; the torch backend
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 
 from mixlora_kernels import expert_pass_torch
-from mixlora_kernels.autograd import route as route_any
+from mixlora_kernels.autograd import route_tokens
 from mixlora_kernels.expert_pass_torch import PassConfig, pair_groups
-from mixlora_kernels.routing import RoutingSpec, router_logits
+from mixlora_kernels.routing import RoutingSpec
 
 from .cases import Shape, Weights
 
@@ -100,7 +100,7 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
     no_keep = (None, None, None)
     with torch.no_grad():
         G, U = w.gate_proj(x), w.up_proj(x)
-        routing = route_any(router_logits(x, w.router), spec, T, backend)
+        routing = route_tokens(x, w.router, spec, T, backend)
         weights = routing.weights.to(x.dtype)
         H, Y = (
             _triton_pass(x, G, U, weights, routing.experts, experts, cfg)
@@ -113,7 +113,7 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
         w.gate_proj(x), w.up_proj(x)
 
     def route():
-        route_any(router_logits(x, w.router), spec, T, backend)
+        route_tokens(x, w.router, spec, T, backend)
 
     # The torch backend adds the down LoRA inside its expert pass; the Triton backend
     # expands Z after it, as part of the down stage.
@@ -142,13 +142,13 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
     rank_flops = 6.0 * pairs * f * r  # gate and up expands, the down shrink
     pass_bytes = elem * 3 * T * f + 4 * T * E * r
     if backend == "triton":
-        from mixlora_kernels.kernels.launch import choose_organisation, down_expand, fused_pass, shrinks
+        from mixlora_kernels.kernels.launch import choose_organisation, down_expand, fused_pass, perm_block, shrinks
         from mixlora_kernels.kernels.permute import permute_fwd
 
         organisation = choose_organisation(T, f, E, r, k, elem)
         xa_gate, xa_up = shrinks(x, experts, w.scaling)
         stages += [
-            Stage("permute", lambda: permute_fwd(routing.experts, E, 64), 8 * 3 * pairs, 0.0),
+            Stage("permute", lambda: permute_fwd(routing.experts, E, perm_block()), 8 * 3 * pairs, 0.0),
             Stage(
                 "shrinks",
                 lambda: shrinks(x, experts, w.scaling),

@@ -25,7 +25,7 @@ from .harness import (
 )
 from .plots import CASES
 from .stages import make_stages, print_stages, stage_rows
-from .targets import DECODE_MAX_T, Verdict, ratio, targets_for, verdicts
+from .targets import DECODE_MAX_T, Verdict, ratio, stage_verdicts, targets_for, verdicts
 
 NOISY_SPREAD = 1.15  # q80 / q20 above this and a median means little
 # The share of the timing that torch's threads waited for a CPU held by another process,
@@ -50,6 +50,7 @@ class ShapeResult:
     results: dict  # {(case, mode): {"ms": (med, q20, q80), "peak": bytes}, (case, "saved"): bytes}
     verdicts: list[Verdict]
     stage_rows: list[dict] = field(default_factory=list)
+    stage_verdicts: list = field(default_factory=list)  # (StageTarget, ms, met)
     organisation: str | None = None
     tuning: dict = field(default_factory=dict)  # {"seconds": ..., "tuned": n, "from_disk": n}
     warnings: list[str] = field(default_factory=list)
@@ -180,6 +181,7 @@ def run_shape(shape: Shape, settings: Settings, label: str) -> ShapeResult:
         timed, waited = _time({s.name: s.step for s in stages}, settings)
         rows = stage_rows(stages, timed, label)
         result.stage_rows = [{**row, **spread_fields(timed[row["stage"]], waited)} for row in rows]
+        result.stage_verdicts = stage_verdicts(shape, settings.device, settings.dtype, result.stage_rows)
     return result
 
 
@@ -256,6 +258,8 @@ def print_result(result: ShapeResult, label: str) -> None:
     for v in result.verdicts:
         t = v.target
         print(f"  target {t.description}: {v.value:.3f} (want {t.op} {t.bound}) {'met' if v.met else 'MISSED'}")
+    for t, ms, met in result.stage_verdicts:
+        print(f"  target stage {t.stage}: {ms:.3f} ms (want <= {t.ms}) {'met' if met else 'MISSED'}")
     for warning in result.warnings:
         print(f"  warning: {warning}")
 

@@ -108,7 +108,6 @@ def kernel_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list
         dZ, _ = launch.backward_down_lora(dY, Zd, lora, experts, cfg, r, False)
         args = launch.backward_args(G, U, dH, xa_gate, xa_up, dZ, lora, weights, None, (None, None), False)
         perm = permute_fwd(experts, E, tuning.BACKWARD_PERM_M)
-        fwd_perm = permute_fwd(experts, E, 64)
     pairs = T * k
     parts = backward_part_models(shape, elem)
     forward_flops = 6.0 * pairs * f * r
@@ -121,7 +120,7 @@ def kernel_cases(shape: Shape, dtype: torch.dtype, device: torch.device) -> list
                                             r_pad=next_pow2(r), split_f=split, **common)  # fmt: skip
         cases.append(KernelCase("expert_pass_tm_fwd", mine(tuning.TOKEN_MAJOR), tm_fwd, elem * 3 * T * f,
                                 forward_flops))  # fmt: skip
-    es_fwd = lambda: expert_pass_es_fwd(G, U, xa_gate, xa_up, *B.values(), weights, fwd_perm, None, r_pad=rank_pad(r),
+    es_fwd = lambda: expert_pass_es_fwd(G, U, xa_gate, xa_up, *B.values(), weights, perm, None, r_pad=rank_pad(r),
                                         split_f=split, can_drop=False, **common)  # fmt: skip
     cases.append(KernelCase("expert_pass_es_fwd", mine(tuning.EXPERT_SORTED), es_fwd,
                             elem * (2 * k + k + (k - 1)) * T * f, forward_flops))  # fmt: skip

@@ -47,7 +47,42 @@ GPU_TARGETS = (
     # The fused decode forward captured in a CUDA graph against the eager dense floor
     # (the bound for the graphed forward while the eager one is launch-bound).
     Target("decode graphed fwd time / dense floor", "fused_graphed", "dense", "fwd", 1.5, "<=", decode=True),
+    Target("fwd time / dense floor", "fused", "dense", "fwd", 1.25, "<="),
+    Target("MixDoRA fwd / MixLoRA fwd", "fused_dora", "fused", "fwd", 1.4, "<="),
 )
+
+
+class StageTarget(NamedTuple):
+    """A budget in ms for one stage of one SPEC model at one batch (bf16, CUDA); the
+    stage is matched by the start of its name ("expert pass" covers either organisation)."""
+
+    model: str
+    T: int
+    stage: str
+    ms: float
+
+
+STAGE_TARGETS = (
+    StageTarget("llama2-7b", 4096, "route", 0.05),
+    StageTarget("llama2-7b", 4096, "expert pass", 0.30),
+)
+
+
+def stage_verdicts(shape: Shape, device: torch.device, dtype: torch.dtype, stage_rows: list[dict]) -> list:
+    """(target, measured ms, met) for each stage budget of this shape found in the rows."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return []
+    model = next((m for m in SPEC_MODELS if m[0] == shape.name and _is_model(shape, m)), None)
+    out = []
+    for target in STAGE_TARGETS:
+        if model is None or target.model != shape.name or target.T != shape.T:
+            continue
+        row = next((r for r in stage_rows if r["stage"].startswith(target.stage)), None)
+        if row is not None:
+            out.append((target, row["ms"], row["ms"] <= target.ms))
+    return out
+
+
 CPU_TARGETS = (
     Target("fwd+bwd speedup over vanilla", "vanilla", "fused", "fwd_bwd", 1.7, ">="),
     Target("fwd+bwd speedup over shared-W1/W3 loop", "shared_w13", "fused", "fwd_bwd", 1.25, ">="),

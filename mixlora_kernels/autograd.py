@@ -6,6 +6,8 @@ so a step can be captured in a CUDA graph.
 
     mixlora::expert_pass            (x, G, U, routing, LoRA, DoRA scales, dropout) -> (H, Y, Zd)
     mixlora::expert_pass_backward   its gradients, from what the forward saved
+    mixlora::router                 (x, router weight) -> (logits, weights, experts, counts)  Triton
+    mixlora::router_backward        its gradients (dx, dweight) from the logits'
     mixlora::route_topk             logits -> (weights, experts, counts)   Triton
     mixlora::route_top_p            logits -> (weights, experts, counts)   Triton
     mixlora::route_switch           logits -> (weights, experts, bypass, counts)  Triton
@@ -16,7 +18,8 @@ absent weight) is an empty tensor, and the wrappers here turn it back into None.
 outputs exist follows from the arguments, so the fake implementations know it too.
 
 With backend="triton" the expert pass runs the Triton kernels both ways, for every layer
-width and routing strategy. The router's backward is a few (T, E) PyTorch ops.
+width and routing strategy. The routing's backward to the logits is a few (T, E)
+PyTorch ops; the router GEMM's is a Triton kernel.
 """
 
 import torch
@@ -25,7 +28,7 @@ from torch import Tensor
 from . import expert_pass_torch
 from .containers import ExpertLoRA
 from .expert_pass_torch import PassConfig
-from .routing import Routing, RoutingSpec
+from .routing import Routing, RoutingSpec, router_logits
 from .routing import route as route_torch
 
 _LORA = ExpertLoRA._fields  # gate_A, gate_B, up_A, up_B, down_A, down_B
@@ -271,14 +274,30 @@ def _setup_route_topk(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[0], output[1])
 
 
-def _backward_route_topk(ctx, dweights, _dexperts, _dcounts):
-    logits, experts = ctx.saved_tensors
+def _topk_logit_grad(logits: Tensor, experts: Tensor, dweights: Tensor) -> Tensor:
+    """The logits' gradient through top-k routing's renormalised weights."""
     p = logits.softmax(-1)
     chosen = p.gather(1, experts)
     total = chosen.sum(-1, keepdim=True)
     w = chosen / total
     dchosen = (dweights - (dweights * w).sum(-1, keepdim=True)) / total
-    return _softmax_backward(p, torch.zeros_like(p).scatter_(1, experts, dchosen)), None
+    return _softmax_backward(p, torch.zeros_like(p).scatter_(1, experts, dchosen))
+
+
+def _top_p_logit_grad(logits: Tensor, experts: Tensor, dweights: Tensor, temperature: float) -> Tensor:
+    """The logits' gradient through top-p routing's kept probabilities."""
+    p = logits.softmax(-1)
+    T, E = p.shape
+    if temperature > 0:
+        dweights = dweights / temperature
+    # A kept weight is p of its expert; unused slots (expert E) land in a spare column.
+    dp = dweights.new_zeros(T, E + 1).scatter_(1, experts, dweights)[:, :E]
+    return _softmax_backward(p, dp)
+
+
+def _backward_route_topk(ctx, dweights, _dexperts, _dcounts):
+    logits, experts = ctx.saved_tensors
+    return _topk_logit_grad(logits, experts, dweights), None
 
 
 torch.library.register_autograd("mixlora::route_topk", _backward_route_topk, setup_context=_setup_route_topk)
@@ -307,13 +326,7 @@ def _setup_route_top_p(ctx, inputs, output) -> None:
 
 def _backward_route_top_p(ctx, dweights, _dexperts, _dcounts):
     logits, experts = ctx.saved_tensors
-    p = logits.softmax(-1)
-    T, E = p.shape
-    if ctx.temperature > 0:
-        dweights = dweights / ctx.temperature
-    # A kept weight is p of its expert; unused slots (expert E) land in a spare column.
-    dp = dweights.new_zeros(T, E + 1).scatter_(1, experts, dweights)[:, :E]
-    return _softmax_backward(p, dp), None, None
+    return _top_p_logit_grad(logits, experts, dweights, ctx.temperature), None, None
 
 
 torch.library.register_autograd("mixlora::route_top_p", _backward_route_top_p, setup_context=_setup_route_top_p)
@@ -350,6 +363,105 @@ def _backward_route_switch(ctx, dweights, _dexperts, dbypass, _dcounts):
 
 
 torch.library.register_autograd("mixlora::route_switch", _backward_route_switch, setup_context=_setup_route_switch)
+
+
+ROUTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _selection(strategy: str) -> str:
+    """What the fused router does after its logits for a routing strategy."""
+    return {"mixlora": "topk", "mixlora-dynamic": "top_p"}.get(strategy, "logits")
+
+
+@torch.library.custom_op("mixlora::router", mutates_args=())
+def router_op(
+    x: Tensor,  # (T, d) router input
+    weight: Tensor,  # (E, d) router weight
+    select: str,  # "topk", "top_p" or "logits" (only the logits)
+    top_k: int,
+    top_p: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logits (T, E) fp32, weights, experts, counts (E,) int64): the router GEMM in fp32
+    and the routing of ``route_topk`` / ``route_top_p`` in one Triton kernel; with
+    "logits" the last three are empty."""
+    from .kernels.route import router_fwd
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    logits, weights, experts, counts = router_fwd(x, weight.contiguous(), select, top_k, top_p, temperature)
+    if select == "logits":
+        return logits, _nothing(logits), _nothing(logits).long(), _nothing(logits).long()
+    return logits, weights, experts, counts
+
+
+@router_op.register_fake
+def _(x, weight, select, top_k, top_p, temperature):
+    T, E = x.shape[0], weight.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    logits = x.new_empty(T, E, dtype=f32)
+    if select == "logits":
+        return logits, _nothing(logits), _nothing(logits).long(), _nothing(logits).long()
+    slots = top_k if select == "topk" else E
+    return logits, x.new_empty(T, slots, dtype=f32), x.new_empty(T, slots, dtype=i64), x.new_empty(E, dtype=i64)
+
+
+def _setup_router(ctx, inputs, output) -> None:
+    x, weight, select, _top_k, _top_p, temperature = inputs
+    ctx.save_for_backward(x, weight, output[0], output[2])
+    ctx.select, ctx.temperature = select, temperature
+
+
+def _backward_router(ctx, dlogits, dweights, _dexperts, _dcounts):
+    x, weight, logits, experts = ctx.saved_tensors
+    dl = torch.zeros_like(logits) if dlogits is None else dlogits
+    if dweights is not None and ctx.select == "topk":
+        dl = dl + _topk_logit_grad(logits, experts, dweights)
+    elif dweights is not None and ctx.select == "top_p":
+        dl = dl + _top_p_logit_grad(logits, experts, dweights, ctx.temperature)
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw = router_backward_op(dl, x, weight, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None
+
+
+@torch.library.custom_op("mixlora::router_backward", mutates_args=())
+def router_backward_op(
+    dlogits: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool
+) -> tuple[Tensor, Tensor]:
+    """(dx (T, d) in x's dtype, dweight (E, d) in weight's dtype), each empty unless asked
+    for: the router GEMM's gradients from its logits', in fp32, in one Triton kernel."""
+    from .kernels.route import router_bwd
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dx, dw = router_bwd(dlogits, x, weight.contiguous(), need_dx, need_dw)
+    return _nothing(x) if dx is None else dx, _nothing(weight) if dw is None else dw
+
+
+@router_backward_op.register_fake
+def _(dlogits, x, weight, need_dx, need_dw):
+    dx = x.new_empty(x.shape) if need_dx else _nothing(x)
+    return dx, weight.new_empty(weight.shape) if need_dw else _nothing(weight)
+
+
+torch.library.register_autograd("mixlora::router", _backward_router, setup_context=_setup_router)
+
+
+def route_tokens(x: Tensor, router_weight: Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Routing:
+    """Router logits of the rows of ``x`` (T, d) and their routing. On the Triton path the
+    fused router reads x once in its own dtype (no fp32 copy), routes top-k and top-p in
+    the same kernel and leaves switch routing's scan to its own; elsewhere (and for fp64)
+    ``routing.router_logits`` then ``route``."""
+    if backend != "triton" or x.dtype not in ROUTER_DTYPES:
+        return route(router_logits(x, router_weight), spec, seq_len, backend)
+    select = _selection(spec.strategy)
+    top_k = int(spec.top_k) if select == "topk" else 0
+    with torch.autocast(x.device.type, enabled=False):
+        logits, weights, experts, counts = router_op(
+            x, router_weight, select, top_k, float(spec.top_p), float(spec.temperature)
+        )
+    if select == "logits":
+        return route(logits, spec, seq_len, backend)
+    kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return Routing(logits, weights, experts, kept, None, counts)
 
 
 def route(logits: Tensor, spec: RoutingSpec, seq_len: int, backend: str) -> Routing:

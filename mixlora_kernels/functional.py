@@ -17,13 +17,13 @@ import os
 import torch
 
 from .activations import activation_kind
-from .autograd import expert_pass, route
+from .autograd import expert_pass, route_tokens
 from .config import STRATEGY_FIELDS, is_int, is_number
 from .containers import ExpertLoRA, MixLoraOutput
 from .dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
 from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise
-from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec, router_logits
+from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -264,9 +264,9 @@ def mixlora_ffn(
             drop_seed = new_dropout(dropout, x.device, seed).seed
 
     router_in = xf if noise.jitter is None else xf * noise.jitter
-    logits = router_logits(router_in, router_weight)
     seq_len = shape[-2] if x.dim() > 2 else T
-    routing = route(logits, spec, seq_len, backend)
+    routing = route_tokens(router_in, router_weight, spec, seq_len, backend)
+    logits = routing.logits
 
     lora = [None if t is None else t.to(xf.dtype) for t in experts]
     if experts.up_A is not None and experts.up_A is experts.gate_A:

@@ -24,7 +24,7 @@ from bench.gpu_check import shard_summary
 from bench.harness import noisy, repeats_for, time_cpu
 from bench.stages import device_peaks
 from bench.suite import BUSY_WAIT, CASES, ShapeResult, print_result, spread_fields
-from bench.targets import CPU_TARGETS, GPU_TARGETS, targets_for
+from bench.targets import CPU_TARGETS, GPU_TARGETS, stage_verdicts, targets_for
 
 TINY = ["--shape", "tiny:64:96:64:4:2:4", "--rounds", "1"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -179,6 +179,18 @@ def test_cuda_device_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main([*TINY, "--device", "cuda", "--no-save"])
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_stage_budgets_apply_to_their_model_and_batch_only():
+    rows = [{"stage": "route", "ms": 0.04}, {"stage": "expert pass (expert-sorted)", "ms": 0.31}]
+    llama = Shape("llama2-7b", 4096, 11008, 4096)
+    got = [(t.stage, ms, met) for t, ms, met in stage_verdicts(llama, CUDA, torch.bfloat16, rows)]
+    assert got == [("route", 0.04, True), ("expert pass", 0.31, False)]
+    assert stage_verdicts(llama, CPU, torch.bfloat16, rows) == []
+    assert stage_verdicts(llama, CUDA, torch.float16, rows) == []
+    assert stage_verdicts(Shape("llama2-7b", 4096, 11008, 16), CUDA, torch.bfloat16, rows) == []
+    assert stage_verdicts(Shape("gemma-2b", 2048, 16384, 4096), CUDA, torch.bfloat16, rows) == []
+    assert stage_verdicts(Shape("llama2-7b", 4096, 11008, 4096, r=64), CUDA, torch.bfloat16, rows) == []
 
 
 def test_dtype_aliases_are_accepted(tmp_path):

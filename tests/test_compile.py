@@ -23,6 +23,8 @@ from mixlora_kernels.autograd import (
     route_switch_op,
     route_top_p_op,
     route_topk_op,
+    router_backward_op,
+    router_op,
 )
 from mixlora_kernels.kernels import dropout as dropout_module
 from mixlora_kernels.kernels.dropout import Dropout, new_dropout
@@ -158,6 +160,25 @@ def _logits(T=14, E=5):
 )
 def test_opcheck_route_ops(op, extra):
     torch.library.opcheck(op, (_logits(), *extra))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [("topk", 2, 1.0, 0.0), ("top_p", 0, 0.6, 0.0), ("top_p", 0, 0.5, 1.4), ("logits", 0, 1.0, 0.0)],
+    ids=["topk", "top_p", "top_p-temperature", "logits"],
+)
+def test_opcheck_router_op(extra):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(14, 24, generator=gen).to(TRITON_DEVICE).requires_grad_()
+    weight = (torch.randn(5, 24, generator=gen) * 0.3).to(TRITON_DEVICE).requires_grad_()
+    torch.library.opcheck(router_op, (x, weight, *extra))
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["both", "dx", "dweight"])
+def test_opcheck_router_backward_op(need):
+    gen = torch.Generator().manual_seed(5)
+    dl, x, weight = (torch.randn(*shape, generator=gen).to(TRITON_DEVICE) for shape in ((40, 5), (40, 24), (5, 24)))
+    torch.library.opcheck(router_backward_op, (dl, x, weight, *need))
 
 
 def test_an_operator_output_that_does_not_exist_is_empty_and_the_wrapper_says_none():

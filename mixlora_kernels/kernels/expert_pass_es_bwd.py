@@ -38,53 +38,13 @@ import triton.language as tl
 from ..tuning.configs import EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD, expert_sorted_bwd_smem, make_pruner
 from .common import activation_grad, column_chunks, launch, next_pow2, token_bucket
 from .dropout import keep_tile
+from .expert_pass_es import _expert_tiles, _tile_inputs
 from .permute import Permutation
 
 # Autotune key of both kernels: the model dims and every flag that changes the compiled
 # kernel, never the raw token count (bucketed).
 EXPERT_SORTED_BWD_KEY = ["F", "E", "R", "T_BUCKET", "K", "PERM_M", "ACT", "HAS_U", "HAS_GATE", "HAS_UP", "HAS_DOWN",
                          "HAS_KEEP", "DORA_GATE", "DORA_UP", "PER_PAIR"]  # fmt: skip
-
-
-@triton.jit
-def _tile_inputs(sorted_ptr, w_ptr, xag_ptr, xau_ptr, dz_ptr, start, expert, T, E, R, K: tl.constexpr,
-                 R_PAD: tl.constexpr, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_DOWN: tl.constexpr,
-                 PER_PAIR: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """The BLOCK_M sorted pairs from row ``start`` and what they bring: (pair ids, valid,
-    tokens as int64, weights, and the (BLOCK_M, R_PAD) rows of the gate and up shrinks and
-    of dZ at each pair's token and the block's expert). A padding row (sentinel T*K) is
-    invalid, with weight 0 and zero rows. PER_PAIR: w = 1 (the routing weights come after a
-    DoRA down projection). One helper for all of it: the interpreter pays per call."""
-    pairs = tl.load(sorted_ptr + start + tl.arange(0, BLOCK_M))
-    valid = pairs < T * K
-    tok = (pairs // K).to(tl.int64)  # widened before any stride
-    w = tl.where(valid, 1.0, 0.0) if PER_PAIR else tl.load(w_ptr + pairs, mask=valid, other=0.0)
-    rr = tl.arange(0, R_PAD)
-    off = tok[:, None] * E * R + expert * R + rr[None, :]
-    mask = valid[:, None] & (rr < R)[None, :]
-    xag = tl.load(xag_ptr + off, mask=mask, other=0.0) if HAS_GATE else 0
-    xau = tl.load(xau_ptr + off, mask=mask, other=0.0) if HAS_UP else 0
-    dz = tl.load(dz_ptr + off, mask=mask, other=0.0) if HAS_DOWN else 0
-    return pairs, valid, tok, w, xag, xau, dz
-
-
-@triton.jit
-def _expert_tiles(bg_ptr, bu_ptr, ad_ptr, cg_ptr, cu_ptr, expert, cols, fmask, F, R,
-                  R_PAD: tl.constexpr, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_DOWN: tl.constexpr,
-                  DORA_GATE: tl.constexpr, DORA_UP: tl.constexpr):  # fmt: skip
-    """One expert's weights on an f tile: B_gate, B_up and A_down as (R_PAD, BLOCK_F)
-    tiles, the DoRA scale rows (BLOCK_F,) fp32; 0 where a launch never reads them."""
-    rr = tl.arange(0, R_PAD)
-    mask = (rr < R)[:, None] & fmask[None, :]
-    b_off = expert * F * R + cols[None, :] * R + rr[:, None]
-    bg = tl.load(bg_ptr + b_off, mask=mask, other=0.0) if HAS_GATE else 0
-    bu = tl.load(bu_ptr + b_off, mask=mask, other=0.0) if HAS_UP else 0
-    ad = 0
-    if HAS_DOWN:
-        ad = tl.load(ad_ptr + expert * R * F + rr[:, None] * F + cols[None, :], mask=mask, other=0.0)
-    cg = tl.load(cg_ptr + expert * F + cols, mask=fmask, other=0.0) if DORA_GATE else 0
-    cu = tl.load(cu_ptr + expert * F + cols, mask=fmask, other=0.0) if DORA_UP else 0
-    return bg, bu, ad, cg, cu
 
 
 @triton.jit

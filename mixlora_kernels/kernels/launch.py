@@ -25,7 +25,7 @@ import triton
 
 from ..expert_pass_torch import PassConfig
 from ..routing import expert_one_hot
-from ..tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
+from ..tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
 from .common import (
     ACT_CODES,
     check_interpreter,
@@ -52,10 +52,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the cost model never picks it there, and a forced choice falls back to expert-sorted.
 TOKEN_MAJOR_MAX_ER = 128
 
-# Effective rates of the fused pass on a current GPU: what matters is their ratio, the
-# FLOPs of small tl.dot tiles per byte of HBM traffic.
+# Effective rates of the fused pass, from the H100 rows (bench/results): the token-major
+# pass ran its masked E*R-deep products at 7.8e13 FLOP/s at LLaMA-2-7B and 7.6e13 at
+# Gemma-2B (T = 4096; 0.889 and 1.350 ms), far below the tensor cores' peak, because its
+# (tokens, E*R) tiles are 16 to 32 rows. HBM traffic is counted at 3e12 B/s. A launch
+# from Python costs about 10 us whatever it does (the decode rows: a single-launch
+# token-major pass took 0.12 ms at T = 16), which decides small batches.
 _BYTES_PER_S = 3.0e12
-_FLOPS_PER_S = 4.0e14
+_FLOPS_PER_S = 7.7e13
+_LAUNCH_S = 1.0e-5
+# Launches of the expert-sorted pass besides its K per-slot launches: the permutation's.
+_PERMUTE_LAUNCHES = 3
 
 
 def check_triton_device(device: torch.device) -> None:
@@ -73,15 +80,17 @@ def check_triton_device(device: torch.device) -> None:
 
 
 def pass_costs(T: int, F: int, E: int, R: int, K: int, elem: int) -> dict[str, float]:
-    """Modelled seconds of each organisation: max of memory time and dot time."""
+    """Modelled seconds of each organisation: the larger of memory time and dot time,
+    plus its launches. Token-major reads G and U and writes H once, with E*R-deep products;
+    expert-sorted reads G and U per pair and H per slot after the first, with R-deep ones."""
     er = token_major_width(E, next_pow2(R))
     tm_bytes = 3 * T * F * elem
     tm_flops = K * 3 * 2 * T * F * er
     es_bytes = (2 * K + 2 * K - 1) * T * F * elem
     es_flops = K * 3 * 2 * T * F * rank_pad(R)
     return {
-        "token_major": max(tm_bytes / _BYTES_PER_S, tm_flops / _FLOPS_PER_S),
-        "expert_sorted": max(es_bytes / _BYTES_PER_S, es_flops / _FLOPS_PER_S),
+        "token_major": max(tm_bytes / _BYTES_PER_S, tm_flops / _FLOPS_PER_S) + _LAUNCH_S,
+        "expert_sorted": max(es_bytes / _BYTES_PER_S, es_flops / _FLOPS_PER_S) + (_PERMUTE_LAUNCHES + K) * _LAUNCH_S,
     }
 
 
@@ -189,8 +198,7 @@ def fused_pass(G, U, xa_gate, xa_up, weights, experts, lora, cfg: PassConfig, ra
                                   r_pad=next_pow2(R), split_f=split, variable_k=cfg.variable_slots,
                                   dora_scales=_scales(dora_scales), per_pair=per_pair, **common)  # fmt: skip
         return H, None if Z is None else Z.sum(0).view(T, E * R)
-    block_m = 16 if T * K <= 16 * E else 64
-    perm = permute_fwd(experts, E, block_m)
+    perm = permute_fwd(experts, E, perm_block())
     split = _split_f(perm.max_blocks_per_slot, F, G.device)
     H, Z = expert_pass_es_fwd(G, U, xa_gate, xa_up, B_gate, B_up, A_down, w, perm, dropout,
                               r_pad=rank_pad(R), split_f=split, can_drop=cfg.first_slot_can_drop,
@@ -346,11 +354,12 @@ def backward_args(G, U, dH, xa_gate, xa_up, dZ, lora, weights, dropout, dora_sca
     )  # fmt: skip
 
 
-def backward_perm_m() -> int:
-    """Rows per block of the backward's permutation: BACKWARD_PERM_M, which every tuned
-    BLOCK_M divides; where both kernels run a fixed config (pinned, or the interpreter's
-    first), the larger of their BLOCK_M, so that small problems pad less."""
-    fixed = [fixed_config(configs) for configs in (EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD)]
+def perm_block() -> int:
+    """Rows per block of the expert-sorted permutation, forward and backward alike (one
+    pair order, one set of blocks): BACKWARD_PERM_M, which every tuned BLOCK_M divides;
+    where all three kernels run a fixed config (pinned, or the interpreter's first), the
+    largest of their BLOCK_M, so that small problems pad less."""
+    fixed = [fixed_config(configs) for configs in (EXPERT_SORTED, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD)]
     if any(chosen is None for chosen in fixed):
         return BACKWARD_PERM_M
     return max(chosen["BLOCK_M"] for chosen in fixed)
@@ -358,8 +367,8 @@ def backward_perm_m() -> int:
 
 def backward_permute(experts, num_experts: int):
     """Stage "expert bwd: permute": the pairs sorted by (slot, expert) in blocks of
-    ``backward_perm_m()`` rows (the same three launches as the forward's permute stage)."""
-    return permute_fwd(experts, num_experts, backward_perm_m())
+    ``perm_block()`` rows (the same three launches as the forward's permute stage)."""
+    return permute_fwd(experts, num_experts, perm_block())
 
 
 def _es_args(args_in: dict, perm, cfg: PassConfig, R: int) -> dict:

@@ -237,35 +237,36 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
 
 
 def _es_jobs(arch: str, family: str) -> list[Job]:
-    from .configs import EXPERT_SORTED
+    """The expert-sorted forward on the backward's permutation blocks (BACKWARD_PERM_M
+    rows; the config's BLOCK_M tiles them)."""
+    from .configs import BACKWARD_PERM_M, EXPERT_SORTED
 
     jobs = []
     family_configs = [c for c in EXPERT_SORTED if family in c.families]
     for dtype in ("fp16", "bf16"):
         # Ranks 8 and 16 share R_PAD = 16 but not the alignment of R; 64 pads to itself.
         for r in (8, 16, 64):
-            for block_m in (16, 64):
-                # K: slots per token, 1 (switch), 2 (top-k) or E (top-p with 8 or 64 experts).
-                for K in (1, 2, 8, 64):
-                    for accumulate in (False, True):
-                        for keep in (True, False):
-                            # The headline classes with every config, as the slots after the
-                            # first run them (accumulating into H; slot 0 only stores).
-                            headline = r in (8, 16) and K in (1, 2) and accumulate
-                            heavy = accumulate and keep and K == 2
-                            if K > 2 and not (accumulate and keep and r == 16 and block_m == 64):
-                                continue  # K only divides a pair id: one variant shows it compiles
-                            configs = family_configs if headline else family_configs[:1]
-                            key = ("expert_pass_es_fwd", dtype, r, block_m, K, accumulate, keep) if headline else None
-                            for cfg in configs:
-                                jobs.append(_es_job(arch, dtype, r, block_m, K, accumulate, keep, cfg, key))
-                            if heavy and dtype == "bf16":
-                                jobs.append(_es_job(arch, dtype, r, block_m, K, accumulate, keep, family_configs[0],
-                                                    None, aligned=False))  # fmt: skip
+            # K: slots per token, 1 (switch), 2 (top-k) or E (top-p with 8 or 64 experts).
+            for K in (1, 2, 8, 64):
+                for accumulate in (False, True):
+                    for keep in (True, False):
+                        # The headline classes with every config, as the slots after the
+                        # first run them (accumulating into H; slot 0 only stores).
+                        headline = r in (8, 16) and K in (1, 2) and accumulate
+                        heavy = accumulate and keep and K == 2
+                        if K > 2 and not (accumulate and keep and r == 16):
+                            continue  # K only divides a pair id: one variant shows it compiles
+                        configs = family_configs if headline else family_configs[:1]
+                        key = ("expert_pass_es_fwd", dtype, r, K, accumulate, keep) if headline else None
+                        for cfg in configs:
+                            jobs.append(_es_job(arch, dtype, r, BACKWARD_PERM_M, K, accumulate, keep, cfg, key))
+                        if heavy and dtype == "bf16":
+                            jobs.append(_es_job(arch, dtype, r, BACKWARD_PERM_M, K, accumulate, keep,
+                                                family_configs[0], None, aligned=False))  # fmt: skip
     return jobs
 
 
-def _es_job(arch, dtype, r, block_m, K, accumulate, keep, cfg, headline, aligned=True) -> Job:
+def _es_job(arch, dtype, r, perm_m, K, accumulate, keep, cfg, headline, aligned=True) -> Job:
     from ..kernels.common import rank_pad
     from .configs import expert_sorted_smem
 
@@ -281,11 +282,11 @@ def _es_job(arch, dtype, r, block_m, K, accumulate, keep, cfg, headline, aligned
     }  # fmt: skip
     const = dict(K=K, R_PAD=r_pad, ACT=0, HAS_U=True, HAS_GATE=True, HAS_UP=True,
                  HAS_DOWN=True, HAS_KEEP=keep, ACCUMULATE=accumulate, PRECISION="tf32",
-                 BLOCK_M=block_m, **cfg.kwargs)  # fmt: skip
+                 PERM_M=perm_m, **cfg.kwargs)  # fmt: skip
     sig.update({name: "constexpr" for name in const})
     spec = "aligned" if aligned else "unaligned"
-    variant = f"{dtype} r={r} R_PAD={r_pad} BLOCK_M={block_m} K={K} accumulate={accumulate} keep={keep} {spec}"
-    estimate = expert_sorted_smem(cfg, block_m, r_pad, 2)
+    variant = f"{dtype} r={r} R_PAD={r_pad} PERM_M={perm_m} K={K} accumulate={accumulate} keep={keep} {spec}"
+    estimate = expert_sorted_smem(cfg, r_pad, 2)
     divisible = _aligned(r) if aligned else frozenset()
     return Job("expert_pass_es_fwd", arch, _cfg(cfg), variant, sig, const, estimate, divisible, headline)
 
@@ -383,7 +384,7 @@ def _job(kernel: str, arch: str, variant: str, sig: dict, const: dict, num_warps
 def _route_permute_jobs(arch: str) -> list[Job]:
     from ..kernels.common import next_pow2
     from ..kernels.permute import token_block
-    from ..kernels.route import switch_block
+    from ..kernels.route import ROUTER_BLOCK_D, SELECT_CODES, router_block, switch_block
 
     jobs = []
     logits = {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "counts_ptr": "*i32"}
@@ -399,6 +400,24 @@ def _route_permute_jobs(arch: str) -> list[Job]:
         for block_t in sorted({switch_block(1, E), switch_block(1 << 20, E)}):
             sig = {**logits, "bypass_ptr": "*fp32", "seq_len": "i32", "E": "i32", "capacity": "i32", "stride_lt": "i32"}
             jobs.append(_job("route_switch_fwd", arch, f"E={E}", sig, dict(E_PAD=e_pad, BLOCK_T=block_t)))
+        # The fused router: x in each dtype, the router weight fp32 (a model cast whole
+        # gives it x's dtype), each selection, both token blocks, forward and backward.
+        for x_type in ("bf16", "fp16", "fp32"):
+            for w_type in sorted({"fp32", x_type}):
+                for block_t in sorted({router_block(1), router_block(1 << 20)}):
+                    sig = {"x_ptr": f"*{x_type}", "wg_ptr": f"*{w_type}", **{k: v for k, v in logits.items()},
+                           "T": "i32", "d": "i32", "E": "i32", "stride_xt": "i32", "top_p": "fp32",
+                           "temperature": "fp32"}  # fmt: skip
+                    for select, code in SELECT_CODES.items():
+                        K = 2 if select == "topk" else 1
+                        const = dict(SELECT=code, K=K, K_PAD=K, E_PAD=max(16, e_pad), BLOCK_T=block_t,
+                                     BLOCK_D=ROUTER_BLOCK_D)  # fmt: skip
+                        jobs.append(_job("router_fwd", arch, f"E={E} x={x_type} w={w_type} {select}", sig, const))
+                sig = {"dl_ptr": "*fp32", "x_ptr": f"*{x_type}", "wg_ptr": f"*{w_type}", "dx_ptr": f"*{x_type}",
+                       "dwg_ptr": "*fp32", "T": "i32", "d": "i32", "E": "i32", "stride_xt": "i32",
+                       "t_per_range": "i32"}  # fmt: skip
+                const = dict(NEED_DX=True, NEED_DW=True, E_PAD=max(16, e_pad), BLOCK_T=16, BLOCK_D=ROUTER_BLOCK_D)
+                jobs.append(_job("router_bwd", arch, f"E={E} x={x_type} w={w_type}", sig, const))
         # Permute: top-k / switch with 1 or 2 slots, top-p with E slots (E^2 groups).
         for K in sorted({1, 2, E}):
             variant = f"E={E} K={K}" + (" top-p" if K == E and E > 2 else "")
@@ -442,6 +461,8 @@ def _kernel(name: str):
         "expert_pass_es_fwd": expert_pass_es._expert_pass_es_fwd_kernel,
         "expert_pass_es_bwd": expert_pass_es_bwd._expert_pass_es_bwd_kernel,
         "expert_pass_es_wgrad": expert_pass_es_bwd._expert_pass_es_wgrad_kernel,
+        "router_fwd": route._router_fwd_kernel,
+        "router_bwd": route._router_bwd_kernel,
         "route_topk_fwd": route._route_topk_fwd_kernel,
         "route_top_p_fwd": route._route_top_p_fwd_kernel,
         "route_switch_fwd": route._route_switch_fwd_kernel,

@@ -66,11 +66,20 @@ TOKEN_MAJOR = (
     + _configs(ALL, {"BLOCK_T": [32], "BLOCK_F": [32, 64]}, [8], [2])
 )
 
-# Expert-sorted expert pass: BLOCK_M comes from the permutation, so only the f tiling,
-# warps and stages are tuned. Wider f tiles spill inside the loop with dropout (the
-# in-kernel Philox draw) on every family: 128 columns on 8 warps did so on sm_90.
-EXPERT_SORTED = _configs(ALL, {"BLOCK_F": [32, 64]}, [4], [3]) + _configs(
-    {"sm_80", "sm_86"}, {"BLOCK_F": [32]}, [4], [2]
+# Expert-sorted expert pass: a tile of BLOCK_M rows (a divisor of the permutation's
+# blocks, BACKWARD_PERM_M, the backward's) by BLOCK_F columns. Its accumulator across the
+# f loop is one (BLOCK_M, R_PAD) tile; per step it holds the gathered G and U tiles, the
+# expert's three rank tiles and the dropout draw. The 32 x 32 tile comes first, as in
+# the backward (the interpreter and a pinned launch run it); 64 x 32 and 64 x 64 on 4
+# warps were the space before the forward took the backward's blocks; wider f tiles spill
+# inside the loop with dropout (the in-kernel Philox draw): 64 x 128 on 8 warps did on
+# sm_90, and stays there for the sweep to time against the safe ones.
+EXPERT_SORTED = (
+    _configs(ALL, {"BLOCK_M": [32], "BLOCK_F": [32]}, [4], [3])
+    + _configs(ALL, {"BLOCK_M": [64], "BLOCK_F": [32, 64]}, [4], [3])
+    + _configs(ALL, {"BLOCK_M": [32], "BLOCK_F": [64]}, [4], [3])
+    + _configs({"sm_80", "sm_86"}, {"BLOCK_M": [64], "BLOCK_F": [32]}, [4], [2])
+    + _configs({"sm_80", "sm_90"}, {"BLOCK_M": [64], "BLOCK_F": [128]}, [8], [3])
 )
 
 
@@ -174,8 +183,11 @@ def token_major_smem(cfg: triton.Config, er: int, elem: int, slots: int = 2, sca
     return int(elem * (per_step * max(1, cfg.num_stages - 1) + (1 + 1.75 * slots) * bt * er) + gathered)
 
 
-def expert_sorted_smem(cfg: triton.Config, block_m: int, r_pad: int, elem: int) -> int:
-    bf = cfg.kwargs["BLOCK_F"]
+def expert_sorted_smem(cfg: triton.Config, r_pad: int, elem: int) -> int:
+    """Shared-memory estimate of the expert-sorted forward: per pipelined step the shrink
+    and rank tiles and the gathered G tile, buffered once per stage past the first, and an
+    fp32 (BLOCK_M, BLOCK_F) tile for the transposed product."""
+    block_m, bf = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_F"]
     operands = (2 * (block_m * r_pad + r_pad * bf) + block_m * bf + bf * r_pad) * elem
     return operands * max(1, cfg.num_stages - 1) + block_m * bf * 4
 
