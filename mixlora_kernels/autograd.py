@@ -55,7 +55,7 @@ def expert_pass_op(
     x: Tensor,  # (T, d)
     G: Tensor,  # (T, f) gate projection
     U: Tensor | None,  # (T, f) up projection; None for fc1/fc2 MLPs
-    weights: Tensor,  # (T, K) routing weights, x dtype
+    weights: Tensor,  # (T, K) routing weights, x dtype or fp32 (the Triton path reads fp32)
     experts: Tensor,  # (T, K) int64; >= num_experts marks an unused slot
     gate_A: Tensor | None,
     gate_B: Tensor | None,

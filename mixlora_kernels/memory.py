@@ -97,11 +97,14 @@ def _slots(strategy: str, top_k: int, num_experts: int) -> int:
     return top_k if strategy == "mixlora" else num_experts if strategy == "mixlora-dynamic" else 1
 
 
-def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str, element: int) -> int:
+def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str, element: int,
+                         dora: bool = False) -> int:  # fmt: skip
     """What routing saves: the router's fp32 probabilities (T, E), the chosen experts
-    (int64) and their weights in x's dtype, and each path's own intermediates."""
+    (int64) and their weights (fp32 on the Triton path without DoRA experts, whose
+    kernels read them so; else in x's dtype), and each path's own intermediates."""
     slots = _slots(strategy, top_k, E)
-    saved = T * E * 4 + T * slots * 8 + T * slots * element
+    weight_element = 4 if backend == "triton" and not dora else element
+    saved = T * E * 4 + T * slots * 8 + T * slots * weight_element
     if strategy == "mixlora-switch":  # the bypass weight p_max of dropped tokens, x's dtype
         saved += T * element
     if backend == "triton":
@@ -156,7 +159,8 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     saved = x + projections  # the router saves x itself (routing.router_logits)
     if training and config.jitter_noise > 0:
         saved += 2 * T * d * element  # router jitter: its factors, and the jittered input the router saves
-    saved += _routing_saved_bytes(T, E, config.routing_strategy, config.top_k or 0, backend, element)
+    saved += _routing_saved_bytes(T, E, config.routing_strategy, config.top_k or 0, backend, element,
+                                  config.expert_dora)  # fmt: skip
     dropout = training and config.expert_dropout > 0
     if backend == "triton":
         saved += T * E * r * 4 if down_lora else 0  # Zd, the weighted down shrinks, fp32
