@@ -6,6 +6,9 @@ Triton backend at T=16 (decode) and T=4096 (a training batch). Every run prints 
 of ratios, the stages and the targets defined for the shape, and appends one JSON row
 per (shape, case, mode) and per stage to <out>/<device>.jsonl: by default a folder in
 the user's cache, with --record the committed bench/results/.
+
+``mixlora-bench model ...`` (``python -m bench.model``) runs the whole-model benchmark:
+training steps and generation against PEFT LoRA and the vanilla MixLoRA loop.
 """
 
 from __future__ import annotations
@@ -188,8 +191,13 @@ def check_plots(args, parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv[:1] == ["model"]:  # mixlora-bench model ...: the whole-model benchmark
+        from .model import main as model_main
+
+        return model_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    args = parser.parse_args(argv)
     check_plots(args, parser)
     settings = settings_from(args, parser)
     on_gpu = settings.device.type == "cuda"

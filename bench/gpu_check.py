@@ -11,10 +11,13 @@ network. Run from the checkout with PYTHONPATH=. (nothing is installed).
     4. generation (``bench.generation``): tokens/s of a small llama with MixLoRA layers,
        eager and under CUDA graphs, against the base model and the unfused reference,
        at batch 1 and 8, time-boxed
-    5. with --ncu, Nsight Compute over one training step's kernels (``bench.profile_step``)
-    6. plots of the rows, and a summary table with the SPEC targets beside the results
+    5. the whole model (``bench.model``): training steps and generation of a 2-layer model
+       of LLaMA-2-7B's widths, PEFT LoRA, MixLoRA, vanilla MixLoRA and MixDoRA, time-boxed
+       (the PEFT case needs peft importable: carry it, ``pip install --no-deps --target``)
+    6. with --ncu, Nsight Compute over one training step's kernels (``bench.profile_step``)
+    7. plots of the rows, and a summary table with the SPEC targets beside the results
 
-Everything lands in DIR: rows.jsonl, tests.log, sweep.log, generation.log, ncu.txt (with
+Everything lands in DIR: rows.jsonl, tests.log, sweep.log, generation.log, model.log, ncu.txt (with
 --ncu), plots/*.png, summary.md.
 ``--small`` runs the same steps at tiny shapes (on CPU: the torch backend, fp32, and the
 sweep through the Triton interpreter), to check the command itself end to end without
@@ -38,6 +41,7 @@ import torch
 from .cases import Shape
 from .generation import generation_table
 from .harness import device_name, versions, write_rows
+from .model import model_table, plot_model
 from .stages import backward_parts_line
 from .suite import Settings, print_result, rows_for, run_shape
 from .sweep import sweep_tables
@@ -268,6 +272,15 @@ def run_generation(out: Path, small: bool, budget: float) -> list[dict]:
     return run_step(out, "bench.generation", "generation", ["--small"] if small else [], budget, 60)
 
 
+def run_model(out: Path, small: bool, budget: float) -> list[dict]:
+    """The whole-model benchmark's rows, training and generation (written as each case
+    finishes)."""
+    rows = run_step(out, "bench.model", "model", ["--small"] if small else [], budget, 60)
+    with open(out / "rows.jsonl", encoding="utf-8") as fh:
+        generation = [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") == "model_generation"]
+    return rows + generation
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for rows, logs, plots and the summary")
@@ -282,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-budget", type=float, default=100.0, help="seconds for the sweep (default 100)")
     p.add_argument("--skip-generation", action="store_true", help="no generation benchmark")
     p.add_argument("--generation-budget", type=float, default=40.0, help="seconds for generation (default 40)")
+    p.add_argument("--skip-model", action="store_true", help="no whole-model benchmark")
+    p.add_argument("--model-budget", type=float, default=60.0, help="seconds for the model benchmark (default 60)")
     p.add_argument(
         "--ncu",
         action="store_true",
@@ -335,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== generation (at most {args.generation_budget:.0f} s)", flush=True)
         generation_rows = run_generation(out, args.small, args.generation_budget)
 
+    model_rows: list[dict] = []
+    if not args.skip_model:
+        print(f"\n== whole-model training and generation (at most {args.model_budget:.0f} s)", flush=True)
+        model_rows = run_model(out, args.small, args.model_budget)
+
     if args.ncu:
         print("\n== Nsight Compute (one training step, at most 150 s)", flush=True)
         run_ncu(out, args.small, 150.0)
@@ -357,6 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         table += "\n## Generation\n\n" + "\n".join(generation_table(generation_rows)) + "\n"
     elif not args.skip_generation:
         table += "\n## Generation\n\nNo generation rows: see generation.log.\n"
+    if model_rows:
+        table += "\n## Whole model\n\n" + "\n".join(model_table(model_rows)) + "\n"
+        try:
+            plot = plot_model([dict(r, device=label) for r in model_rows], out / "plots")
+            table += f"\n![step time and peak memory per case](plots/{plot.name})\n" if plot else ""
+        except ImportError as exc:
+            table += f"\nNo model plot: {exc}\n"
+    elif not args.skip_model:
+        table += "\n## Whole model\n\nNo model rows: see model.log.\n"
     (out / "summary.md").write_text(table, encoding="utf-8")
     print("\n" + table)
     return 0 if tests is None or tests["ok"] else 1

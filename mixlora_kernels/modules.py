@@ -209,7 +209,10 @@ class FusedMixLoraFFN(nn.Module):
         for name, m in self.lora_magnitude.items():
             m.copy_(self.current_row_norms(name))
 
-    def _base_kwargs(self) -> dict:
+    def base_projections(self) -> dict:
+        """The frozen base projections as ``mixlora_ffn`` (and ``reference.mixlora_ffn``)
+        take them: gate_proj / up_proj / down_proj, gate_up_proj / down_proj, or fc1 / fc2
+        as gate_proj / down_proj."""
         if self.style == "gate_up_down":
             return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
         if self.style == "fused_gate_up":
@@ -234,7 +237,7 @@ class FusedMixLoraFFN(nn.Module):
             x,
             router,
             self.expert_lora(),
-            **self._base_kwargs(),
+            **self.base_projections(),
             routing_strategy=cfg.routing_strategy,
             **routing,
             activation=self.activation,

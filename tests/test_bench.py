@@ -22,6 +22,7 @@ from bench.cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p
 from bench.gpu_check import main as gpu_check
 from bench.gpu_check import shard_summary
 from bench.harness import noisy, repeats_for, time_cpu
+from bench.model import peft_available
 from bench.stages import device_peaks
 from bench.suite import BUSY_WAIT, CASES, ShapeResult, print_result, spread_fields
 from bench.targets import CPU_TARGETS, GPU_TARGETS, stage_verdicts, targets_for
@@ -318,7 +319,7 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
         assert row["ms"] > 0 and row["saved_bytes"] > 0 and row["dtype"] == "float32"
     assert {row["stage"] for row in rows if row["kind"] == "stage"} == STAGES
     pngs = sorted((tmp_path / "plots").glob("*.png"))
-    assert [p.name.split("_")[:2] for p in pngs] == [["memory", "small"], ["speedup", "small"]]
+    assert [p.name.split("_")[:2] for p in pngs] == [["memory", "small"], ["model", "tiny-llama"], ["speedup", "small"]]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# GPU check on CPU") and "| expert bwd |" in summary
@@ -333,6 +334,11 @@ def test_gpu_check_small_mode_runs_end_to_end(tmp_path, capsys):
         (case, batch) for case in ("base", "unfused", "fused") for batch in (1, 8)
     }
     assert "## Generation" in summary and "| fused | 8 |" in summary
+    # The whole-model benchmark ran in its own process: a row per case, trained and generating.
+    model = {row["case"] for row in rows if row["kind"] == "model"}
+    expected = {"peft_lora", "mixlora", "mixlora_vanilla", "mixdora"}
+    assert model == (expected if peft_available() else expected - {"peft_lora"})
+    assert "## Whole model" in summary and "| mixlora_vanilla |" in summary and "plots/model_tiny-llama" in summary
     # --ncu: the profiled step runs (no profiler on CPU, so the step alone).
     assert "fused fwd+bwd at small" in (tmp_path / "ncu.txt").read_text()
 

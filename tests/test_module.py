@@ -55,7 +55,7 @@ def routing_kwargs(config: MixLoraConfig) -> dict:
 
 def reference_forward(block: FusedMixLoraFFN, x: torch.Tensor) -> torch.Tensor:
     return reference.mixlora_ffn(
-        x, block.moe_gate.weight, block.expert_lora(), **block._base_kwargs(), **routing_kwargs(block.config),
+        x, block.moe_gate.weight, block.expert_lora(), **block.base_projections(), **routing_kwargs(block.config),
         activation=block.activation, scaling=block.scaling,
     ).out  # fmt: skip
 
