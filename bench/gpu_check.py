@@ -219,11 +219,11 @@ def run_logged(cmd: list[str], log_path: Path, timeout: float, interpret: bool =
 
 
 def run_step(out: Path, module: str, kind: str, args: list[str], budget: float, margin: float,
-             interpret: bool = False) -> list[dict]:  # fmt: skip
+             interpret: bool = False, also: tuple[str, ...] = ()) -> list[dict]:  # fmt: skip
     """``python -m <module>`` in its own process, its rows appended to rows.jsonl and its
-    output to <kind>.log; the rows of ``kind`` it wrote. ``budget`` stops it starting new
-    work; ``margin`` covers what is in flight and the setup; ``interpret`` as for
-    ``run_logged``."""
+    output to <kind>.log; the rows of ``kind`` (and of the kinds in ``also``) it wrote.
+    ``budget`` stops it starting new work; ``margin`` covers what is in flight and the
+    setup; ``interpret`` as for ``run_logged``."""
     rows_file = out / "rows.jsonl"
     before = rows_file.stat().st_size if rows_file.exists() else 0
     cmd = [sys.executable, "-m", module, "--file", str(rows_file), "--budget-s", str(budget), *args]
@@ -233,7 +233,7 @@ def run_step(out: Path, module: str, kind: str, args: list[str], budget: float, 
         return []
     with open(rows_file, encoding="utf-8") as fh:
         fh.seek(before)
-        return [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") == kind]
+        return [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") in (kind, *also)]
 
 
 def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
@@ -275,10 +275,7 @@ def run_generation(out: Path, small: bool, budget: float) -> list[dict]:
 def run_model(out: Path, small: bool, budget: float) -> list[dict]:
     """The whole-model benchmark's rows, training and generation (written as each case
     finishes)."""
-    rows = run_step(out, "bench.model", "model", ["--small"] if small else [], budget, 60)
-    with open(out / "rows.jsonl", encoding="utf-8") as fh:
-        generation = [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") == "model_generation"]
-    return rows + generation
+    return run_step(out, "bench.model", "model", ["--small"] if small else [], budget, 60, also=("model_generation",))
 
 
 def main(argv: list[str] | None = None) -> int:
