@@ -218,16 +218,35 @@ def run_logged(cmd: list[str], log_path: Path, timeout: float, interpret: bool =
             return "timeout"
 
 
-def run_step(out: Path, module: str, kind: str, args: list[str], budget: float, margin: float,
+# About what the benchmark step took on an H100 (autotuning the backward's kernels once).
+BENCH_S = 90.0
+# What a step in its own process is given past its budget for the work in flight and its
+# setup, inside its box.
+STEP_MARGIN_S = 30.0
+
+
+class TimeBox:
+    """The whole command's time box: each step asks for its own seconds and gets them cut
+    to what is left of the box after ``reserve``, the least the steps still to come need."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def grant(self, wanted: float, reserve: float = 0.0, least: float = 5.0) -> float:
+        return max(least, min(wanted, self.end - time.monotonic() - reserve))
+
+
+def run_step(out: Path, module: str, kind: str, args: list[str], box: float,
              interpret: bool = False, also: tuple[str, ...] = ()) -> list[dict]:  # fmt: skip
     """``python -m <module>`` in its own process, its rows appended to rows.jsonl and its
     output to <kind>.log; the rows of ``kind`` (and of the kinds in ``also``) it wrote.
-    ``budget`` stops it starting new work; ``margin`` covers what is in flight and the
-    setup; ``interpret`` as for ``run_logged``."""
+    It is stopped after ``box`` seconds and starts no new work after ``box`` less
+    ``STEP_MARGIN_S`` (what is in flight and the setup); ``interpret`` as for ``run_logged``."""
     rows_file = out / "rows.jsonl"
     before = rows_file.stat().st_size if rows_file.exists() else 0
-    cmd = [sys.executable, "-m", module, "--file", str(rows_file), "--budget-s", str(budget), *args]
-    code = run_logged(cmd, out / f"{kind}.log", budget + margin, interpret)
+    budget = max(1.0, box - STEP_MARGIN_S)
+    cmd = [sys.executable, "-m", module, "--file", str(rows_file), "--budget-s", f"{budget:.0f}", *args]
+    code = run_logged(cmd, out / f"{kind}.log", box, interpret)
     print(f"  {kind}: exit {code}; output in {out / f'{kind}.log'}")
     if not rows_file.exists():
         return []
@@ -236,9 +255,9 @@ def run_step(out: Path, module: str, kind: str, args: list[str], budget: float, 
         return [row for row in map(json.loads, filter(str.strip, fh)) if row.get("kind") in (kind, *also)]
 
 
-def run_sweep(out: Path, small: bool, budget: float) -> list[dict]:
+def run_sweep(out: Path, small: bool, box: float) -> list[dict]:
     """The config sweep's rows (small: the step runs, one config per kernel)."""
-    return run_step(out, "bench.sweep", "sweep", ["--small", "--configs", "1"] if small else [], budget, 60, True)
+    return run_step(out, "bench.sweep", "sweep", ["--small", "--configs", "1"] if small else [], box, True)
 
 
 def find_ncu() -> str | None:
@@ -266,16 +285,16 @@ def run_ncu(out: Path, small: bool, timeout: float) -> None:
     print(f"  ncu: exit {code}; report in {out / 'ncu.txt'}")
 
 
-def run_generation(out: Path, small: bool, budget: float) -> list[dict]:
+def run_generation(out: Path, small: bool, box: float) -> list[dict]:
     """The generation benchmark's rows (written as each case finishes, so a case cut off
-    by the margin loses only itself)."""
-    return run_step(out, "bench.generation", "generation", ["--small"] if small else [], budget, 60)
+    by the box loses only itself)."""
+    return run_step(out, "bench.generation", "generation", ["--small"] if small else [], box)
 
 
-def run_model(out: Path, small: bool, budget: float) -> list[dict]:
+def run_model(out: Path, small: bool, box: float) -> list[dict]:
     """The whole-model benchmark's rows, training and generation (written as each case
     finishes)."""
-    return run_step(out, "bench.model", "model", ["--small"] if small else [], budget, 60, also=("model_generation",))
+    return run_step(out, "bench.model", "model", ["--small"] if small else [], box, also=("model_generation",))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,13 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shards", type=int, default=default_shards(), help="parallel pytest processes (default: CPUs - 2, 2..12)"
     )
-    p.add_argument("--test-timeout", type=float, default=200.0, help="seconds for the test step (default 200)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="seconds for the whole command (default 480): each step's box is cut to fit")  # fmt: skip
+    p.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the test step (default 150)")
     p.add_argument("--skip-sweep", action="store_true", help="no config sweep")
-    p.add_argument("--sweep-budget", type=float, default=100.0, help="seconds for the sweep (default 100)")
+    p.add_argument("--sweep-budget", type=float, default=110.0, help="seconds for the sweep (default 110)")
     p.add_argument("--skip-generation", action="store_true", help="no generation benchmark")
-    p.add_argument("--generation-budget", type=float, default=40.0, help="seconds for generation (default 40)")
+    p.add_argument("--generation-budget", type=float, default=60.0, help="seconds for generation (default 60)")
     p.add_argument("--skip-model", action="store_true", help="no whole-model benchmark")
-    p.add_argument("--model-budget", type=float, default=60.0, help="seconds for the model benchmark (default 60)")
+    p.add_argument("--model-budget", type=float, default=80.0, help="seconds for the model benchmark (default 80)")
     p.add_argument(
         "--ncu",
         action="store_true",
@@ -312,11 +333,26 @@ def main(argv: list[str] | None = None) -> int:
     label = device_name(device)
     print(f"GPU check on {label}; {versions()}; output in {out}", flush=True)
 
+    box = TimeBox(args.budget_s)
+    # The least each later step needs: the benchmark is not boxed (its rows are what the
+    # targets read), the others get at least this much of what is left.
+    least = {
+        "bench": 0.0 if args.skip_bench else BENCH_S,
+        "sweep": 0.0 if args.skip_bench or args.skip_sweep else 40.0,
+        "generation": 0.0 if args.skip_bench or args.skip_generation else 40.0,
+        "model": 0.0 if args.skip_bench or args.skip_model else 50.0,
+    }
+    steps = list(least)
+
+    def after(step: str) -> float:
+        return sum(least[later] for later in steps[steps.index(step) + 1 :])
+
     tests = None
     if not args.skip_tests:
-        print(f"\n== GPU tests ({args.shards} shards, at most {args.test_timeout:.0f} s)", flush=True)
+        seconds = box.grant(args.test_timeout, least["bench"] + after("bench"), least=30.0)
+        print(f"\n== GPU tests ({args.shards} shards, at most {seconds:.0f} s)", flush=True)
         files = [f for f in args.test_files.split(",") if f]
-        tests = run_tests(out, max(1, args.shards), args.test_timeout, args.small, files, args.select)
+        tests = run_tests(out, max(1, args.shards), seconds, args.small, files, args.select)
         for line in tests["summaries"]:
             print(f"  {line}")
 
@@ -339,18 +375,21 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_rows: list[dict] = []
     if not args.skip_sweep:
-        print(f"\n== config sweep (at most {args.sweep_budget:.0f} s)", flush=True)
-        sweep_rows = run_sweep(out, args.small, args.sweep_budget)
+        seconds = box.grant(args.sweep_budget, after("sweep"), least["sweep"])
+        print(f"\n== config sweep (at most {seconds:.0f} s)", flush=True)
+        sweep_rows = run_sweep(out, args.small, seconds)
 
     generation_rows: list[dict] = []
     if not args.skip_generation:
-        print(f"\n== generation (at most {args.generation_budget:.0f} s)", flush=True)
-        generation_rows = run_generation(out, args.small, args.generation_budget)
+        seconds = box.grant(args.generation_budget, after("generation"), least["generation"])
+        print(f"\n== generation (at most {seconds:.0f} s)", flush=True)
+        generation_rows = run_generation(out, args.small, seconds)
 
     model_rows: list[dict] = []
     if not args.skip_model:
-        print(f"\n== whole-model training and generation (at most {args.model_budget:.0f} s)", flush=True)
-        model_rows = run_model(out, args.small, args.model_budget)
+        seconds = box.grant(args.model_budget, after("model"), least["model"])
+        print(f"\n== whole-model training and generation (at most {seconds:.0f} s)", flush=True)
+        model_rows = run_model(out, args.small, seconds)
 
     if args.ncu:
         print("\n== Nsight Compute (one training step, at most 150 s)", flush=True)

@@ -25,9 +25,10 @@ follow, ``dora: <stage>``, whose sum is its expert pass and down projection:
                            frozen projection (each W read again, every training step;
                            kept between calls while the adapter is unchanged)
     dora: expert pass      the pass with the gate/up scales inside, each pair's h
-                           written unweighted (k T rows)
-    dora: down per pair    down(h) on the k T pair rows, plus the rank-r expand
-    dora: combine          each pair scaled by w c_down[e] and summed per token
+                           written unweighted (k T rows), and its rank-r down expand
+    dora: down per pair    down(h) on the k T pair rows
+    dora: combine          one kernel: each pair's down(h) and expand scaled by
+                           w c_down[e] and summed per token (mixlora::dora_combine)
 
 Each stage's bytes and FLOPs are a model of the least it must move and compute (the
 useful rank-r FLOPs, not what a masked dense tile spends), so achieved bandwidth and
@@ -198,10 +199,9 @@ def _dora_in_kernels(E: int, r: int) -> bool:
 def _dora_stages(shape: Shape, w: Weights, x, G, U, weights, routed, cfg) -> list[Stage]:
     """MixDoRA's forward on the Triton kernels (``dora.dora_expert_pass``) cut into its
     stages, each on inputs computed once by the stage before it."""
-    from mixlora_kernels.autograd import expert_pass
+    from mixlora_kernels.autograd import dora_combine_op, expert_pass
     from mixlora_kernels.dora import clear_row_norms, expert_scales
     from mixlora_kernels.functional import _weight_times
-    from mixlora_kernels.routing import expert_one_hot
 
     T, d, f, E, k, r = shape.T, shape.d, shape.f, shape.E, shape.k, shape.r
     elem, pairs = x.element_size(), T * k
@@ -214,16 +214,13 @@ def _dora_stages(shape: Shape, w: Weights, x, G, U, weights, routed, cfg) -> lis
         scales = scales_of()
         gate_up = (scales["gate"].float(), scales["up"].float())
         H, Y = expert_pass(x, G, U, weights, routed, lora, no_keep, None, cfg, gate_up, True)
-        out = w.down_proj(H) + Y
-        onehot = expert_one_hot(routed, E, out.dtype)
-    down_scale = scales["down"].to(out.dtype)
+        P = w.down_proj(H)
 
     def down():
-        w.down_proj(H) + Y
+        w.down_proj(H)
 
     def combine():
-        coef = (weights.to(out.dtype).unsqueeze(-1) * onehot) @ down_scale
-        (coef * out.view(T, k, -1)).sum(1)
+        dora_combine_op(P, Y, weights, routed, scales["down"])
 
     er = E * r
     # Scales: each frozen W read once more (W A^T for every expert), the LoRA weights.
@@ -233,8 +230,8 @@ def _dora_stages(shape: Shape, w: Weights, x, G, U, weights, routed, cfg) -> lis
     return [
         Stage("dora: scales", scales_of, *scale_model),
         Stage("dora: expert pass", per_pair, *pass_model),
-        Stage("dora: down per pair", down, elem * (pairs * f + f * d + 2 * pairs * d), 2.0 * pairs * f * d),
-        Stage("dora: combine", combine, elem * (2 * pairs * d + T * d), 2.0 * pairs * d * (E + 1)),
+        Stage("dora: down per pair", down, elem * (pairs * f + f * d + pairs * d), 2.0 * pairs * f * d),
+        Stage("dora: combine", combine, elem * (2 * pairs * d + T * d) + 4 * E * d, 3.0 * pairs * d),
     ]
 
 

@@ -27,8 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .autograd import expert_pass
-from .routing import expert_one_hot
+from .autograd import dora_combine_op, expert_pass
 
 # Chunk of identity rows pushed through a weight we cannot read directly.
 _PROBE_ROWS = 1024
@@ -218,25 +217,18 @@ def dora_expert_pass(xf, G, U, weights, experts, lora, scales: dict, *, keep: tu
     applied per pair inside the fused pass (G and U still computed once). Without a down
     magnitude the pass combines the pairs and the down projection runs once per token, as
     in MixLoRA. With one, the pass writes each pair's unweighted h (k T rows), the down
-    projection runs per pair, and the pairs are scaled and combined here:
-    out_t = sum_j w_tj c_down[e_tj] * (down(h_tj) + s B A drop(h_tj)). Returns (y, combined)
-    as ``dora_expert_ffn`` does."""
+    projection runs per pair, and one kernel scales and combines the pairs
+    (``mixlora::dora_combine``): out_t = sum_j w_tj c_down[e_tj] * (down(h_tj) + s B A drop(h_tj)).
+    Returns (y, combined) as ``dora_expert_ffn`` does."""
     per_pair = "down" in scales
     gate_up = tuple(None if c is None else c.float() for c in (scales.get("gate"), scales.get("up")))
     H, Y = expert_pass(xf, G, U, weights, experts, lora, keep, seed, cfg, gate_up, per_pair)
     out = down_proj(H)
-    if Y is not None:
-        out = out + Y
     if not per_pair:
-        return out, True
-    T, k = experts.shape
-    E = cfg.num_experts
-    # Each pair's w * scale row by a one-hot product (no index_add: deterministic
-    # gradients; the weighted one-hot (T, k, E) is what it saves); a slot without an
-    # expert has a zero row. Saved for backward: coef and out, (k T, d) each.
-    onehot = expert_one_hot(experts, E, out.dtype)
-    coef = (weights.to(out.dtype).unsqueeze(-1) * onehot) @ scales["down"].to(out.dtype)
-    return (coef * out.view(T, k, -1)).sum(1), False
+        return (out if Y is None else out + Y), True
+    # Saved for backward: the pairs' down(h) and expands, (k T, d) each, which the forward
+    # made anyway; no per-pair coefficient tensor.
+    return dora_combine_op(out, Y, weights, experts, scales["down"]), False
 
 
 def _stack(lora, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

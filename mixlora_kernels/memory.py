@@ -120,14 +120,14 @@ def _dora_saved_bytes(T: int, d: int, f: int, config: MixLoraConfig, element: in
                       down_lora: bool) -> int:  # fmt: skip
     """What DoRA experts add on the Triton kernels. Per DoRA projection, its scale's
     inputs (the fp32 row norms and the mask of nonzero ones, (E, out)); per gate/up one,
-    the fp32 scale (E, f) the kernels read again; for a DoRA down projection, its scale in
-    x's dtype, the weighted and plain one-hot of the pairs' experts (T, slots, E), and the
-    pairs' down outputs with their coefficients, (T * slots, d) each."""
+    the fp32 scale (E, f) the kernels read again; for a DoRA down projection, its fp32
+    scale (E, d), which the per-pair epilogue reads again, and the pairs' down outputs and
+    LoRA expands, (T * slots, d) each."""
     E = config.num_experts
     k = _slots(config.routing_strategy, config.top_k or 0, E)
     saved = gate_up * E * f * (4 + 4 + 1)
     if down_lora:
-        saved += E * d * (4 + 1 + element) + 2 * T * k * E * element + 2 * T * k * d * element
+        saved += E * d * (4 + 1 + 4) + 2 * T * k * d * element
     return saved
 
 

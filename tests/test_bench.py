@@ -19,8 +19,8 @@ import torch
 from bench import harness, suite
 from bench.__main__ import RECORD_DIR, main
 from bench.cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p
+from bench.gpu_check import TimeBox, shard_summary
 from bench.gpu_check import main as gpu_check
-from bench.gpu_check import shard_summary
 from bench.harness import noisy, repeats_for, time_cpu
 from bench.model import peft_available
 from bench.stages import device_peaks
@@ -348,6 +348,20 @@ def test_gpu_check_without_a_gpu_needs_small_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_check(["--out", str(tmp_path)])
     assert "run with --small" in capsys.readouterr().err
+
+
+def test_gpu_check_cuts_each_step_to_what_its_box_leaves(monkeypatch):
+    """A step gets the seconds it asks for while the whole command's box holds them and
+    the least the later steps need; past that it is cut, never below its own least."""
+    now = [1000.0]
+    monkeypatch.setattr("bench.gpu_check.time.monotonic", lambda: now[0])
+    box = TimeBox(480)
+    assert box.grant(150, reserve=220) == 150
+    now[0] += 300  # 180 s left
+    assert box.grant(110, reserve=90) == 90
+    assert box.grant(60, reserve=0) == 60
+    now[0] += 200  # past the box
+    assert box.grant(80, reserve=0, least=50) == 50
 
 
 def test_gpu_check_reports_how_far_a_timed_out_shard_got():

@@ -18,6 +18,8 @@ from test_module import ALL_MLP, make_mlp
 
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, mixlora_ffn, router_aux_loss
 from mixlora_kernels.autograd import (
+    dora_combine_backward_op,
+    dora_combine_op,
     expert_pass_backward_op,
     expert_pass_op,
     route_switch_op,
@@ -179,6 +181,25 @@ def test_opcheck_router_backward_op(need):
     gen = torch.Generator().manual_seed(5)
     dl, x, weight = (torch.randn(*shape, generator=gen).to(TRITON_DEVICE) for shape in ((40, 5), (40, 24), (5, 24)))
     torch.library.opcheck(router_backward_op, (dl, x, weight, *need))
+
+
+def _combine_args(with_y: bool):
+    gen = torch.Generator().manual_seed(6)
+    T, K, E, d = 20, 2, 4, 24
+    experts = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    experts[3, 1] = E  # a slot without an expert
+    P, Y = (torch.randn(T * K, d, generator=gen) for _ in range(2))
+    weights, scales = torch.rand(T, K, generator=gen), torch.rand(E, d, generator=gen) + 0.5
+    P, Y, weights, scales = (t.to(TRITON_DEVICE).requires_grad_() for t in (P, Y, weights, scales))
+    return P, Y if with_y else None, weights, experts.to(TRITON_DEVICE), scales
+
+
+@pytest.mark.parametrize("with_y", [True, False], ids=["lora", "no-lora"])
+def test_opcheck_dora_combine_ops(with_y):
+    args = _combine_args(with_y)
+    torch.library.opcheck(dora_combine_op, args)
+    dout = torch.randn(20, 24, generator=torch.Generator().manual_seed(8)).to(TRITON_DEVICE)
+    torch.library.opcheck(dora_combine_backward_op, (dout, *(a if a is None else a.detach() for a in args)))
 
 
 def test_an_operator_output_that_does_not_exist_is_empty_and_the_wrapper_says_none():

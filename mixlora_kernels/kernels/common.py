@@ -83,6 +83,17 @@ def token_bucket(T: int) -> int:
     return min(next_pow2(T), 1 << 16)
 
 
+def token_ranges(T: int, column_tiles: int, device: torch.device) -> int:
+    """Token ranges of a kernel whose programs each own one range and one column tile and
+    keep per-range fp32 partials of a reduction over tokens (summed after, in a fixed
+    order): enough programs to fill the GPU twice over, each range at least 256 tokens.
+    Under the interpreter 2 ranges past 32 tokens: the partial sums exercised, kept small."""
+    if device.type != "cuda":
+        return 2 if T > 32 else 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, column_tiles), triton.cdiv(T, 256)))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands keep full precision (tl.dot would use tf32); half types ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2
+from .common import next_pow2, token_ranges
 
 
 @triton.jit
@@ -312,15 +312,6 @@ def router_fwd(x: torch.Tensor, weight: torch.Tensor, select: str, top_k: int = 
     return logits, weights, experts, counts.reshape(-1, E).sum(0).long()
 
 
-def _router_ranges(T: int, d: int, device: torch.device) -> int:
-    """Token ranges of the router backward: enough programs (ranges x d tiles) to fill the
-    GPU, each range at least 256 tokens; its fp32 partials are num_ranges x E x d."""
-    if device.type != "cuda":
-        return 2 if T > 32 else 1  # the interpreter: exercise the partial sums, stay small
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(d, ROUTER_BLOCK_D)), triton.cdiv(T, 256)))
-
-
 def router_bwd(dlogits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool, need_dw: bool):
     """(dx = dlogits Wg in x's dtype or None, dWg = dlogits^T x in weight's dtype or None),
     both accumulated in fp32; dWg's token ranges are summed in a fixed order."""
@@ -328,7 +319,7 @@ def router_bwd(dlogits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, nee
     E = weight.shape[0]
     dlogits = dlogits.float().contiguous()
     block_t = 16
-    ranges = _router_ranges(T, d, x.device)
+    ranges = token_ranges(T, triton.cdiv(d, ROUTER_BLOCK_D), x.device)
     t_per_range = triton.cdiv(triton.cdiv(T, ranges), block_t) * block_t
     ranges = max(1, triton.cdiv(T, t_per_range))
     dx = torch.empty(T, d, device=x.device, dtype=x.dtype) if need_dx else None

@@ -446,15 +446,49 @@ def _dropout_jobs(arch: str) -> list[Job]:
     return [_job("dropout_keep", arch, f"stream={s}", sig, dict(STREAM=s, BLOCK_T=16, BLOCK_W=128)) for s in (GATE, UP)]
 
 
+def _dora_combine_jobs(arch: str) -> list[Job]:
+    """MixDoRA's per-pair epilogue, forward and backward: bf16 (fp16 compiles alike) and
+    fp32 activations, 8 or 64 experts, 2 slots or E (top-p), with a down LoRA, and once
+    without one."""
+    from ..kernels.common import next_pow2
+    from ..kernels.dora_combine import COMBINE_BLOCK_N, COMBINE_BLOCK_T, combine_bwd_block_n
+
+    jobs = []
+    classes = [(dtype, E, K, True) for dtype in ("bf16", "fp32") for E in (8, 64) for K in (2, E)]
+    for dtype, E, K, has_y in [*classes, ("bf16", 8, 2, False)]:
+        pair = {"p_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "e_ptr": "*i64", "c_ptr": "*fp32"}
+        variant = f"{dtype} E={E} K={K}" + ("" if has_y else " no-lora")
+        sig = {**pair, "out_ptr": f"*{dtype}", "T": "i32", "D": "i32", "E": "i32"}
+        const = dict(K=K, HAS_Y=has_y, BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N)
+        jobs.append(_job("dora_combine_fwd", arch, variant, sig, const))
+        sig = {"dout_ptr": f"*{dtype}", **pair, "g_ptr": f"*{dtype}", "dw_ptr": "*fp32", "dc_ptr": "*fp32",
+               "T": "i32", "D": "i32", "E": "i32", "t_per_range": "i32"}  # fmt: skip
+        const = dict(K=K, HAS_Y=has_y, E_PAD=max(16, next_pow2(E)), BLOCK_T=COMBINE_BLOCK_T,
+                     BLOCK_N=combine_bwd_block_n(E))  # fmt: skip
+        jobs.append(_job("dora_combine_bwd", arch, variant, sig, const))
+    return jobs
+
+
 def _cfg(cfg) -> dict:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _kernel(name: str):
-    from ..kernels import dropout, expert_pass_bwd, expert_pass_es, expert_pass_es_bwd, expert_pass_tm, permute, route
+    from ..kernels import (
+        dora_combine,
+        dropout,
+        expert_pass_bwd,
+        expert_pass_es,
+        expert_pass_es_bwd,
+        expert_pass_tm,
+        permute,
+        route,
+    )
 
     return {
         "dropout_keep": dropout._dropout_keep_kernel,
+        "dora_combine_fwd": dora_combine._dora_combine_fwd_kernel,
+        "dora_combine_bwd": dora_combine._dora_combine_bwd_kernel,
         "expert_pass_tm_fwd": expert_pass_tm._expert_pass_tm_fwd_kernel,
         "expert_pass_tm_bwd": expert_pass_bwd._expert_pass_tm_bwd_kernel,
         "expert_pass_tm_wgrad": expert_pass_bwd._expert_pass_tm_wgrad_kernel,
@@ -561,7 +595,7 @@ def jobs_for(arch: str) -> list[Job]:
 
     family = family_of(ARCHS[arch])
     jobs = _tm_jobs(arch, family) + _tm_bwd_jobs(arch, family) + _es_jobs(arch, family) + _es_bwd_jobs(arch, family)
-    return jobs + _route_permute_jobs(arch) + _dropout_jobs(arch)
+    return jobs + _route_permute_jobs(arch) + _dropout_jobs(arch) + _dora_combine_jobs(arch)
 
 
 def _spill_report(results: list[Result]) -> int:
