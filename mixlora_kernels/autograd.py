@@ -251,7 +251,7 @@ def _softmax_backward(p: Tensor, dp: Tensor) -> Tensor:
 
 def _counts(per_block: Tensor) -> Tensor:
     """(E,) int64 pairs per expert from the kernels' per-block (and per-slot) counts."""
-    return per_block.reshape(-1, per_block.shape[-1]).sum(0).long()
+    return per_block.reshape(-1, per_block.shape[-1]).sum(0, dtype=torch.int64)
 
 
 @torch.library.custom_op("mixlora::route_topk", mutates_args=())

@@ -138,8 +138,11 @@ def shrinks(x, lora, scale, dropout: Dropout | None = None, inputs=None):
     (_, x_gate), (_, x_up) = lora_inputs(x, lora, dropout) if inputs is None else inputs
 
     def shrink(a, inp):
+        # s (inp A^T) as one GEMM: alpha = s, and beta = 0 ignores the input (a 1 x 1 view
+        # of A, never read), so no separate scaling pass.
         E, R, d = a.shape
-        return (inp @ a.reshape(E * R, d).t()).mul_(scale).view(-1, E, R)
+        flat = a.reshape(E * R, d)
+        return torch.addmm(flat[:1, :1], inp, flat.t(), beta=0, alpha=scale).view(-1, E, R)
 
     xa_gate = None if lora.gate_A is None else shrink(lora.gate_A, x_gate)
     if lora.up_A is None:

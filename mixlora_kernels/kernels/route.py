@@ -309,7 +309,7 @@ def router_fwd(x: torch.Tensor, weight: torch.Tensor, select: str, top_k: int = 
         )  # fmt: skip
     if select == "logits":
         return logits, None, None, None
-    return logits, weights, experts, counts.reshape(-1, E).sum(0).long()
+    return logits, weights, experts, counts.reshape(-1, E).sum(0, dtype=torch.int64)
 
 
 def router_bwd(dlogits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool, need_dw: bool):
