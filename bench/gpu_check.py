@@ -334,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU check on {label}; {versions()}; output in {out}", flush=True)
 
     box = TimeBox(args.budget_s)
-    # The least each later step needs: the benchmark is not boxed (its rows are what the
-    # targets read), the others get at least this much of what is left.
+    # The least each step needs, in their order: the benchmark is not boxed (its rows are
+    # what the targets read), the others get at least this much of what is left.
     least = {
+        "tests": 0.0 if args.skip_tests else 30.0,
         "bench": 0.0 if args.skip_bench else BENCH_S,
         "sweep": 0.0 if args.skip_bench or args.skip_sweep else 40.0,
         "generation": 0.0 if args.skip_bench or args.skip_generation else 40.0,
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tests = None
     if not args.skip_tests:
-        seconds = box.grant(args.test_timeout, least["bench"] + after("bench"), least=30.0)
+        seconds = box.grant(args.test_timeout, after("tests"), least["tests"])
         print(f"\n== GPU tests ({args.shards} shards, at most {seconds:.0f} s)", flush=True)
         files = [f for f in args.test_files.split(",") if f]
         tests = run_tests(out, max(1, args.shards), seconds, args.small, files, args.select)

@@ -507,7 +507,7 @@ def _backward_dora_combine(ctx, dout):
     need = ctx.needs_input_grad
     return (
         g if need[0] else None,
-        g if Y is not None and need[1] else None,
+        g if need[1] else None,  # Y's, where Y is given
         dw if need[2] else None,
         None,
         dc if need[4] else None,
