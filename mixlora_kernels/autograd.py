@@ -357,6 +357,9 @@ def _backward_route_switch(ctx, dweights, _dexperts, dbypass, _dcounts):
     logits, experts = ctx.saved_tensors
     p = logits.softmax(-1)
     kept = experts[:, 0] < logits.shape[-1]
+    # Either output may be unused ("preserve-base" routing has no bypass): no gradient.
+    dweights = torch.zeros_like(logits[:, :1]) if dweights is None else dweights
+    dbypass = torch.zeros_like(logits[:, 0]) if dbypass is None else dbypass
     dp_max = torch.where(kept, dweights[:, 0], dbypass)
     dp = torch.zeros_like(p).scatter_(1, p.argmax(-1, keepdim=True), dp_max.unsqueeze(1))
     return _softmax_backward(p, dp), None, None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .activations import SUPPORTED_ACTIVATIONS
-from .routing import ROUTING_STRATEGIES, RoutingSpec
+from .routing import ROUTING_SEMANTICS, ROUTING_STRATEGIES, RoutingSpec, base_change_at_init
 
 # The fields that belong to one routing strategy, and their values when a config leaves
 # them out (MoE-PEFT's). Another strategy's field given with a value is an error rather
@@ -143,6 +143,10 @@ class MixLoraConfig:
     # None: every projection of the model type (DEFAULT_TARGET_MODULES), resolved at injection.
     target_modules: list[str] | dict[str, bool] | None = None
     routing_strategy: str = "mixlora"
+    # "moe-peft" (MoE-PEFT's weights; what a file without the field means) or
+    # "preserve-base" (a fresh adapter leaves the model's function as it was, for top-p and
+    # switch too): see routing.ROUTING_SEMANTICS.
+    routing_semantics: str = "moe-peft"
     num_experts: int = 8
     # top-k ("mixlora")
     top_k: int | None = None
@@ -184,6 +188,8 @@ class MixLoraConfig:
         _check_lora_triplet("", self.r, self.lora_alpha, self.lora_dropout)
         if self.routing_strategy not in ROUTING_STRATEGIES:
             _fail("routing_strategy", self.routing_strategy, f"must be one of {ROUTING_STRATEGIES}")
+        if self.routing_semantics not in ROUTING_SEMANTICS:
+            _fail("routing_semantics", self.routing_semantics, f"must be one of {ROUTING_SEMANTICS}")
         if not is_int(self.num_experts) or self.num_experts <= 0:
             _fail("num_experts", self.num_experts, "must be a positive integer")
         self._validate_strategy_fields()
@@ -317,6 +323,22 @@ class MixLoraConfig:
         if self.routing_strategy == "mixlora":
             return self.top_k
         return 1 if self.routing_strategy == "mixlora-switch" else self.num_experts
+
+    def warn_if_base_changes(self, source: str, stacklevel: int = 3) -> None:
+        """Warn when a fresh adapter of this config changes the model's function before its
+        first step (top-p and switch under MoE-PEFT's semantics), naming the option that
+        keeps it. For the code that creates adapters, not for loading trained ones."""
+        change = base_change_at_init(self.routing_strategy, self.routing_semantics)
+        if change is None:
+            return
+        warnings.warn(
+            f"{source}: routing_strategy={self.routing_strategy!r} with MoE-PEFT's semantics {change}: a fresh "
+            "adapter changes the pretrained model's function before its first step. Set "
+            'routing_semantics="preserve-base" in the MixLoraConfig to start from the base model exactly '
+            "(the router still trains); the default stays MoE-PEFT's, so that its adapters load and behave the same",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
     def routing_spec(self) -> RoutingSpec:
         """The routing of this config, as the kernels and the router loss take it."""

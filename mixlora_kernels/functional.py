@@ -16,14 +16,14 @@ import os
 
 import torch
 
-from .activations import activation_kind
+from .activations import act_fwd, activation_kind
 from .autograd import expert_pass, route_tokens
 from .config import STRATEGY_FIELDS, is_int, is_number
 from .containers import ExpertLoRA, MixLoraOutput
 from .dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
 from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise
-from .routing import ROUTING_STRATEGIES, Routing, RoutingSpec
+from .routing import ROUTING_SEMANTICS, ROUTING_STRATEGIES, Routing, RoutingSpec, preserve_base
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -63,11 +63,13 @@ def _shape_error(name: str, tensor: torch.Tensor, expected: tuple) -> None:
     raise ValueError(f"mixlora_ffn: {name} has shape {tuple(tensor.shape)}, expected {expected}")
 
 
-def _routing_spec(num_experts: int, strategy: str, ffn_dropout: float, **given) -> RoutingSpec:
+def _routing_spec(num_experts: int, strategy: str, semantics: str, ffn_dropout: float, **given) -> RoutingSpec:
     """The RoutingSpec of the routing arguments; each strategy takes only its own, and the
     ones left as None take the strategy's defaults (those of MixLoraConfig)."""
     if strategy not in ROUTING_STRATEGIES:
         raise ValueError(f"mixlora_ffn: unknown routing_strategy {strategy!r}; choose from {ROUTING_STRATEGIES}")
+    if semantics not in ROUTING_SEMANTICS:
+        raise ValueError(f"mixlora_ffn: routing_semantics={semantics!r} must be one of {ROUTING_SEMANTICS}")
     for name, value in given.items():
         owner = next(s for s, names in STRATEGY_FIELDS.items() if name in names)
         if value is not None and owner != strategy:
@@ -81,7 +83,7 @@ def _routing_spec(num_experts: int, strategy: str, ffn_dropout: float, **given) 
         raise ValueError(
             f"mixlora_ffn: ffn_dropout applies to routing_strategy 'mixlora-switch' only, not {strategy!r}"
         )
-    spec = RoutingSpec(strategy, **{k: v for k, v in given.items() if v is not None})
+    spec = RoutingSpec(strategy, **{k: v for k, v in given.items() if v is not None}, routing_semantics=semantics)
     if strategy == "mixlora" and not (is_int(spec.top_k) and 1 <= spec.top_k <= num_experts):
         raise ValueError(f"mixlora_ffn: top_k={spec.top_k!r} must be an integer in [1, num_experts={num_experts}]")
     if strategy == "mixlora-dynamic":
@@ -168,6 +170,7 @@ def mixlora_ffn(
     top_p: float | None = None,
     temperature: float | None = None,
     expert_capacity: int | None = None,
+    routing_semantics: str = "moe-peft",
     activation: str = "silu",
     scaling: float = 1.0,
     dropout: float = 0.0,
@@ -196,6 +199,12 @@ def mixlora_ffn(
         top_p, temperature: "mixlora-dynamic" only (defaults 0.8 and 0, no temperature).
         expert_capacity: tokens per expert and sequence ("mixlora-switch" only; default 32).
             An argument of another strategy than ``routing_strategy`` raises ValueError.
+        routing_semantics: "moe-peft" (the default: MoE-PEFT's weights, as above) or
+            "preserve-base": top-p renormalises its kept weights, and switch weighs a kept
+            token by p_max / stop_grad(p_max) (1, with p_max's gradient) and gives a token
+            over capacity the base FFN without any expert's adapter, so that with every B
+            zero the block equals the base FFN for every strategy (top-k is the same
+            under both).
         activation: the FFN activation name ("silu", "gelu_pytorch_tanh", "gelu", ...).
         scaling: LoRA scale s (alpha / r, or alpha / sqrt(r) with rslora).
         dropout, jitter_noise: LoRA dropout and router jitter, applied when ``training``.
@@ -224,7 +233,7 @@ def mixlora_ffn(
     _validate(x, router_weight, experts)
     _check_arguments(scaling, dropout, jitter_noise, training, seed)
     num_experts, d = router_weight.shape
-    spec = _routing_spec(num_experts, routing_strategy, ffn_dropout, top_k=top_k, top_p=top_p,
+    spec = _routing_spec(num_experts, routing_strategy, routing_semantics, ffn_dropout, top_k=top_k, top_p=top_p,
                          temperature=temperature, expert_capacity=expert_capacity)  # fmt: skip
     if (gate_proj is None) == (gate_up_proj is None):
         raise ValueError("mixlora_ffn: pass exactly one of gate_proj and gate_up_proj")
@@ -265,8 +274,16 @@ def mixlora_ffn(
 
     router_in = xf if noise.jitter is None else xf * noise.jitter
     seq_len = shape[-2] if x.dim() > 2 else T
-    routing = route_tokens(router_in, router_weight, spec, seq_len, backend)
+    routing = preserve_base(route_tokens(router_in, router_weight, spec, seq_len, backend), spec)
     logits = routing.logits
+    # "preserve-base" switch: a token over capacity gets the base FFN. The LoRA pass runs it
+    # as a pair of any expert (the last) with weight 1 whose adapter sees a zero input and
+    # whose down expand is masked off, so its h is sigma(G) * U exactly; DoRA experts,
+    # whose scales would still apply, leave it out and add the base FFN after.
+    dropped = None
+    if spec.routing_semantics == "preserve-base" and spec.strategy == "mixlora-switch":
+        dropped = ~routing.kept
+    out_weights = routing.weights  # a dropped token's is 0 either way: it has no expert
 
     lora = [None if t is None else t.to(xf.dtype) for t in experts]
     if experts.up_A is not None and experts.up_A is experts.gate_A:
@@ -287,23 +304,32 @@ def mixlora_ffn(
             grouped=backend == "torch",
         )  # fmt: skip
     else:
+        pair_experts, lora_x = routing.experts, xf
+        if dropped is not None:
+            routing = routing._replace(weights=routing.weights + dropped.unsqueeze(1).to(routing.weights.dtype))
+            pair_experts = pair_experts.clamp(max=num_experts - 1)
+            kept_rows = routing.kept.unsqueeze(1).to(xf.dtype)
+            lora_x = xf * kept_rows
+            cfg = cfg._replace(routing="mixlora")  # no slot without an expert
         # The Triton kernels read the routing weights in fp32, as the router gives them:
         # handing them over uncast saves two casts a call (decode is launch-bound).
         weights = routing.weights if backend == "triton" else routing.weights.to(xf.dtype)
-        H, Y = expert_pass(xf, G, U, weights, routing.experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
+        H, Y = expert_pass(lora_x, G, U, weights, pair_experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
         y = down_proj(H)
         if Y is not None:
-            y = y + Y
+            y = y + Y if dropped is None else torch.addcmul(y, Y, kept_rows)
         combined = True
-    if combined and spec.strategy != "mixlora":
+        dropped = None  # the pass gave them the base FFN
+    if combined and not spec.weights_sum_to_one:
         y = _unnormalised_epilogue(y, xf, routing, down_proj)
     elif routing.bypass is not None:
         y = torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)
+    if dropped is not None:
+        y = y + _base_ffn(G, U, kind, dropped, down_proj).to(y.dtype)
     if noise.ffn is not None:
         y = y * noise.multiplicative("ffn", y.dtype)
-    return MixLoraOutput(
-        y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept, routing.counts
-    )
+    return MixLoraOutput(y.reshape(shape).to(x.dtype), logits, routing.experts, out_weights, routing.kept,
+                         routing.counts)  # fmt: skip
 
 
 def _dora_fits(num_experts: int, experts: ExpertLoRA) -> bool:
@@ -356,6 +382,17 @@ def _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f: int) -> dict:
         "up": lambda a: weight_times_a(up_proj, a),
         "down": lambda a: weight_times_a(down_proj, a),
     }
+
+
+def _base_ffn(G, U, kind: str, rows: torch.Tensor, down_proj) -> torch.Tensor:
+    """The frozen base FFN's output on ``rows`` (T,) bool, 0 elsewhere, from the base
+    projections G and U already computed: down(sigma(G) * U) for the rows switch capacity
+    dropped, under "preserve-base" routing with DoRA experts."""
+    h = act_fwd(kind, G)
+    if U is not None:
+        h = h * U
+    mask = rows.unsqueeze(1).to(G.dtype)
+    return down_proj(h * mask) * mask
 
 
 def _unnormalised_epilogue(y, xf, routing: Routing, down_proj):

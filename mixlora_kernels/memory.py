@@ -98,15 +98,24 @@ def _slots(strategy: str, top_k: int, num_experts: int) -> int:
 
 
 def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str, element: int,
-                         dora: bool = False) -> int:  # fmt: skip
+                         dora: bool = False, preserve: bool = False) -> int:  # fmt: skip
     """What routing saves: the router's fp32 probabilities (T, E), the chosen experts
     (int64) and their weights (fp32 on the Triton path without DoRA experts, whose
-    kernels read them so; else in x's dtype), and each path's own intermediates."""
+    kernels read them so; else in x's dtype), and each path's own intermediates.
+    ``preserve``: "preserve-base" routing semantics."""
     slots = _slots(strategy, top_k, E)
     weight_element = 4 if backend == "triton" and not dora else element
     saved = T * E * 4 + T * slots * 8 + T * slots * weight_element
-    if strategy == "mixlora-switch":  # the bypass weight p_max of dropped tokens, x's dtype
+    if strategy == "mixlora-switch":
+        # The bypass weight p_max of dropped tokens, x's dtype; under "preserve-base", the
+        # mask of kept rows that zeroes the dropped ones' LoRA input and down expand.
         saved += T * element
+    if preserve and strategy == "mixlora-switch":
+        saved += T * 4  # p_max, the detached divisor of p_max / stop_grad(p_max)
+        if backend == "triton" and not dora:
+            saved += T * 8  # the pass's experts: a dropped token's sentinel made an expert
+    if preserve and strategy == "mixlora-dynamic":
+        saved += T * E * 4 + T * 4  # the kept weights before renormalising, and their sum
     if backend == "triton":
         return saved
     if strategy == "mixlora":  # the top-k probabilities (fp32) and their sum
@@ -159,8 +168,13 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     saved = x + projections  # the router saves x itself (routing.router_logits)
     if training and config.jitter_noise > 0:
         saved += 2 * T * d * element  # router jitter: its factors, and the jittered input the router saves
+    preserve = config.routing_semantics == "preserve-base"
     saved += _routing_saved_bytes(T, E, config.routing_strategy, config.top_k or 0, backend, element,
-                                  config.expert_dora)  # fmt: skip
+                                  config.expert_dora, preserve)  # fmt: skip
+    if preserve and config.routing_strategy == "mixlora-switch" and not config.expert_dora:
+        # The LoRA pass's input, x with the dropped tokens' rows zeroed, is a tensor of its
+        # own; x is then saved by the router alone, which under jitter saves its jittered copy.
+        saved += 0 if training and config.jitter_noise > 0 else x
     dropout = training and config.expert_dropout > 0
     if backend == "triton":
         saved += T * E * r * 4 if down_lora else 0  # Zd, the weighted down shrinks, fp32
@@ -168,6 +182,8 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
         if config.expert_dora:
             gate_up = (2 if gated else 1) if gate_up_lora else 0
             saved += _dora_saved_bytes(T, d, f, config, element, gate_up, down_lora)
+            if preserve and config.routing_strategy == "mixlora-switch" and gated:
+                saved += T * f * element  # sigma(G), for the base FFN of the tokens over capacity
     elif dropout:  # bool keep-masks of the LoRA inputs
         saved += T * d * (1 if shared_dropout or not gated else 2) + T * f
     return saved

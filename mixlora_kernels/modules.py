@@ -23,7 +23,7 @@ from .routing import expert_counts, router_loss
 
 # The routing fields of MixLoraConfig that mixlora_ffn takes; the config holds None for
 # those of the other strategies, and None leaves them out.
-_ROUTING_ARGUMENTS = ("top_k", "top_p", "temperature", "expert_capacity", "ffn_dropout")
+_ROUTING_ARGUMENTS = ("top_k", "top_p", "temperature", "expert_capacity", "ffn_dropout", "routing_semantics")
 
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
 MLP_STYLES = {
@@ -156,9 +156,14 @@ class FusedMixLoraFFN(nn.Module):
         "triton", "torch" or "auto" (triton on CUDA; env MIXLORA_BACKEND overrides).
         A bitsandbytes 4-bit MLP is kept out of bitsandbytes' CPU repacking (bf16, no
         backward; ``keep_4bit_weights_unpacked``), before the DoRA norm probe runs it.
+
+        A fresh block under top-p or switch routing with MoE-PEFT's semantics is not the
+        MLP it wraps (``MixLoraConfig.routing_semantics``): that gets a warning.
         """
         keep_4bit_weights_unpacked(mlp)
-        return cls(mlp, config, backend=backend, dtype=dtype)
+        block = cls(mlp, config, backend=backend, dtype=dtype)
+        config.warn_if_base_changes("FusedMixLoraFFN.from_mlp")
+        return block
 
     @property
     def adapter_dtype(self) -> torch.dtype:

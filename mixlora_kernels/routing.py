@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 
 ROUTING_STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
+# What the routing weights mean. "moe-peft" (the default, and what a file without the
+# field means): MoE-PEFT's, so that its adapters load and behave the same; top-p leaves
+# the kept mass unnormalised and switch scales the block by p_max and passes a dropped
+# token's x through, both of which change a pretrained model's function before its first
+# step. "preserve-base": a fresh block (every B zero) equals the base FFN for every
+# strategy, and the router still trains: top-p renormalises its kept weights, as top-k
+# does; switch scales by p_max / stop_grad(p_max) (value 1, p_max's gradient) and a token
+# over capacity takes the frozen base FFN, without any expert's adapter.
+ROUTING_SEMANTICS = ("moe-peft", "preserve-base")
 
 
 class RoutingSpec(NamedTuple):
@@ -21,6 +30,35 @@ class RoutingSpec(NamedTuple):
     top_p: float = 0.8  # "mixlora-dynamic": probability mass to cover
     temperature: float = 0.0  # "mixlora-dynamic": divides the probabilities when > 0
     expert_capacity: int = 32  # "mixlora-switch": tokens per expert and sequence
+    routing_semantics: str = "moe-peft"  # ROUTING_SEMANTICS
+
+    @property
+    def preserves_base(self) -> bool:
+        """Whether a fresh block (every B zero) computes the base FFN: top-k always; top-p
+        and switch under "preserve-base"."""
+        return self.strategy == "mixlora" or self.routing_semantics == "preserve-base"
+
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """Whether each token's weights sum to 1 identically (so do their gradients to 0):
+        top-k, and top-p renormalised. Switch under "preserve-base" sums to 1 in value
+        only: p_max / stop_grad(p_max) carries p_max's gradient."""
+        return self.strategy == "mixlora" or (
+            self.strategy == "mixlora-dynamic" and self.routing_semantics == "preserve-base"
+        )
+
+
+def base_change_at_init(strategy: str, semantics: str) -> str | None:
+    """How a strategy under ``semantics`` changes a pretrained model's function at
+    injection (every B zero), in words; None when it leaves the function as it is."""
+    if semantics == "preserve-base" or strategy == "mixlora":
+        return None
+    if strategy == "mixlora-dynamic":
+        return "leaves the kept experts' weights unnormalised, so every FFN output is scaled by a number in [top_p, 1]"
+    return (
+        "scales every FFN output by the router's p_max and replaces the FFN output of a token over "
+        "expert_capacity by p_max * x"
+    )
 
 
 class Routing(NamedTuple):
@@ -114,12 +152,31 @@ def route_switch(logits: torch.Tensor, seq_len: int, expert_capacity: int) -> Ro
 
 
 def route(logits: torch.Tensor, spec: RoutingSpec, seq_len: int) -> Routing:
-    """Route the rows of ``logits`` (T, E) in PyTorch ops."""
+    """Route the rows of ``logits`` (T, E) in PyTorch ops, with MoE-PEFT's semantics
+    (``preserve_base`` turns them into the other)."""
     if spec.strategy == "mixlora":
         return route_topk(logits, spec.top_k)
     if spec.strategy == "mixlora-dynamic":
         return route_top_p(logits, spec.top_p, spec.temperature)
     return route_switch(logits, seq_len, spec.expert_capacity)
+
+
+def preserve_base(routing: Routing, spec: RoutingSpec) -> Routing:
+    """MoE-PEFT's top-p or switch routing turned into "preserve-base" routing (the routing
+    itself under "moe-peft"). Top-p: the kept weights renormalised. Switch: a kept token's
+    weight p_max / stop_grad(p_max), which is 1 with p_max's gradient; a dropped token
+    keeps no expert and no bypass (the block gives it the base FFN). Both backends route
+    MoE-PEFT's way first and apply this after, on (T, K) tensors."""
+    if spec.routing_semantics != "preserve-base" or spec.strategy == "mixlora":
+        return routing
+    weights = routing.weights
+    if spec.strategy == "mixlora-dynamic":
+        # The first expert is always kept, so the sum is at least 1 / E.
+        return routing._replace(weights=weights / weights.sum(dim=-1, keepdim=True))
+    kept = routing.kept.unsqueeze(1)
+    # A dropped token's weight is 0: dividing by 1 there keeps its gradient finite.
+    ratio = weights / torch.where(kept, weights.detach(), 1.0)
+    return routing._replace(weights=ratio, bypass=None)
 
 
 def _selected(probs: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:

@@ -75,6 +75,7 @@ class ReferenceMixLoraMLP(nn.Module):
             top_p=cfg.top_p,
             temperature=cfg.temperature,
             expert_capacity=cfg.expert_capacity,
+            routing_semantics=cfg.routing_semantics,
             activation=self.activation,
             scaling=cfg.expert_scaling,
         ).out

@@ -58,6 +58,7 @@ def route(
     top_p: float | None = None,
     temperature: float | None = None,
     jitter_factors: torch.Tensor | None = None,
+    routing_semantics: str = "moe-peft",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens. x is (B, S, d) or (T, d) (one sequence).
 
@@ -65,7 +66,8 @@ def route(
     routing every token is kept and k = top_k; for top-p k = E, the experts most probable
     first, the unused slots with expert E and weight 0; for switch routing k = 1, the
     weight is p_max and ``kept`` marks the tokens within their expert's per-sequence
-    capacity.
+    capacity. Under ``routing_semantics`` "preserve-base" the top-p weights are divided
+    by their sum and the switch weight is p_max / p_max.detach().
     """
     args = _strategy_args(routing_strategy, top_k, top_p, temperature, expert_capacity)
     seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
@@ -85,6 +87,10 @@ def route(
         one_hot = F.one_hot(experts[..., 0], probs.shape[-1])
         position_in_expert = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1)
         kept = position_in_expert <= args[0]
+    if routing_semantics == "preserve-base" and routing_strategy == "mixlora-dynamic":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if routing_semantics == "preserve-base" and routing_strategy == "mixlora-switch":
+        weights = weights / weights.detach()
     num_experts = router_weight.shape[0]
     return (
         logits.reshape(-1, num_experts),
@@ -141,6 +147,7 @@ def mixlora_ffn(
     dropout_masks: dict[str, torch.Tensor] | None = None,
     jitter_factors: torch.Tensor | None = None,
     dora: ExpertDoRA | None = None,
+    routing_semantics: str = "moe-peft",
 ) -> MixLoraOutput:
     """Vanilla MixLoRA: every expert runs the whole FFN on its own tokens.
 
@@ -152,6 +159,9 @@ def mixlora_ffn(
     DoRA, as PEFT defines it: each projection's output, base included, times
     m_e / ||W + s B_e A_e|| per output row, the norm detached and formed from the
     projection's ``weight`` (the projections must then be ``nn.Linear``).
+
+    ``routing_semantics`` "preserve-base": top-p weights renormalised, switch weights
+    p_max / p_max.detach(), and a token over switch capacity takes the frozen base FFN.
     """
     kind = activation_kind(activation)
     shape = x.shape
@@ -164,6 +174,7 @@ def mixlora_ffn(
         top_p=top_p,
         temperature=temperature,
         jitter_factors=jitter_factors,
+        routing_semantics=routing_semantics,
     )
     xf = x.reshape(-1, shape[-1])
     out = torch.zeros_like(xf)
@@ -190,7 +201,17 @@ def mixlora_ffn(
         y = down_proj(h) + _lora(h * _mask(dropout_masks, "down", rows), *experts.pair("down", e), s)
         y = dora_scale("down", e) * y
         out.index_add_(0, rows, weights[rows, slots, None].to(y.dtype) * y)
-    if routing_strategy == "mixlora-switch":
+    if routing_strategy == "mixlora-switch" and routing_semantics == "preserve-base":
+        dropped = torch.where(~kept)[0]
+        xd = xf[dropped]
+        if gate_up_proj is not None:
+            gate_base, up_base = gate_up_proj(xd).chunk(2, dim=-1)
+        else:
+            gate_base, up_base = gate_proj(xd), (up_proj(xd) if up_proj is not None else None)
+        h = act_fwd(kind, gate_base) if up_base is None else act_fwd(kind, gate_base) * up_base
+        out.index_add_(0, dropped, down_proj(h).to(out.dtype))
+        weights = weights.masked_fill(~kept[:, None], 0.0)
+    elif routing_strategy == "mixlora-switch":
         dropped = ~kept
         out[dropped] = weights[dropped].to(xf.dtype) * xf[dropped]
     if dropout_masks is not None and dropout_masks.get("ffn") is not None:

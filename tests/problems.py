@@ -25,14 +25,14 @@ class Problem:
     temperature: float | None = None
     activation: str = "silu"
     scaling: float = 0.5
+    routing_semantics: str = "moe-peft"
 
     def routing(self) -> dict:
         """The routing arguments of mixlora_ffn: the strategy and its own fields."""
         own = STRATEGY_FIELDS[self.routing_strategy]
         fields = {name: getattr(self, name) for name in ("top_k", "top_p", "temperature", "expert_capacity")}
-        return {"routing_strategy": self.routing_strategy} | {
-            k: v for k, v in fields.items() if k in own and v is not None
-        }
+        common = {"routing_strategy": self.routing_strategy, "routing_semantics": self.routing_semantics}
+        return common | {k: v for k, v in fields.items() if k in own and v is not None}
 
     def kwargs(self) -> dict:
         return dict(**self.base, **self.routing(), activation=self.activation, scaling=self.scaling)
@@ -68,6 +68,7 @@ class Problem:
             temperature=self.temperature,
             activation=self.activation,
             scaling=self.scaling,
+            routing_semantics=self.routing_semantics,
         )
 
 
@@ -96,6 +97,7 @@ def make_problem(
     expert_capacity: int | None = None,
     top_p: float | None = None,
     temperature: float | None = None,
+    routing_semantics: str = "moe-peft",
     activation: str = "silu",
     dtype=torch.float64,
     router_scale: float = 1.0,
@@ -143,6 +145,7 @@ def make_problem(
         top_p=top_p,
         temperature=temperature,
         activation=activation,
+        routing_semantics=routing_semantics,
     )
 
 

@@ -280,6 +280,16 @@ def test_fullgraph_compile_matches_eager(backend, strategy, dropout, monkeypatch
         assert not torch.allclose(_step(compiled_block, x, seed=12)[0], compiled[0])
 
 
+@pytest.mark.parametrize("strategy", ["top_p", "switch"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preserve_base_routing_compiles_fullgraph(backend, strategy):
+    """The renormalised top-p weights, and switch's p_max / stop_grad(p_max) with its
+    dropped tokens run as LoRA-free pairs, in one graph with eager's outputs and gradients."""
+    block = _block(backend, strategy, 0.0, routing_semantics="preserve-base")
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
+    _compiled_matches_eager(block, x)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixlora_ffn_compiles_fullgraph(backend):
     problem = make_problem(T=10, dtype=torch.float32)

@@ -21,7 +21,10 @@ STRATEGIES = {
     "topk": {"routing_strategy": "mixlora", "top_k": 2},
     "top_p": {"routing_strategy": "mixlora-dynamic", "top_p": 0.6},
     "switch": {"routing_strategy": "mixlora-switch", "expert_capacity": 8},
-}
+    "top_p-preserve-base": {"routing_strategy": "mixlora-dynamic", "top_p": 0.6, "routing_semantics": "preserve-base"},
+    "switch-preserve-base": {"routing_strategy": "mixlora-switch", "expert_capacity": 8,
+                             "routing_semantics": "preserve-base"},
+}  # fmt: skip
 
 
 def _block(strategy: str = "topk", dropout: float = 0.0, jitter: float | None = None,

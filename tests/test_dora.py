@@ -136,6 +136,9 @@ def test_row_norms_of_an_unreadable_weight_come_through_the_layer(monkeypatch):
         ("gate_up_down", "mixlora", {}),
         ("gate_up_down", "mixlora-dynamic", {"top_p": 0.6}),
         ("gate_up_down", "mixlora-switch", {"expert_capacity": 4}),
+        ("gate_up_down", "mixlora-dynamic", {"top_p": 0.6, "routing_semantics": "preserve-base"}),
+        ("gate_up_down", "mixlora-switch", {"expert_capacity": 2, "routing_semantics": "preserve-base"}),
+        ("fc", "mixlora-switch", {"expert_capacity": 2, "routing_semantics": "preserve-base"}),
         ("fused_gate_up", "mixlora", {}),
         ("fc", "mixlora", {}),
     ],
@@ -163,6 +166,25 @@ def test_mixdora_sweep(backend, kwargs):
     problem = _for(backend, make_problem(dtype=dtype, **kwargs))
     tol = dict(atol=1e-11, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
     _check_against_reference(problem, _dora_for(problem), backend, dtype, **tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("roles", [("gate",), ("down",)], ids=["gate-magnitude", "down-magnitude"])
+def test_mixdora_gives_a_token_over_switch_capacity_the_base_ffn(backend, roles):
+    """Under "preserve-base", a dropped token takes the frozen FFN without its expert's
+    magnitudes, on the combined pass (a gate magnitude) and the per-pair one (a down
+    magnitude) alike."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    problem = _for(backend, make_problem(shape=(2, 7), d=12, f=20, E=4, r=3, bias=True, dtype=dtype,
+                                         routing_strategy="mixlora-switch", expert_capacity=2,
+                                         routing_semantics="preserve-base"))  # fmt: skip
+    tol = dict(atol=1e-11, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-4)
+    out = _check_against_reference(problem, _dora_for(problem, roles), backend, dtype, **tol)
+    assert (~out.kept).any()
+    base = problem.base
+    dense = base["down_proj"](torch.nn.functional.silu(base["gate_proj"](problem.x)) * base["up_proj"](problem.x))
+    dropped = ~out.kept.reshape(2, 7)
+    torch.testing.assert_close(out.out[dropped], dense[dropped], **tol)
 
 
 def _dora_on(problem, source: ExpertDoRA, m_dtype: torch.dtype) -> ExpertDoRA:

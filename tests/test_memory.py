@@ -18,7 +18,10 @@ STRATEGIES = {
     "topk": {"routing_strategy": "mixlora", "top_k": 2},
     "top_p": {"routing_strategy": "mixlora-dynamic", "top_p": 0.7},
     "switch": {"routing_strategy": "mixlora-switch", "expert_capacity": 4},
-}
+    "top_p-preserve": {"routing_strategy": "mixlora-dynamic", "top_p": 0.7, "routing_semantics": "preserve-base"},
+    "switch-preserve": {"routing_strategy": "mixlora-switch", "expert_capacity": 4,
+                        "routing_semantics": "preserve-base"},
+}  # fmt: skip
 CASES = [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
 
 

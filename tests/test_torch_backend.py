@@ -69,12 +69,16 @@ def test_partial_lora(lora):
     check(make_problem(T=20, d=16, f=24, E=3, r=2, lora=lora), torch.float64)
 
 
+SEMANTICS = ["moe-peft", "preserve-base"]
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
 @pytest.mark.parametrize("capacity", [1, 3, 100])
 @pytest.mark.parametrize("style", ["gate_up_down", "fc"])
-def test_switch_routing(style, capacity):
+def test_switch_routing(style, capacity, semantics):
     problem = make_problem(
         shape=(3, 8), d=10, f=14, E=3, r=2, style=style, bias=True,
-        routing_strategy="mixlora-switch", expert_capacity=capacity,
+        routing_strategy="mixlora-switch", expert_capacity=capacity, routing_semantics=semantics,
     )  # fmt: skip
     out, expected = check(problem, torch.float64)
     assert torch.equal(out.kept, expected.kept)
@@ -101,30 +105,36 @@ def experts_used(out, num_experts):
     return (out.experts < num_experts).sum(-1)
 
 
+@pytest.mark.parametrize("semantics", SEMANTICS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("style", ["gate_up_down", "fused_gate_up", "fc"])
-def test_dynamic_routing_one_some_and_all_experts(style, dtype):
-    out, expected = check(dynamic_problem(style), dtype)
+def test_dynamic_routing_one_some_and_all_experts(style, dtype, semantics):
+    out, expected = check(dynamic_problem(style, routing_semantics=semantics), dtype)
     used = experts_used(out, 4)
     assert used.min() == 1 and used.max() == 4 and ((used > 1) & (used < 4)).any(), used.tolist()
     assert_close(out.weights, expected.weights, dtype, name="weights")
 
 
+@pytest.mark.parametrize("semantics", SEMANTICS)
 @pytest.mark.parametrize("top_p,temperature", [(0.3, 0.0), (0.8, 0.0), (1.0, 0.0), (0.6, 2.0), (0.9, 0.5)])
 @pytest.mark.parametrize("E", [1, 3, 8])
-def test_dynamic_routing_sweep(E, top_p, temperature):
+def test_dynamic_routing_sweep(E, top_p, temperature, semantics):
     check(make_problem(T=33, d=12, f=20, E=E, r=3, routing_strategy="mixlora-dynamic", top_p=top_p,
-                       temperature=temperature), torch.float64)  # fmt: skip
+                       temperature=temperature, routing_semantics=semantics), torch.float64)  # fmt: skip
 
 
-def test_dynamic_gradcheck_tiny():
-    assert gradcheck(make_problem(T=5, d=4, f=6, E=3, r=2, bias=True, routing_strategy="mixlora-dynamic", top_p=0.7))
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_dynamic_gradcheck_tiny(semantics):
+    assert gradcheck(make_problem(T=5, d=4, f=6, E=3, r=2, bias=True, routing_strategy="mixlora-dynamic", top_p=0.7,
+                                  routing_semantics=semantics))  # fmt: skip
 
 
+@pytest.mark.parametrize("semantics", SEMANTICS)
 @pytest.mark.parametrize("style", ["gate_up_down", "fc"])
-def test_switch_ffn_dropout_matches_reference_with_same_draws(style):
+def test_switch_ffn_dropout_matches_reference_with_same_draws(style, semantics):
     problem = make_problem(shape=(3, 8), d=10, f=14, E=3, r=2, style=style, bias=True,
-                           routing_strategy="mixlora-switch", expert_capacity=3)  # fmt: skip
+                           routing_strategy="mixlora-switch", expert_capacity=3,
+                           routing_semantics=semantics)  # fmt: skip
     seed, T = 5, 24
     has_up_mask = problem.experts.up_A is not None
     noise = draw_noise(seed, tokens=T, hidden=10, intermediate=14, dropout=0.2, jitter=0.01, has_up_mask=has_up_mask,
@@ -158,6 +168,28 @@ def test_switch_drops_exactly_the_tokens_past_capacity():
     torch.testing.assert_close(out.out.reshape(-1, d)[dropped], (p_max[dropped, None] * x.reshape(-1, d)[dropped]))
 
 
+@pytest.mark.parametrize("style", ["gate_up_down", "fused_gate_up", "fc"])
+def test_preserve_base_gives_a_dropped_token_the_base_ffn_and_a_kept_one_its_expert(style):
+    """With trained (non-zero) B: a token over capacity gets exactly the frozen FFN, a kept
+    token its expert's output at weight 1, and the router still gets a gradient."""
+    problem = make_problem(shape=(2, 12), d=10, f=14, E=3, r=2, style=style, bias=True,
+                           routing_strategy="mixlora-switch", expert_capacity=2,
+                           routing_semantics="preserve-base")  # fmt: skip
+    out = mixlora_ffn(problem.x, problem.router, problem.experts, backend=BACKEND, **problem.kwargs())
+    assert (~out.kept).sum() >= 6 and out.kept.sum() >= 4
+    rows = out.out.reshape(-1, 10)
+    assert torch.equal(out.experts[~out.kept, 0], torch.full(((~out.kept).sum(),), 3))
+    assert torch.equal(out.weights[~out.kept, 0], torch.zeros((~out.kept).sum(), dtype=torch.float64))
+    torch.testing.assert_close(out.weights[out.kept, 0], torch.ones(int(out.kept.sum()), dtype=torch.float64))
+    zero_b = ExpertLoRA(*(None if t is None else torch.zeros_like(t) if n.endswith("_B") else t
+                          for n, t in problem.experts._asdict().items()))  # fmt: skip
+    dense = mixlora_ffn(problem.x, problem.router, zero_b, backend=BACKEND, **problem.kwargs()).out.reshape(-1, 10)
+    torch.testing.assert_close(rows[~out.kept], dense[~out.kept], atol=1e-13, rtol=1e-13)
+    assert (rows[out.kept] - dense[out.kept]).abs().amax() > 1e-3, "kept tokens take their expert's LoRA"
+    (router_grad,) = torch.autograd.grad(out.out.square().sum(), problem.router)
+    assert router_grad.abs().amax() > 0
+
+
 def test_experts_without_tokens():
     problem = make_problem(T=32, d=12, f=20, E=6, r=3, top_k=2)
     with torch.no_grad():
@@ -177,9 +209,20 @@ def test_all_tokens_on_one_expert():
     assert (out.experts == 2).all()
 
 
+# Every strategy that keeps the base at injection: top-k, and top-p and switch (with
+# dropped tokens) under "preserve-base".
+BASE_PRESERVING = {
+    "top-k": dict(T=24),
+    "top-p": dict(T=24, routing_strategy="mixlora-dynamic", top_p=0.6, routing_semantics="preserve-base"),
+    "switch": dict(shape=(2, 12), routing_strategy="mixlora-switch", expert_capacity=2,
+                   routing_semantics="preserve-base"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("routing", BASE_PRESERVING.values(), ids=BASE_PRESERVING)
 @pytest.mark.parametrize("style", ["gate_up_down", "fused_gate_up", "fc"])
-def test_zero_B_is_the_dense_ffn(style):
-    problem = make_problem(T=24, d=16, f=20, E=4, r=4, style=style, bias=True)
+def test_zero_B_is_the_dense_ffn(style, routing):
+    problem = make_problem(d=16, f=20, E=4, r=4, style=style, bias=True, **routing)
     with torch.no_grad():
         for name in ("gate_B", "up_B", "down_B"):
             t = getattr(problem.experts, name)
@@ -215,6 +258,10 @@ def test_gradcheck_tiny():
     assert gradcheck(make_problem(T=5, d=4, f=6, E=3, r=2, top_k=2, bias=True))
 
 
+# MoE-PEFT's semantics only: under "preserve-base" a kept token's weight is
+# p_max / stop_grad(p_max), whose value does not move with the router but whose gradient
+# is p_max's, so finite differences cannot check it; the parity tests compare it with
+# the reference's.
 def test_switch_gradcheck_tiny():
     problem = make_problem(shape=(2, 4), d=4, f=6, E=2, r=2, routing_strategy="mixlora-switch", expert_capacity=2)
 

@@ -60,10 +60,18 @@ def test_expert_shares_of_the_weight_kernel_sum_to_the_same_gradients(monkeypatc
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic", "mixlora-switch"])
-def test_gradients_are_bitwise_reproducible(strategy):
-    extra = {"mixlora": {}, "mixlora-dynamic": dict(top_p=0.6), "mixlora-switch": dict(expert_capacity=3)}[strategy]
-    problem = on_device(make_problem(T=40, d=16, f=40, E=4, r=4, routing_strategy=strategy, **extra))
+ROUTINGS = {
+    "top-k": {"routing_strategy": "mixlora"},
+    "top-p": {"routing_strategy": "mixlora-dynamic", "top_p": 0.6},
+    "switch": {"routing_strategy": "mixlora-switch", "expert_capacity": 3},
+    "switch-preserve-base": {"routing_strategy": "mixlora-switch", "expert_capacity": 3,
+                             "routing_semantics": "preserve-base"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("routing", ROUTINGS.values(), ids=ROUTINGS)
+def test_gradients_are_bitwise_reproducible(routing):
+    problem = on_device(make_problem(T=40, d=16, f=40, E=4, r=4, **routing))
     problem = problem.to(torch.float32)
     first, second = _grads(problem), _grads(problem)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -27,7 +27,7 @@ from mixlora_kernels.kernels.route import route_switch_fwd, route_top_p_fwd, rou
 from mixlora_kernels.routing import RoutingSpec, route, route_switch, route_top_p, route_topk, router_logits
 from tests.conftest import assert_close, assert_rel_rms
 from tests.problems import VARIANT_IDS, VARIANTS, leaf_names, make_problem, run_pair
-from tests.test_torch_backend import EK, check, dynamic_problem, experts_used
+from tests.test_torch_backend import EK, SEMANTICS, check, dynamic_problem, experts_used
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -108,11 +108,11 @@ def test_backward_switch_validates_and_falls_back_where_token_major_cannot_run(m
         choose_backward(8, 16)
 
 
+@pytest.mark.parametrize("semantics", SEMANTICS)
 @pytest.mark.parametrize("capacity", [1, 3, 100])
-def test_switch_routing(organisation, capacity):
-    problem = make_problem(
-        shape=(3, 8), d=10, f=14, E=3, r=2, bias=True, routing_strategy="mixlora-switch", expert_capacity=capacity
-    )
+def test_switch_routing(organisation, capacity, semantics):
+    problem = make_problem(shape=(3, 8), d=10, f=14, E=3, r=2, bias=True, routing_strategy="mixlora-switch",
+                           expert_capacity=capacity, routing_semantics=semantics)  # fmt: skip
     out, expected = check(on_device(problem), torch.float32, backend="triton")
     assert torch.equal(out.kept.cpu(), expected.kept.cpu())
 
@@ -123,6 +123,16 @@ def test_dynamic_routing_one_some_and_all_experts(organisation, style, dtype):
     out, _ = check(on_device(dynamic_problem(style)), dtype, backend="triton")
     used = experts_used(out, 4)
     assert used.min() == 1 and used.max() == 4 and ((used > 1) & (used < 4)).any(), used.tolist()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize("style", ["gate_up_down", "fc"])
+def test_dynamic_routing_preserving_the_base(organisation, style, dtype):
+    """Top-p under "preserve-base": the kept weights renormalised, forward and every gradient."""
+    out, _ = check(on_device(dynamic_problem(style, routing_semantics="preserve-base")), dtype,
+                          backend="triton")  # fmt: skip
+    kept = out.weights.float().sum(-1)
+    torch.testing.assert_close(kept, torch.ones_like(kept))
 
 
 # No top_p = 1.0 with temperature 0 here: whether a token keeps an expert whose

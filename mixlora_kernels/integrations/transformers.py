@@ -185,7 +185,9 @@ def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.
             mlp = layer.mlp
             # A new module takes the train/eval mode of the one it replaces: an adapter loaded
             # into a model in eval mode must not run dropout or router jitter.
-            layer.mlp = FusedMixLoraFFN.from_mlp(mlp, config, backend=backend, dtype=dtype).train(mlp.training)
+            # The constructor, not from_mlp: the 4-bit layers are kept above, and whether the
+            # routing changes the model is said once, by inject_mixlora.
+            layer.mlp = FusedMixLoraFFN(mlp, config, backend=backend, dtype=dtype).train(mlp.training)
             replaced.append((layer, "mlp", mlp))
             for name in attention:
                 base = getattr(layer.self_attn, name)
@@ -227,8 +229,14 @@ def inject_mixlora(
 
     Supported model types: llama, mistral, qwen2, gemma, gemma2, phi, phi3; any other
     raises ValueError naming it.
+
+    Top-p and switch routing under MoE-PEFT's semantics (the default) change the model's
+    function before the first step; that gets a warning naming
+    ``routing_semantics="preserve-base"``, which keeps it. (``load_adapter`` injects a
+    trained adapter without it.)
     """
     _inject(model, config, backend, dtype)
+    config.warn_if_base_changes("inject_mixlora")
     return model
 
 

@@ -247,6 +247,8 @@ def _es_jobs(arch: str, family: str) -> list[Job]:
         # Ranks 8 and 16 share R_PAD = 16 but not the alignment of R; 64 pads to itself.
         for r in (8, 16, 64):
             # K: slots per token, 1 (switch), 2 (top-k) or E (top-p with 8 or 64 experts).
+            # Switch accumulates into a zeroed H (a dropped token is in no block) except
+            # under "preserve-base" routing, whose every token is a pair: slot 0 stores.
             for K in (1, 2, 8, 64):
                 for accumulate in (False, True):
                     for keep in (True, False):
