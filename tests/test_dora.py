@@ -157,10 +157,16 @@ def test_mixdora_matches_the_reference_forward_and_every_gradient(backend, style
 # placements, odd sizes and r = 16), with DoRA on every projection that has a LoRA.
 SWEEP = [dict(T=T, d=13, f=29, E=E, r=3, top_k=k) for E, k in EK for T in (1, 7, 64)]
 SWEEP_IDS = [f"E{p['E']}k{p['top_k']}-T{p['T']}" for p in SWEEP]
+# Under the interpreter the Triton backend's sweep stops at T = 7 (on a GPU it takes all).
+SWEEP_PARAMS = [
+    pytest.param(backend, kwargs, id=f"{name}-{backend}")
+    for kwargs, name in zip(SWEEP + VARIANTS, SWEEP_IDS + VARIANT_IDS)
+    for backend in ("torch", "triton")
+    if backend == "torch" or torch.cuda.is_available() or kwargs.get("T", 0) < 64
+]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("kwargs", SWEEP + VARIANTS, ids=SWEEP_IDS + VARIANT_IDS)
+@pytest.mark.parametrize(("backend", "kwargs"), SWEEP_PARAMS)
 def test_mixdora_sweep(backend, kwargs):
     dtype = torch.float64 if backend == "torch" else torch.float32
     problem = _for(backend, make_problem(dtype=dtype, **kwargs))

@@ -105,7 +105,8 @@ def test_the_quantised_base_sizes_and_the_published_models():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+# Top-p's renormalisation saves the same with DoRA experts as without (the test above).
+@pytest.mark.parametrize("strategy", [name for name in STRATEGIES if name != "top_p-preserve"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize(
     ("kind", "targets"),

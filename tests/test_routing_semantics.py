@@ -97,6 +97,14 @@ def test_the_semantics_round_trips_through_an_adapter_and_decides_the_function(t
     assert (one - other).abs().amax() > 1e-3, "the same weights under the other semantics compute another function"
 
 
+def test_an_adapter_of_the_other_semantics_does_not_load_into_a_model_holding_mixlora(tmp_path):
+    save_adapter(_quiet_inject(tiny_model(), mixlora_config(**ROUTINGS["switch"], routing_semantics="preserve-base")),
+                 tmp_path)  # fmt: skip
+    holding = _quiet_inject(tiny_model(), mixlora_config(**ROUTINGS["switch"]))
+    with pytest.raises(ValueError, match="routing_semantics='preserve-base' but the model's MixLoRA has .*'moe-peft'"):
+        load_adapter(holding, tmp_path)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTINGS)
 def test_a_fresh_adapter_leaves_the_logits_of_the_base_under_preserve_base(routing, backend):

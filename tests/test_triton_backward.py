@@ -89,7 +89,7 @@ def test_experts_without_tokens_get_exactly_zero_gradients():
         assert torch.count_nonzero(grads[name][:3]) > 0, name
 
 
-def _train(backend: str, dropout: float, steps: int = 20) -> list[float]:
+def _train(backend: str, dropout: float, steps: int = 10) -> list[float]:
     torch.manual_seed(0)
     problem = on_device(make_problem(T=32, d=16, f=32, E=4, r=4, top_k=2)).to(torch.float32)
     target = torch.randn_like(problem.x)
@@ -115,7 +115,7 @@ def test_training_follows_the_torch_backend():
 
 def test_training_with_dropout_lowers_the_loss():
     losses = _train("triton", 0.1)
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

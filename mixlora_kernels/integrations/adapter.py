@@ -42,6 +42,7 @@ _LEGACY_EXPERT = re.compile(r"mixlora\.layers\.(\d+)\.experts\.(\d+)\.(\w+)\.(lo
 # that already holds MixLoRA must agree with it on each.
 _STRUCTURAL_FIELDS = {
     "routing_strategy": lambda c: c.routing_strategy,
+    "routing_semantics": lambda c: c.routing_semantics,
     "num_experts": lambda c: c.num_experts,
     "top_k": lambda c: c.top_k,
     "top_p": lambda c: c.top_p,
