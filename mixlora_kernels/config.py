@@ -128,7 +128,7 @@ def _check_lora_triplet(prefix: str, r: Any, alpha: Any, dropout: Any) -> None:
 
 @dataclass
 class MixLoraConfig:
-    """Configuration of a MixLoRA adapter (SPEC section 5).
+    """Configuration of a MixLoRA adapter (docs/design.md, "The adapter format").
 
     ``r``/``lora_alpha``/``lora_dropout`` apply to the attention LoRA; ``expert_lora``
     may override any of the three for the FFN experts. Fields left as None take the

@@ -2,7 +2,7 @@
 own modules. It validates its inputs, routes, runs the caller's base projections once,
 and hands the sparse part to the selected backend.
 
-The data path (SPEC section 3):
+The data path (docs/design.md, "The fused algorithm and its floor"):
 
     route                 logits -> (weights, experts) per token
     base projections      G = gate(x), U = up(x), once for all tokens
@@ -181,7 +181,7 @@ def mixlora_ffn(
     backend: str = "auto",
     dora: ExpertDoRA | None = None,
 ) -> MixLoraOutput:
-    """The MixLoRA FFN block: ``out_t = sum_j w_tj * y_{e_tj}(x_t)`` (SPEC section 2).
+    """The MixLoRA FFN block: ``out_t = sum_j w_tj * y_{e_tj}(x_t)`` (docs/design.md, "The math").
 
     Args:
         x: (..., d) input; any leading shape, contiguous or not.

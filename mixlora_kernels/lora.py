@@ -3,7 +3,7 @@
 ``y = base(x) + s * drop(x) A^T B^T`` with A (r, in) and B (out, r), as PEFT does it:
 A starts Kaiming-uniform, B at zero (so the wrapped layer starts out unchanged), and the
 dropout acts only in training mode. The adapter keys ``lora_A.weight`` / ``lora_B.weight``
-are those of the MixLoRA format (SPEC section 5). With ``use_dora`` the output (base
+are those of the MixLoRA format (docs/design.md, "The adapter format"). With ``use_dora`` the output (base
 included) is scaled by ``lora_magnitude_vector / ||W + s B A||`` per row (``dora``).
 """
 

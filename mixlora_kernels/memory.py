@@ -158,8 +158,8 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
         raise NotImplementedError(
             "ffn_saved_bytes: DoRA experts outside the Triton kernels (the torch backend, or E * r padded past "
             "128) run per (token, expert) pair in torch operations, whose saved activations are not modelled "
-            "here; measure them with the benchmark (python -m bench --cases fused_dora reports the bytes saved "
-            "for backward)"
+            "here; measure them with the benchmark (python -m mixlora_kernels.bench --cases fused_dora reports "
+            "the bytes saved for backward)"
         )
     T, d, f = tokens, hidden, intermediate
     E, r = config.num_experts, config.expert_r

@@ -215,7 +215,7 @@ class FusedMixLoraFFN(nn.Module):
             m.copy_(self.current_row_norms(name))
 
     def base_projections(self) -> dict:
-        """The frozen base projections as ``mixlora_ffn`` (and ``reference.mixlora_ffn``)
+        """The frozen base projections as ``mixlora_ffn`` (and ``mixlora_kernels.testing.reference.mixlora_ffn``)
         take them: gate_proj / up_proj / down_proj, gate_up_proj / down_proj, or fc1 / fc2
         as gate_proj / down_proj."""
         if self.style == "gate_up_down":

@@ -23,7 +23,7 @@ ROUTING_SEMANTICS = ("moe-peft", "preserve-base")
 
 
 class RoutingSpec(NamedTuple):
-    """How tokens choose experts (SPEC section 2); only the strategy's own fields are read."""
+    """How tokens choose experts (docs/design.md, "The math"); only the strategy's own fields are read."""
 
     strategy: str = "mixlora"
     top_k: int = 2  # "mixlora": experts per token

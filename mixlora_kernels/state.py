@@ -44,7 +44,7 @@ def _named_targets(model_or_module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model_or_module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights (detached) under MixLoRA key names (SPEC section 5)."""
+    """The adapter weights (detached) under MixLoRA key names (docs/design.md, "The adapter format")."""
     return {k: v.detach() for k, v in _named_targets(model_or_module).items()}
 
 

@@ -1,5 +1,5 @@
 """Tiny Hugging Face models of every supported type, built from configs (no downloads),
-and the independent reference MixLoRA model (``reference.hf``) to compare injected models
+and the independent reference MixLoRA model (``mixlora_kernels.testing.hf``) to compare injected models
 against."""
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ def run_pair(problem: Problem, dtype: torch.dtype, backend: str, **fused_kwargs)
     Returns (fused MixLoraOutput, reference MixLoraOutput, fused grads, reference grads),
     the grads taken for ``Problem.leaves`` against one random upstream gradient.
     """
-    import reference
     from mixlora_kernels import mixlora_ffn
+    from mixlora_kernels.testing import reference
 
     # The reference runs on the low-precision values upcast, so that only the fused
     # path's arithmetic is measured, not the rounding of its inputs.

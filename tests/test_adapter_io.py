@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter: the SPEC section 5 format both ways, exact round trips, the
+"""save_adapter / load_adapter: the docs/design.md, "The adapter format" format both ways, exact round trips, the
 published fp32 .bin and the older key layout, and bad files that must fail loudly, naming
 the file and the key, without touching the model."""
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from mixlora_kernels import MixLoraConfig, adapter_state_dict, inject_mixlora, load_adapter, save_adapter
 from mixlora_kernels.integrations.adapter import BIN_NAME, SAFETENSORS_NAME
 from mixlora_kernels.modules import mixlora_blocks
-from reference.hf import reference_model
+from mixlora_kernels.testing.hf import reference_model
 
 
 def _logits(model, ids):

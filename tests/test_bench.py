@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import harness, suite
-from bench.__main__ import RECORD_DIR, main
-from bench.cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p
-from bench.gpu_check import TimeBox, shard_summary
-from bench.gpu_check import main as gpu_check
-from bench.harness import noisy, repeats_for, time_cpu
-from bench.model import peft_available
-from bench.stages import device_peaks
-from bench.suite import BUSY_WAIT, CASES, ShapeResult, print_result, spread_fields
-from bench.targets import CPU_TARGETS, GPU_TARGETS, stage_verdicts, targets_for
+from mixlora_kernels.bench import harness, suite
+from mixlora_kernels.bench.__main__ import RECORD_DIR, main
+from mixlora_kernels.bench.cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p
+from mixlora_kernels.bench.gpu_check import TimeBox, shard_summary
+from mixlora_kernels.bench.gpu_check import main as gpu_check
+from mixlora_kernels.bench.harness import noisy, repeats_for, time_cpu
+from mixlora_kernels.bench.model import peft_available
+from mixlora_kernels.bench.stages import device_peaks
+from mixlora_kernels.bench.suite import BUSY_WAIT, CASES, ShapeResult, print_result, spread_fields
+from mixlora_kernels.bench.targets import CPU_TARGETS, GPU_TARGETS, stage_verdicts, targets_for
 
 TINY = ["--shape", "tiny:64:96:64:4:2:4", "--rounds", "1"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -151,7 +151,7 @@ def _no_run(*args, **kwargs):
 )
 def test_an_unwritable_out_is_refused_before_the_run(where, reason, tmp_path, capsys, monkeypatch):
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setattr("bench.__main__.run_shape", _no_run)
+    monkeypatch.setattr("mixlora_kernels.bench.__main__.run_shape", _no_run)
     out = where(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main([*TINY, "--out", str(out)])
@@ -160,14 +160,14 @@ def test_an_unwritable_out_is_refused_before_the_run(where, reason, tmp_path, ca
 
 
 def test_the_out_check_leaves_no_file_behind(tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.__main__.run_shape", _no_run)
+    monkeypatch.setattr("mixlora_kernels.bench.__main__.run_shape", _no_run)
     with pytest.raises(AssertionError, match="ran before"):
         main([*TINY, "--out", str(tmp_path / "new" / "rows")])
     assert (tmp_path / "new" / "rows").is_dir() and not list((tmp_path / "new" / "rows").iterdir())
 
 
 def test_plots_without_matplotlib_are_refused_before_the_run(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("bench.__main__.run_shape", _no_run)
+    monkeypatch.setattr("mixlora_kernels.bench.__main__.run_shape", _no_run)
     # A None entry makes the import fail as if matplotlib were not installed.
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(SystemExit) as exc:
@@ -354,7 +354,7 @@ def test_gpu_check_cuts_each_step_to_what_its_box_leaves(monkeypatch):
     """A step gets the seconds it asks for while the whole command's box holds them and
     the least the later steps need; past that it is cut, never below its own least."""
     now = [1000.0]
-    monkeypatch.setattr("bench.gpu_check.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("mixlora_kernels.bench.gpu_check.time.monotonic", lambda: now[0])
     box = TimeBox(480)
     assert box.grant(150, reserve=220) == 150
     now[0] += 300  # 180 s left
@@ -389,10 +389,10 @@ def test_the_console_script_runs_the_benchmark_from_any_directory(tmp_path):
     except PackageNotFoundError:
         pytest.skip("mixlora_kernels is not installed (pip install -e .): no console scripts to check")
     (script,) = [ep for ep in scripts if ep.group == "console_scripts" and ep.name == "mixlora-bench"]
-    assert script.value == "bench.__main__:main"
+    assert script.value == "mixlora_kernels.bench.__main__:main"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     argv = ["--shape", "tiny:64:96:16:4:2:4", "--cases", "fused,dense", "--no-stages", "--rounds", "2", "--out", "rows"]
-    code = "import sys; from bench.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from mixlora_kernels.bench.__main__ import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "tiny d=64 f=96 T=16" in done.stdout and list((tmp_path / "rows").glob("*.jsonl"))

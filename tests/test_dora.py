@@ -18,7 +18,6 @@ from test_torch_backend import EK
 from test_triton_forward import on_device
 from torch import nn
 
-import reference
 from mixlora_kernels import (
     ExpertDoRA,
     FusedMixLoraFFN,
@@ -35,6 +34,7 @@ from mixlora_kernels import (
 from mixlora_kernels import dora as dora_module
 from mixlora_kernels.dora import lora_row_norms, weight_sq_norms, weight_times_a
 from mixlora_kernels.noise import draw_noise
+from mixlora_kernels.testing import reference
 
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROLES = {"gate_up_down": ("gate", "up", "down"), "fused_gate_up": ("gate", "up", "down"), "fc": ("gate", "down")}

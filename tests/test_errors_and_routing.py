@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reference
 from mixlora_kernels import ExpertLoRA, mixlora_ffn
 from mixlora_kernels.routing import route_switch, route_topk
+from mixlora_kernels.testing import reference
 from tests.problems import make_problem
 
 

@@ -98,7 +98,7 @@ def test_graphed_generation_gives_eager_tokens_on_the_triton_backend(batch):
 
 
 def test_the_generation_bench_writes_a_row_per_case_and_batch(tmp_path, capsys):
-    from bench.generation import main
+    from mixlora_kernels.bench.generation import main
 
     rows_file = tmp_path / "rows.jsonl"
     assert main(["--small", "--file", str(rows_file), "--batches", "1,2"]) == 0
@@ -123,7 +123,7 @@ def test_the_generation_bench_writes_a_row_per_case_and_batch(tmp_path, capsys):
     ids=["batches", "repeats", "cases"],
 )  # fmt: skip
 def test_the_generation_bench_refuses_bad_arguments(argv, message, capsys):
-    from bench.generation import main
+    from mixlora_kernels.bench.generation import main
 
     with pytest.raises(SystemExit):
         main(argv)
@@ -131,7 +131,7 @@ def test_the_generation_bench_refuses_bad_arguments(argv, message, capsys):
 
 
 def test_a_failing_generation_case_costs_only_itself(tmp_path, capsys, monkeypatch):
-    import bench.generation as generation
+    import mixlora_kernels.bench.generation as generation
 
     real = generation.time_case
 

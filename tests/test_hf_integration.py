@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from mixlora_kernels import FusedMixLoraFFN, LoraLinear, MixLoraConfig, inject_mixlora
 from mixlora_kernels.modules import mixlora_blocks
-from reference.hf import reference_model
+from mixlora_kernels.testing.hf import reference_model
 
 
 def _logits(model, ids, mask=None):

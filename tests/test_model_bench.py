@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from bench import model as bench_model
-from bench.__main__ import main as bench_main
+from mixlora_kernels.bench import model as bench_model
+from mixlora_kernels.bench.__main__ import main as bench_main
 
 
 def _rows(path) -> list[dict]:
@@ -89,4 +89,4 @@ def test_bad_arguments_are_refused_before_any_work(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         bench_model.main(["--small", *argv])
     assert exc.value.code == 2
-    assert "python -m bench.model: error:" in capsys.readouterr().err
+    assert "python -m mixlora_kernels.bench.model: error:" in capsys.readouterr().err

@@ -12,7 +12,6 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.phi.modeling_phi import PhiMLP
 from transformers.models.phi3.modeling_phi3 import Phi3MLP
 
-import reference
 from mixlora_kernels import (
     FusedMixLoraFFN,
     MixLoraConfig,
@@ -20,6 +19,7 @@ from mixlora_kernels import (
     load_adapter_state_dict,
     router_aux_loss,
 )
+from mixlora_kernels.testing import reference
 
 D, F_ = 16, 40
 ALL_MLP = ["gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"]

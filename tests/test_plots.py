@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.plots import _figure, _speedup, group_rows, latest_rows, load_rows, main, plot_rows
+from mixlora_kernels.bench.plots import _figure, _speedup, group_rows, latest_rows, load_rows, main, plot_rows
 
-CPU_ROWS = Path(__file__).resolve().parents[1] / "bench" / "results" / "cpu-x86-64-2-threads.jsonl"
+CPU_ROWS = Path(__file__).resolve().parents[1] / "mixlora_kernels" / "bench" / "results" / "cpu-x86-64-2-threads.jsonl"
 CASE_MS = {"fused": 10.0, "fused_top_p": 9.0, "dense": 8.0, "dense_lora": 12.0, "shared_w13": 15.0, "vanilla": 30.0}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from hf_models import injected, tokens
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-import reference
 from mixlora_kernels import router_aux_loss
 from mixlora_kernels.modules import mixlora_blocks
 from mixlora_kernels.routing import RoutingSpec, load_balance_loss, route_top_p, router_loss
+from mixlora_kernels.testing import reference
 
 E = 5
 

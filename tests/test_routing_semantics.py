@@ -16,8 +16,8 @@ import pytest
 import torch
 from hf_models import mixlora_config, randomize_adapter, tiny_model, tokens
 
-from bench import injection
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, inject_mixlora, load_adapter, save_adapter
+from mixlora_kernels.bench import injection
 from mixlora_kernels.modules import mixlora_blocks
 
 MOE_PEFT_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "moe_peft"

@@ -1,4 +1,4 @@
-"""The config sweep (``python -m bench.sweep``): in small mode it runs every expert-pass
+"""The config sweep (``python -m mixlora_kernels.bench.sweep``): in small mode it runs every expert-pass
 kernel through its launcher with each of its first configs forced (here through the
 Triton interpreter), and writes one ``"kind": "sweep"`` row per config with the kernel's
 modelled bytes and FLOPs; the tables pick the fastest config per kernel."""
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from bench import sweep
+from mixlora_kernels.bench import sweep
 from mixlora_kernels.kernels.common import fixed_config, forced_config, recorded_launches
 from mixlora_kernels.tuning.configs import EXPERT_SORTED_BWD
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reference
 from mixlora_kernels import ExpertLoRA, mixlora_ffn
 from mixlora_kernels.noise import draw_noise
+from mixlora_kernels.testing import reference
 from tests.conftest import assert_close
 from tests.problems import leaf_names, make_problem, run_pair
 

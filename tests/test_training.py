@@ -20,7 +20,7 @@ from mixlora_kernels import (
 )
 from mixlora_kernels.modules import mixlora_blocks
 from mixlora_kernels.routing import route_top_p
-from reference.mixlora import router_loss as reference_router_loss
+from mixlora_kernels.testing.reference import router_loss as reference_router_loss
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -139,7 +139,7 @@ def test_in_kernel_dropout_keeps_1_minus_p_and_is_unbiased(p):
 def test_dropout_saves_only_its_seed():
     """Bytes saved for backward with dropout on: the no-dropout figure plus the seed, and
     at most 0.30 x what vanilla MixLoRA saves. Weights excluded (they are saved anyway)."""
-    import reference
+    from mixlora_kernels.testing import reference
 
     problem = on_device(make_problem(T=64, d=64, f=256, E=8, r=4, top_k=2)).to(torch.float32)
     frozen = {t.untyped_storage().data_ptr() for t in [problem.router, *problem.experts]}

@@ -364,7 +364,7 @@ def test_cost_model_reproduces_the_measured_token_major_pass():
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "results" / "nvidia-h100-80gb-hbm3.jsonl"
+    path = Path(__file__).resolve().parents[1] / "mixlora_kernels" / "bench" / "results" / "nvidia-h100-80gb-hbm3.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     measured = [r for r in rows if r.get("stage") == "expert pass (token-major)" and r["T"] >= 1024]
     assert measured, "no token-major stage rows at a training batch"

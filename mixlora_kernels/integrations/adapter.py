@@ -1,4 +1,4 @@
-"""The MixLoRA adapter directory (SPEC section 5), both ways.
+"""The MixLoRA adapter directory (docs/design.md, "The adapter format"), both ways.
 
 A directory holds ``adapter_config.json`` and the weights, ``adapter_model.safetensors``
 (what we write) or ``adapter_model.bin`` (the fp32 pickles the ``mixlora`` package and
@@ -154,7 +154,7 @@ def _renamed_legacy_keys(state: dict[str, torch.Tensor], file: str) -> dict[str,
 def read_adapter_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """The weights of an adapter directory (safetensors preferred) and the file they came from.
 
-    Keys of the older mixlora layout are renamed to SPEC section 5's. A file that cannot
+    Keys of the older mixlora layout are renamed to docs/design.md, "The adapter format"'s. A file that cannot
     be read, is not a dict of tensors, or holds non-finite values raises an error naming
     the file (and the key, where one is to blame).
     """
@@ -278,7 +278,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, safe_serializatio
     """Write the adapter of ``model`` to directory ``path`` (created if needed).
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` under the key names
-    of SPEC section 5, in the adapter's dtype; ``safe_serialization=False`` writes
+    of docs/design.md, "The adapter format", in the adapter's dtype; ``safe_serialization=False`` writes
     ``adapter_model.bin`` instead (a plain ``torch.save`` dict, which is the only weights
     file the ``mixlora`` package itself opens). ``base_model_name_or_path`` is taken from
     the model's config when the adapter config lacks it. The weights file is written

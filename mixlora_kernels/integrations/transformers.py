@@ -6,7 +6,7 @@ children under their own names) and the attention projections named in
 grad. A forward pre-hook on the decoder reads the ``attention_mask`` of each call and
 hands every MixLoRA block the matching row mask, so padding stays out of the router loss.
 
-``model_adapter_targets`` maps the MixLoRA key names of SPEC section 5 to the tensors
+``model_adapter_targets`` maps the MixLoRA key names of docs/design.md, "The adapter format" to the tensors
 that hold them; ``adapter_state_dict`` / ``load_adapter_state_dict`` build on it.
 """
 
@@ -258,7 +258,7 @@ def _layer_targets(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_adapter_targets(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every MixLoRA key of SPEC section 5 -> the parameter (or slice) that holds it.
+    """Every MixLoRA key of docs/design.md, "The adapter format" -> the parameter (or slice) that holds it.
 
     Keys: ``mixlora.layers.{i}.mlp.moe_gate.weight``,
     ``mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{A,B}.weight`` and

@@ -52,7 +52,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the cost model never picks it there, and a forced choice falls back to expert-sorted.
 TOKEN_MAJOR_MAX_ER = 128
 
-# Effective rates of the fused pass, from the H100 rows (bench/results): the token-major
+# Effective rates of the fused pass, from the H100 rows (mixlora_kernels/bench/results): the token-major
 # pass ran its masked E*R-deep products at 7.8e13 FLOP/s at LLaMA-2-7B and 7.6e13 at
 # Gemma-2B (T = 4096; 0.889 and 1.350 ms), far below the tensor cores' peak, because its
 # (tokens, E*R) tiles are 16 to 32 rows. HBM traffic is counted at 3e12 B/s. A launch

@@ -219,7 +219,7 @@ def _router_fwd_kernel(
         dmask = dd < d
         xt = tl.load(x_rows + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         wt = tl.load(wg_ptr + cols[None, :] * d + dd[:, None], mask=cmask[None, :] & dmask[:, None], other=0.0)
-        # fp32 products and sums, as the router is specified (SPEC section 2): no TF32.
+        # fp32 products and sums, as the router is specified (docs/design.md, "The math"): no TF32.
         acc += tl.dot(xt, wt.to(tl.float32), input_precision="ieee")
     out = rows.to(tl.int64)[:, None] * E + cols[None, :]
     tl.store(logits_ptr + out, acc, mask=rmask[:, None] & cmask[None, :])

@@ -38,7 +38,7 @@ ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 
 
 # What Triton's launcher specialises at run time: a pointer from a torch allocation is
-# 16-byte aligned, and every shape argument of the SPEC section 6 models is divisible by
+# 16-byte aligned, and every shape argument of the docs/design.md, "Targets" models is divisible by
 # 16 (f, the row strides, the f chunk, the token bucket; the rank when it is 16 or more).
 # A kernel compiled without these facts is another kernel: no vector loads, no
 # pipelining, far more registers. So each class is compiled as the model shapes run it

@@ -1,4 +1,4 @@
-"""``python -m bench.generation``: Hugging Face ``generate()`` in tokens per second, with
+"""``python -m mixlora_kernels.bench.generation``: Hugging Face ``generate()`` in tokens per second, with
 MixLoRA layers against the unfused reference and the base model, at batch 1 and 8.
 
 The model is a small llama built from a config (no download), its MLPs wrapped by
@@ -7,7 +7,7 @@ The cases generate greedily from the same prompt:
 
     base            the model without the adapter (the floor)
     unfused         the reference model: every MLP a loop over the experts
-                    (``reference.hf``), the attention LoRA as base + x A^T B^T
+                    (``mixlora_kernels.testing.hf``), the attention LoRA as base + x A^T B^T
     fused           the injected model (the Triton backend on a GPU, torch on CPU)
     fused_graphed   ``fused`` through ``generate_with_cuda_graphs`` (GPU only)
     base_graphed    ``base`` through ``generate_with_cuda_graphs`` (GPU only)
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mixlora_kernels import MixLoraConfig, adapter_state_dict, generate_with_cuda_graphs, inject_mixlora
-from reference.hf import reference_model
+from mixlora_kernels.testing.hf import reference_model
 
 from . import __main__ as cli
 from .harness import device_name, versions, write_rows
@@ -170,7 +170,7 @@ def generation_table(rows: list[dict]) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.generation", description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="a tiny model and few tokens: check the command (CPU too)")
     p.add_argument(
         "--cases", type=cli.case_parser(CASES), default=CASES, help="comma-separated subset of " + ",".join(CASES)
@@ -179,7 +179,9 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (GPU 64, CPU 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case (default 3)")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting cases after this many seconds")
-    p.add_argument("--out", type=Path, default=None, help="rows go to <out>/<device>.jsonl (default bench/results)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="rows go to <out>/<device>.jsonl (default mixlora_kernels/bench/results)"
+    )
     p.add_argument("--file", type=Path, default=None, help="append the rows here, not to <out>/<device>.jsonl")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)

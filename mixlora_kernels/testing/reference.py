@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of MixLoRA (SPEC section 2), written for clarity, not speed.
+"""Pure-PyTorch reference of MixLoRA (docs/design.md, "The math"), written for clarity, not speed.
 
 ``mixlora_ffn`` is figure (a) of the paper: a loop over experts, each expert a full FFN
 (base projections plus its own LoRA pairs) on the tokens routed to it. It takes the same
@@ -327,7 +327,7 @@ def router_loss(
     temperature: float | None = None,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scaled router loss of SPEC section 2 (z-loss for switch routing only)."""
+    """The scaled router loss of docs/design.md, "The math" (z-loss for switch routing only)."""
     loss = aux_loss_coef * load_balance_loss(
         logits, routing_strategy=routing_strategy, top_k=top_k, top_p=top_p, temperature=temperature, row_mask=row_mask
     )

@@ -1,6 +1,8 @@
-"""Pure-PyTorch reference of MixLoRA and the baselines the benchmarks compare against."""
+"""What the tests and the benchmarks check the package against: ``reference``, the pure-PyTorch
+MixLoRA of docs/design.md ("The math") with the baselines the benchmarks time, and ``hf``,
+a Hugging Face model computing it."""
 
-from .mixlora import (
+from .reference import (
     dense_ffn,
     dense_lora_ffn,
     load_balance_loss,

@@ -1,5 +1,5 @@
 """One benchmark run: every case and mode at each shape, the stages, the printed tables and
-the result rows. ``python -m bench`` and ``python -m bench.gpu_check`` both run it."""
+the result rows. ``python -m mixlora_kernels.bench`` and ``python -m mixlora_kernels.bench.gpu_check`` both run it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The performance targets (SPEC section 6) and the shapes they are defined for.
+"""The performance targets (docs/design.md, "Targets") and the shapes they are defined for.
 
-A target is a ratio of two cases in one run. The GPU targets hold for the SPEC shapes in
+A target is a ratio of two cases in one run. The GPU targets hold for the shapes of docs/design.md ("Targets") in
 bf16 on a CUDA device: the training ones at a training batch (T > 64), the decode one at
 T <= 64. The CPU targets hold for the CPU comparison shape in fp32 at T >= 2048. Other shapes get their
 ratios printed and no verdict.
@@ -16,8 +16,8 @@ from .cases import Shape
 
 DECODE_MAX_T = 64
 
-# (name, d, f): the model FFNs of SPEC section 6, at E = 8, k = 2, r = 16.
-SPEC_MODELS = (
+# (name, d, f): the model FFNs of docs/design.md, "Targets", at E = 8, k = 2, r = 16.
+TARGET_MODELS = (
     ("llama2-7b", 4096, 11008),
     ("llama3-8b", 4096, 14336),
     ("gemma-2b", 2048, 16384),
@@ -53,7 +53,7 @@ GPU_TARGETS = (
 
 
 class StageTarget(NamedTuple):
-    """A budget in ms for one stage of one SPEC model at one batch (bf16, CUDA); the
+    """A budget in ms for one stage of one of those models at one batch (bf16, CUDA); the
     stage is matched by the start of its name ("expert pass" covers either organisation)."""
 
     model: str
@@ -72,7 +72,7 @@ def stage_verdicts(shape: Shape, device: torch.device, dtype: torch.dtype, stage
     """(target, measured ms, met) for each stage budget of this shape found in the rows."""
     if device.type != "cuda" or dtype != torch.bfloat16:
         return []
-    model = next((m for m in SPEC_MODELS if m[0] == shape.name and _is_model(shape, m)), None)
+    model = next((m for m in TARGET_MODELS if m[0] == shape.name and _is_model(shape, m)), None)
     out = []
     for target in STAGE_TARGETS:
         if model is None or target.model != shape.name or target.T != shape.T:
@@ -101,7 +101,7 @@ def _is_model(shape: Shape, model: tuple) -> bool:
 def targets_for(shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Target, ...]:
     """The targets defined for this shape on this device and dtype (possibly none)."""
     decode = shape.T <= DECODE_MAX_T
-    if device.type == "cuda" and dtype == torch.bfloat16 and any(_is_model(shape, m) for m in SPEC_MODELS):
+    if device.type == "cuda" and dtype == torch.bfloat16 and any(_is_model(shape, m) for m in TARGET_MODELS):
         return tuple(t for t in GPU_TARGETS if t.decode == decode)
     if device.type == "cpu" and dtype == torch.float32 and _is_model(shape, CPU_MODEL) and shape.T >= CPU_TARGET_T:
         return CPU_TARGETS

@@ -1,4 +1,4 @@
-"""``python -m bench.injection``: each routing strategy, under both routing semantics, on
+"""``python -m mixlora_kernels.bench.injection``: each routing strategy, under both routing semantics, on
 a small llama pretrained here, from injection through its first fine-tuning steps.
 
 The base is a transformers ``LlamaConfig`` model (d 64, f 128, 2 layers, vocabulary 16)

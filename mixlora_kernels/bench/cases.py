@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import reference
 from mixlora_kernels import ExpertDoRA, ExpertLoRA, mixlora_ffn
 from mixlora_kernels.dora import clear_row_norms, weight_sq_norms
 from mixlora_kernels.routing import route_top_p, router_logits
+from mixlora_kernels.testing import reference
 
 
 @dataclass(frozen=True)

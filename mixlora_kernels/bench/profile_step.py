@@ -1,11 +1,11 @@
-"""``python -m bench.profile_step``: one fused MixLoRA training step at LLaMA-2-7B's FFN
+"""``python -m mixlora_kernels.bench.profile_step``: one fused MixLoRA training step at LLaMA-2-7B's FFN
 shape for a profiler to read, its second step inside the NVTX range ``profiled``.
 
 The first step autotunes (or reads the disk cache the benchmark filled), so that the
 profiled step launches the kernels a training run launches. Under Nsight Compute:
 
     ncu --clock-control none --nvtx --nvtx-include "profiled/" -k regex:_expert_pass \\
-        python -m bench.profile_step
+        python -m mixlora_kernels.bench.profile_step
 
 ``make gpu-check`` runs that with ``--ncu``. ``--small`` is a tiny shape (CPU too: the
 torch backend, with no range to profile), for checking the command.
@@ -27,7 +27,9 @@ RANGE = "profiled"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mixlora_kernels.bench.profile_step", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--small", action="store_true", help="a tiny shape: check the command (CPU too)")
     p.add_argument("--case", default="fused", choices=("fused", "fused_dora"), help="the case to step (fused)")
     args = p.parse_args(argv)

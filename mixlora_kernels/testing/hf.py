@@ -1,10 +1,10 @@
-"""A Hugging Face model computing vanilla MixLoRA through ``reference.mixlora_ffn``: the
+"""A Hugging Face model computing vanilla MixLoRA through ``mixlora_kernels.testing.reference.mixlora_ffn``: the
 independent model the tests compare injected models against, and the unfused baseline of
 the generation benchmark.
 
-Each MLP becomes a module that calls ``reference.mixlora_ffn`` (one full FFN per expert)
+Each MLP becomes a module that calls ``mixlora_kernels.testing.reference.mixlora_ffn`` (one full FFN per expert)
 and each targeted attention projection ``base(x) + s x A^T B^T``, with weights read back by
-their adapter key names (SPEC section 5): a key mapped to the wrong tensor shows up as a
+their adapter key names (docs/design.md, "The adapter format"): a key mapped to the wrong tensor shows up as a
 logits mismatch.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 from mixlora_kernels.config import MixLoraConfig
 from mixlora_kernels.containers import ExpertLoRA
 
-from . import mixlora as ref
+from . import reference as ref
 
 MLP_ROLES = {
     "gate_proj": "gate",
@@ -34,7 +34,7 @@ def activation_of(hf_config) -> str:
 
 
 class ReferenceMixLoraMLP(nn.Module):
-    """An HF MLP turned into vanilla MixLoRA through ``reference.mixlora_ffn``."""
+    """An HF MLP turned into vanilla MixLoRA through ``mixlora_kernels.testing.reference.mixlora_ffn``."""
 
     def __init__(self, mlp: nn.Module, weights: dict[str, torch.Tensor], config: MixLoraConfig, activation: str):
         super().__init__()

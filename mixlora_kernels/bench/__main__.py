@@ -1,13 +1,13 @@
-"""``python -m bench``: the fused MixLoRA FFN against the dense floor and the baselines.
+"""``python -m mixlora_kernels.bench``: the fused MixLoRA FFN against the dense floor and the baselines.
 
 Without a GPU it runs the CPU comparison (torch backend, fp32) at d=1024, f=2816, E=8,
-k=2, r=16 for T = 16, 512 and 2048. On a GPU it runs the SPEC shapes in bf16 with the
+k=2, r=16 for T = 16, 512 and 2048. On a GPU it runs the shapes of docs/design.md ("Targets") in bf16 with the
 Triton backend at T=16 (decode) and T=4096 (a training batch). Every run prints a table
 of ratios, the stages and the targets defined for the shape, and appends one JSON row
 per (shape, case, mode) and per stage to <out>/<device>.jsonl: by default a folder in
-the user's cache, with --record the committed bench/results/.
+the user's cache, with --record the committed mixlora_kernels/bench/results/.
 
-``mixlora-bench model ...`` (``python -m bench.model``) runs the whole-model benchmark:
+``mixlora-bench model ...`` (``python -m mixlora_kernels.bench.model``) runs the whole-model benchmark:
 training steps and generation against PEFT LoRA and the vanilla MixLoRA loop.
 """
 
@@ -24,10 +24,10 @@ import torch
 from .cases import Shape
 from .harness import device_name, versions, write_rows
 from .suite import CASES, Settings, print_result, rows_for, run_shape
-from .targets import CPU_MODEL, SPEC_MODELS
+from .targets import CPU_MODEL, TARGET_MODELS
 
 CPU_SHAPES = [Shape(CPU_MODEL[0], CPU_MODEL[1], CPU_MODEL[2], T) for T in (16, 512, 2048)]
-GPU_SHAPES = [Shape(name, d, f, T) for name, d, f in SPEC_MODELS for T in (16, 4096)]
+GPU_SHAPES = [Shape(name, d, f, T) for name, d, f in TARGET_MODELS for T in (16, 4096)]
 RECORD_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -112,9 +112,9 @@ def parse_device(text: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Named as it was called: the mixlora-bench console script, or python -m bench.
+    # Named as it was called: the mixlora-bench console script, or python -m mixlora_kernels.bench.
     called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    prog = called if called.startswith("mixlora-bench") else "python -m bench"
+    prog = called if called.startswith("mixlora-bench") else "python -m mixlora_kernels.bench"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--device", type=parse_device, default=None, help="cpu or cuda[:N] (default: cuda if present)")
@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--out", type=Path, default=None, help=f"folder for the result rows (default {default_out_dir()})"
     )
-    where.add_argument("--record", action="store_true", help="append the rows to bench/results/ (to commit)")
+    where.add_argument(
+        "--record", action="store_true", help="append the rows to mixlora_kernels/bench/results/ (to commit)"
+    )
     where.add_argument("--no-save", action="store_true", help="print only, write no rows")
     add("--plots", action="store_true", help="draw PNG plots of all rows in the output file (needs matplotlib)")
     return p  # fmt: skip

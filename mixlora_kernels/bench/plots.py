@@ -1,7 +1,7 @@
 """PNG plots drawn from the benchmark's JSON Lines rows: the fused case's speed-up over each
 baseline, and the memory each case saves for backward (and its peak, where recorded).
 
-    python -m bench.plots bench/results/cpu-x86-64-2-threads.jsonl --out plots/
+    python -m mixlora_kernels.bench.plots mixlora_kernels/bench/results/cpu-x86-64-2-threads.jsonl --out plots/
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def plot_rows(rows: list[dict], out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("rows", nargs="+", help="benchmark result files (.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNGs")
     args = p.parse_args(argv)

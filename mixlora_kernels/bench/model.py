@@ -1,4 +1,4 @@
-"""``python -m bench.model`` (or ``mixlora-bench model``): whole-model training steps and
+"""``python -m mixlora_kernels.bench.model`` (or ``mixlora-bench model``): whole-model training steps and
 generation, MixLoRA against PEFT LoRA and the vanilla MixLoRA loop.
 
 What a fine-tuner compares: tokens per second and peak memory of a training step, at a
@@ -16,7 +16,7 @@ MixLoRA cases, the router loss:
     mixlora          inject_mixlora: E = 8, k = 2, r = 16 experts and r = 16 attention LoRA
                      (the Triton backend on a GPU, torch on CPU)
     mixlora_vanilla  the same adapter, every MLP through the per-expert reference loop
-                     (``reference.mixlora_ffn``): MoE-PEFT's algorithm, the baseline of
+                     (``mixlora_kernels.testing.reference.mixlora_ffn``): MoE-PEFT's algorithm, the baseline of
                      MixLoRA's own claim (shared W1/W3: -40 % memory, -30 % token latency)
     mixdora          mixlora with DoRA experts
 
@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import reference.mixlora as ref
 from mixlora_kernels import MixLoraConfig, inject_mixlora, router_aux_loss
 from mixlora_kernels.modules import FusedMixLoraFFN
+from mixlora_kernels.testing import reference as ref
 
 from . import __main__ as cli
 from .harness import device_name, versions, write_rows
@@ -314,7 +314,7 @@ def plot_model(rows: list[dict], out_dir: Path) -> Path | None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.model", description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="a tiny model, few steps: check the command (CPU too)")
     p.add_argument(
         "--cases", type=cli.case_parser(CASES), default=CASES, help="comma-separated subset of " + ",".join(CASES)
@@ -327,7 +327,7 @@ def parse_args(argv):
     p.add_argument("--no-generation", action="store_true", help="skip the generation rows")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, default=None, help="rows go to <out>/<device>.jsonl (default: user cache)")
-    where.add_argument("--record", action="store_true", help="rows go to the committed bench/results/")
+    where.add_argument("--record", action="store_true", help="rows go to the committed mixlora_kernels/bench/results/")
     where.add_argument("--no-save", action="store_true", help="print only")
     where.add_argument("--file", type=Path, default=None, help="append the rows to this file")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting cases after this many seconds")

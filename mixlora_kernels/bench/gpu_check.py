@@ -1,4 +1,4 @@
-"""``python -m bench.gpu_check --out DIR`` (``make gpu-check``): the whole GPU measurement
+"""``python -m mixlora_kernels.bench.gpu_check --out DIR`` (``make gpu-check``): the whole GPU measurement
 as one command, for a short lease on a machine with PyTorch and Triton installed and no
 network. Run from the checkout with PYTHONPATH=. (nothing is installed).
 
@@ -15,7 +15,7 @@ network. Run from the checkout with PYTHONPATH=. (nothing is installed).
        of LLaMA-2-7B's widths, PEFT LoRA, MixLoRA, vanilla MixLoRA and MixDoRA, time-boxed
        (the PEFT case needs peft importable: carry it, ``pip install --no-deps --target``)
     6. with --ncu, Nsight Compute over one training step's kernels (``bench.profile_step``)
-    7. plots of the rows, and a summary table with the SPEC targets beside the results
+    7. plots of the rows, and a summary table with the targets (docs/design.md) beside the results
 
 Everything lands in DIR: rows.jsonl, tests.log, sweep.log, generation.log, model.log, ncu.txt (with
 --ncu), plots/*.png, summary.md.
@@ -47,7 +47,8 @@ from .suite import Settings, print_result, rows_for, run_shape
 from .sweep import sweep_tables
 from .targets import GPU_TARGETS, ratio
 
-ROOT = Path(__file__).resolve().parent.parent
+# The checkout (mixlora_kernels/bench/ is two levels down): the test step runs its tests/.
+ROOT = Path(__file__).resolve().parents[2]
 GPU_SHAPES = [
     Shape("llama2-7b", 4096, 11008, 16),
     Shape("llama2-7b", 4096, 11008, 4096),
@@ -257,7 +258,9 @@ def run_step(out: Path, module: str, kind: str, args: list[str], box: float,
 
 def run_sweep(out: Path, small: bool, box: float) -> list[dict]:
     """The config sweep's rows (small: the step runs, one config per kernel)."""
-    return run_step(out, "bench.sweep", "sweep", ["--small", "--configs", "1"] if small else [], box, True)
+    return run_step(
+        out, "mixlora_kernels.bench.sweep", "sweep", ["--small", "--configs", "1"] if small else [], box, True
+    )
 
 
 def find_ncu() -> str | None:
@@ -274,7 +277,7 @@ def run_ncu(out: Path, small: bool, timeout: float) -> None:
     the expert pass, routing and permutation kernels, every counter section, read at the
     device's own clocks. Its report goes to ncu.txt. On CPU (small) the step runs without
     it, to check the command."""
-    step = [sys.executable, "-m", "bench.profile_step", *(["--small"] if small else [])]
+    step = [sys.executable, "-m", "mixlora_kernels.bench.profile_step", *(["--small"] if small else [])]
     ncu = find_ncu() if torch.cuda.is_available() else None
     if torch.cuda.is_available() and ncu is None:
         print("  ncu: Nsight Compute not found; nothing profiled")
@@ -288,17 +291,19 @@ def run_ncu(out: Path, small: bool, timeout: float) -> None:
 def run_generation(out: Path, small: bool, box: float) -> list[dict]:
     """The generation benchmark's rows (written as each case finishes, so a case cut off
     by the box loses only itself)."""
-    return run_step(out, "bench.generation", "generation", ["--small"] if small else [], box)
+    return run_step(out, "mixlora_kernels.bench.generation", "generation", ["--small"] if small else [], box)
 
 
 def run_model(out: Path, small: bool, box: float) -> list[dict]:
     """The whole-model benchmark's rows, training and generation (written as each case
     finishes)."""
-    return run_step(out, "bench.model", "model", ["--small"] if small else [], box, also=("model_generation",))
+    return run_step(
+        out, "mixlora_kernels.bench.model", "model", ["--small"] if small else [], box, also=("model_generation",)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for rows, logs, plots and the summary")
     p.add_argument("--small", action="store_true", help="tiny shapes: check the command end to end (CPU too)")
     p.add_argument("--skip-tests", action="store_true", help="benchmark only")

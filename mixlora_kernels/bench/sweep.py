@@ -1,4 +1,4 @@
-"""``python -m bench.sweep``: every config of every expert-pass kernel, timed alone.
+"""``python -m mixlora_kernels.bench.sweep``: every config of every expert-pass kernel, timed alone.
 
 On a GPU it runs LLaMA-2-7B's and Gemma-2B's FFN shapes at T = 4096 and 512 (bf16, E = 8,
 k = 2, r = 16) and times, for each kernel, every config of the device's family, those
@@ -226,9 +226,11 @@ def best_per_kernel(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.sweep", description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="a tiny shape, two configs per kernel (CPU: the interpreter)")
-    p.add_argument("--out", type=Path, default=None, help="folder for <device>.jsonl (default: bench/results)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="folder for <device>.jsonl (default: mixlora_kernels/bench/results)"
+    )
     p.add_argument("--file", type=Path, default=None, help="append the rows here, not to <out>/<device>.jsonl")
     p.add_argument("--no-save", action="store_true", help="print only")
     p.add_argument("--budget-s", type=float, default=180.0, help="stop starting configs after this many seconds")
