@@ -17,9 +17,9 @@ from .integrations import (
     reset_expert_load,
     save_adapter,
 )
+from .integrations.state import adapter_state_dict, load_adapter_state_dict
 from .lora import LoraLinear
 from .modules import FusedMixLoraFFN, router_aux_loss
-from .state import adapter_state_dict, load_adapter_state_dict
 
 __version__ = "0.1.0"
 

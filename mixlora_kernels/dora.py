@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .autograd import dora_combine_op, expert_pass
+from .projections import adapter_dtype_of, linear_features
 
 # Chunk of identity rows pushed through a weight we cannot read directly.
 _PROBE_ROWS = 1024
@@ -68,14 +69,14 @@ def weight_sq_norms(module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2:
         return weight.detach().to(_wide(weight.dtype)).square().sum(dim=1)
-    from .lora import adapter_dtype_of, linear_features
 
     fan_in, fan_out = linear_features(module)
     device = weight.device if isinstance(weight, torch.Tensor) else None
-    total = torch.zeros(fan_out, dtype=torch.float32, device=device)
+    dtype = adapter_dtype_of(module)
+    total = torch.zeros(fan_out, dtype=_wide(dtype), device=device)  # fp64 for an fp64 layer
     for start in range(0, fan_in, _PROBE_ROWS):
         rows = min(_PROBE_ROWS, fan_in - start)
-        probe = torch.zeros(1, rows, fan_in, dtype=adapter_dtype_of(module), device=device)
+        probe = torch.zeros(1, rows, fan_in, dtype=dtype, device=device)
         probe[0, :, start : start + rows].fill_diagonal_(1.0)
         total += weight_times_a(module, probe)[0].square().sum(dim=1)  # columns start.. of W
     return total

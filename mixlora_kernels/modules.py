@@ -18,7 +18,7 @@ from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
 from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
-from .lora import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
+from .projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
 from .routing import expert_counts, router_loss
 
 # The routing fields of MixLoraConfig that mixlora_ffn takes; the config holds None for

@@ -55,3 +55,47 @@ def test_nothing_cites_a_document_the_repository_does_not_hold():
             if section not in headings:
                 problems.append(f"{rel}: cites the section {section!r} of docs/design.md, which has no such heading")
     assert not problems, "\n".join(problems)
+
+
+def _imports_of(path: Path, package: Path, modules: set[str]) -> set[str]:
+    """The package modules a file imports, at module level or inside functions, as dotted
+    names: ``from .x import y`` imports x.y where that is a module, else x."""
+    import ast
+
+    module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+    here = module.removesuffix(".__init__") if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = here.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {name for name in found if name in modules}
+
+
+def test_the_package_has_no_import_circles():
+    package = ROOT / "mixlora_kernels"
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}  # fmt: skip
+    graph = {name: _imports_of(path, package, set(files)) - {name} for name, path in files.items()}
+    circles, done = [], set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if name in stack:
+            circles.append(" -> ".join([*stack[stack.index(name) :], name]))
+            return
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, [*stack, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert not circles, "import circles:\n" + "\n".join(circles)

@@ -206,6 +206,7 @@ def test_an_unsupported_quantised_layer_is_refused_at_injection(where):
 @pytest.mark.parametrize("kind", QUANTISATIONS)
 def test_mixdora_on_a_quantised_base_computes_each_weight_norm_once(base_dir, kind, monkeypatch):
     import mixlora_kernels.dora as dora_module
+    import mixlora_kernels.lora as lora_module
     import mixlora_kernels.modules as modules_module
 
     calls = []
@@ -217,6 +218,7 @@ def test_mixdora_on_a_quantised_base_computes_each_weight_norm_once(base_dir, ki
 
     monkeypatch.setattr(dora_module, "weight_sq_norms", counting)
     monkeypatch.setattr(modules_module, "weight_sq_norms", counting)
+    monkeypatch.setattr(lora_module, "weight_sq_norms", counting)
     model = inject_mixlora(_quantised(base_dir, kind), _config(use_dora=True), backend="torch")
     layers = len(model.model.layers)
     assert len(calls) == layers * (3 + 4), calls  # once per frozen weight: gate/up/down, q/k/v/o

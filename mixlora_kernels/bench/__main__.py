@@ -14,47 +14,25 @@ training steps and generation against PEFT LoRA and the vanilla MixLoRA loop.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from .cases import Shape
+from .cli import RECORD_DIR, case_parser, check_writable, default_out_dir, device_slug, positive_int
 from .harness import device_name, versions, write_rows
 from .suite import CASES, Settings, print_result, rows_for, run_shape
 from .targets import CPU_MODEL, TARGET_MODELS
 
 CPU_SHAPES = [Shape(CPU_MODEL[0], CPU_MODEL[1], CPU_MODEL[2], T) for T in (16, 512, 2048)]
 GPU_SHAPES = [Shape(name, d, f, T) for name, d, f in TARGET_MODELS for T in (16, 4096)]
-RECORD_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }  # fmt: skip
 BACKENDS = ("torch", "triton")
-
-
-def default_out_dir() -> Path:
-    """Where rows go unless asked otherwise: the user's cache, outside any checkout."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mixlora_kernels" / "bench"
-
-
-def device_slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parse_dtype(text: str) -> torch.dtype:
@@ -79,19 +57,6 @@ def parse_shape(spec: str) -> Shape:
     if shape.k > shape.E:
         raise argparse.ArgumentTypeError(f"{spec!r}: k={shape.k} experts per token > E={shape.E} experts")
     return shape
-
-
-def case_parser(choices: tuple[str, ...]):
-    """An argparse type: a comma-separated, non-empty subset of ``choices``."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(c for c in text.split(",") if c)
-        unknown = sorted(set(names) - set(choices))
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown cases {unknown}; choose from {', '.join(choices)}")
-        return names
-
-    return parse
 
 
 parse_cases = case_parser(CASES)
@@ -155,26 +120,6 @@ def settings_from(args, parser: argparse.ArgumentParser) -> Settings:
         if dtype == torch.bfloat16:
             parser.error("--backend triton on CPU cannot run bf16 (no bf16 tl.dot in the interpreter); use fp32, fp16")
     return Settings(device, dtype, backend, args.cases, args.rounds, stages=not args.no_stages)
-
-
-def check_writable(rows_file: Path, option: str, parser: argparse.ArgumentParser) -> None:
-    """A parser error, before the run, where the rows could not be appended to ``rows_file``:
-    its folder is made (as the run would make it) and the file opened for appending, left
-    as it was. Tried rather than asked (os.access): a privileged user is told yes where the
-    file system says no (/proc, a read-only mount)."""
-    folder = rows_file.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        parser.error(f"{option} {folder}: cannot create this folder ({err.strerror or err})")
-    existed = rows_file.exists()
-    try:
-        with open(rows_file, "a", encoding="utf-8"):
-            pass
-    except OSError as err:
-        parser.error(f"{option} {folder}: cannot write {rows_file.name} there ({err.strerror or err})")
-    if not existed:
-        rows_file.unlink()
 
 
 def check_plots(args, parser: argparse.ArgumentParser) -> None:

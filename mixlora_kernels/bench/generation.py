@@ -35,7 +35,7 @@ import torch
 from mixlora_kernels import MixLoraConfig, adapter_state_dict, generate_with_cuda_graphs, inject_mixlora
 from mixlora_kernels.testing.hf import reference_model
 
-from . import __main__ as cli
+from . import cli
 from .harness import device_name, versions, write_rows
 
 CASES = ("base", "unfused", "fused", "fused_graphed", "base_graphed")

@@ -45,7 +45,7 @@ from mixlora_kernels import MixLoraConfig, inject_mixlora, router_aux_loss
 from mixlora_kernels.modules import FusedMixLoraFFN
 from mixlora_kernels.testing import reference as ref
 
-from . import __main__ as cli
+from . import cli
 from .harness import device_name, versions, write_rows
 
 CASES = ("peft_lora", "mixlora", "mixlora_vanilla", "mixdora")

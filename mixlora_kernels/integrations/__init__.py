@@ -6,8 +6,9 @@ from typing import Any
 from .adapter import load_adapter, save_adapter
 from .generation import generate_with_cuda_graphs
 from .loading import MixLoraModelForCausalLM
+from .state import model_adapter_targets
 from .training import ExpertLoad, MixLoraTrainerMixin, expert_load_stats, reset_expert_load
-from .transformers import SUPPORTED_MODEL_TYPES, inject_mixlora, model_adapter_targets
+from .transformers import SUPPORTED_MODEL_TYPES, inject_mixlora
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..config import CONFIG_NAME, MixLoraConfig, without_foreign_fields
 from ..modules import mixlora_blocks
-from ..state import adapter_state_dict, load_adapter_state_dict
-from .transformers import _inject, mixlora_config_of, model_adapter_targets, unwrap_model
+from .state import adapter_state_dict, load_adapter_state_dict, model_adapter_targets, unwrap_model
+from .transformers import _inject, mixlora_config_of
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"

@@ -5,9 +5,6 @@ children under their own names) and the attention projections named in
 ``target_modules`` get a ``LoraLinear``. Afterwards only adapter parameters require
 grad. A forward pre-hook on the decoder reads the ``attention_mask`` of each call and
 hands every MixLoRA block the matching row mask, so padding stays out of the router loss.
-
-``model_adapter_targets`` maps the MixLoRA key names of docs/design.md, "The adapter format" to the tensors
-that hold them; ``adapter_state_dict`` / ``load_adapter_state_dict`` build on it.
 """
 
 from __future__ import annotations
@@ -21,9 +18,10 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig
-from ..lora import LoraLinear, keep_4bit_weights_unpacked
+from ..lora import LoraLinear
 from ..modules import FusedMixLoraFFN, mixlora_blocks
-from ..state import MAGNITUDE_KEY, _block_targets
+from ..projections import keep_4bit_weights_unpacked
+from .state import decoder_of, unwrap_model
 
 _LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -41,13 +39,6 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[str, ...]] = {
 _KNOWN_PROJECTIONS = frozenset(MLP_PROJECTIONS).union(*SUPPORTED_MODEL_TYPES.values())
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (any other model as is)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
 def _model_type(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model_type, str):
@@ -60,17 +51,6 @@ def _model_type(model: nn.Module) -> str:
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return model_type
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The module holding the decoder layers: ``model.model`` of a causal LM, or the model."""
-    model = unwrap_model(model)
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return inner
-    if isinstance(getattr(model, "layers", None), nn.ModuleList):
-        return model
-    raise TypeError(f"{type(model).__name__} has no decoder layers (model.model.layers or model.layers)")
 
 
 def _call_argument(names: tuple[str, ...], args: tuple, kwargs: dict, name: str):
@@ -238,39 +218,6 @@ def inject_mixlora(
     _inject(model, config, backend, dtype)
     config.warn_if_base_changes("inject_mixlora")
     return model
-
-
-def _layer_targets(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
-    targets: dict[str, torch.Tensor] = {}
-    prefix = f"mixlora.layers.{index}"
-    mlp = getattr(layer, "mlp", None)
-    if isinstance(mlp, FusedMixLoraFFN):
-        targets.update({f"{prefix}.mlp.{key}": t for key, t in _block_targets(mlp).items()})
-    attention = getattr(layer, "self_attn", None)
-    if isinstance(attention, nn.Module):
-        for name, child in attention.named_children():
-            if isinstance(child, LoraLinear):
-                targets[f"{prefix}.self_attn.{name}.lora_A.weight"] = child.lora_A.weight
-                targets[f"{prefix}.self_attn.{name}.lora_B.weight"] = child.lora_B.weight
-                if child.lora_magnitude_vector is not None:
-                    targets[f"{prefix}.self_attn.{name}.{MAGNITUDE_KEY}"] = child.lora_magnitude_vector
-    return targets
-
-
-def model_adapter_targets(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every MixLoRA key of docs/design.md, "The adapter format" -> the parameter (or slice) that holds it.
-
-    Keys: ``mixlora.layers.{i}.mlp.moe_gate.weight``,
-    ``mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{A,B}.weight`` and
-    ``mixlora.layers.{i}.self_attn.{proj}.lora_{A,B}.weight``. Raises ValueError if the
-    model holds no MixLoRA.
-    """
-    targets: dict[str, torch.Tensor] = {}
-    for index, layer in enumerate(decoder_of(model).layers):
-        targets.update(_layer_targets(index, layer))
-    if not targets:
-        raise ValueError(f"{type(unwrap_model(model)).__name__} holds no MixLoRA adapter; call inject_mixlora first")
-    return targets
 
 
 def mixlora_config_of(model: nn.Module) -> MixLoraConfig | None:

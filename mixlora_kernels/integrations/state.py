@@ -6,6 +6,10 @@ projection and expert, ``{proj}.experts.{e}.lora_A.weight`` (r, in) and
 its layer (``mixlora.layers.{i}.mlp.`` / ``mixlora.layers.{i}.self_attn.``). DoRA
 adds ``{proj}.experts.{e}.lora_magnitude_vector`` (out,) per expert, and
 ``{proj}.lora_magnitude_vector`` on an attention LoRA (PEFT's name).
+
+``model_adapter_targets`` maps every key of a model to the tensor that holds it (with
+``decoder_of``, where a Hugging Face model keeps its decoder layers), and
+``adapter_state_dict`` / ``load_adapter_state_dict`` build on it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from .lora import LoraLinear
-from .modules import FusedMixLoraFFN
+from ..lora import LoraLinear
+from ..modules import FusedMixLoraFFN
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 
@@ -35,11 +39,60 @@ def _block_targets(block: FusedMixLoraFFN) -> dict[str, torch.Tensor]:
     return targets
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (any other model as is)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers: ``model.model`` of a causal LM, or the model."""
+    model = unwrap_model(model)
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner
+    if isinstance(getattr(model, "layers", None), nn.ModuleList):
+        return model
+    raise TypeError(f"{type(model).__name__} has no decoder layers (model.model.layers or model.layers)")
+
+
+def _layer_targets(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+    targets: dict[str, torch.Tensor] = {}
+    prefix = f"mixlora.layers.{index}"
+    mlp = getattr(layer, "mlp", None)
+    if isinstance(mlp, FusedMixLoraFFN):
+        targets.update({f"{prefix}.mlp.{key}": t for key, t in _block_targets(mlp).items()})
+    attention = getattr(layer, "self_attn", None)
+    if isinstance(attention, nn.Module):
+        for name, child in attention.named_children():
+            if isinstance(child, LoraLinear):
+                targets[f"{prefix}.self_attn.{name}.lora_A.weight"] = child.lora_A.weight
+                targets[f"{prefix}.self_attn.{name}.lora_B.weight"] = child.lora_B.weight
+                if child.lora_magnitude_vector is not None:
+                    targets[f"{prefix}.self_attn.{name}.{MAGNITUDE_KEY}"] = child.lora_magnitude_vector
+    return targets
+
+
+def model_adapter_targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every MixLoRA key of docs/design.md, "The adapter format" -> the parameter (or slice) that holds it.
+
+    Keys: ``mixlora.layers.{i}.mlp.moe_gate.weight``,
+    ``mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{A,B}.weight`` and
+    ``mixlora.layers.{i}.self_attn.{proj}.lora_{A,B}.weight``. Raises ValueError if the
+    model holds no MixLoRA.
+    """
+    targets: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(decoder_of(model).layers):
+        targets.update(_layer_targets(index, layer))
+    if not targets:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} holds no MixLoRA adapter; call inject_mixlora first")
+    return targets
+
+
 def _named_targets(model_or_module: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model_or_module, FusedMixLoraFFN):
         return _block_targets(model_or_module)
-    from .integrations.transformers import model_adapter_targets
-
     return model_adapter_targets(model_or_module)
 
 
