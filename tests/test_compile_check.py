@@ -99,7 +99,8 @@ def test_the_sample_keeps_every_headline_class_and_a_share_of_the_rest():
     for job in jobs:
         firsts.setdefault((job.kernel, job.arch, job.variant), job)
     assert all(firsts[c] in sample for c in headline_classes)
-    rest = [j for j in jobs if firsts[(j.kernel, j.arch, j.variant)] is not j or j.headline is None]
+    assert all(j in sample for j in jobs if j.always)  # one variant per kernel and activation
+    rest = [j for j in jobs if (firsts[(j.kernel, j.arch, j.variant)] is not j or j.headline is None) and not j.always]
     kept = [j for j in rest if j in sample]
     assert 0.15 < len(kept) / len(rest) < 0.35
     assert {(j.kernel, j.arch) for j in sample} == {(j.kernel, j.arch) for j in jobs}
@@ -112,3 +113,21 @@ def test_the_compile_check_refuses_the_interpreter(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--arch", "sm_80", "--kernel", "dropout_keep"])
     assert exit_info.value.code == 2 and "unset it" in capsys.readouterr().err
+
+
+def test_every_activation_the_kernels_implement_is_compiled_and_sampled():
+    """Each kernel that takes ACT compiles once per activation code on every arch (silu in
+    its classes, the others in one variant each), and CI's sample keeps those variants."""
+    from mixlora_kernels.activations import ACTIVATION_KINDS
+    from mixlora_kernels.kernels.common import ACT_CODES
+
+    assert set(ACTIVATION_KINDS.values()) == set(ACT_CODES), "every activation kind has a kernel code"
+    jobs = [job for arch in ARCHS for job in jobs_for(arch)]
+    sample = sample_jobs(jobs, 4)
+    kernels = {job.kernel for job in jobs if "ACT" in job.constexprs}
+    assert len(kernels) == 6, kernels
+    for arch in ARCHS:
+        for kernel in kernels:
+            for code in ACT_CODES.values():
+                chosen = [j for j in sample if j.arch == arch and j.kernel == kernel and j.constexprs["ACT"] == code]
+                assert chosen, f"{kernel} on {arch}: no sampled variant with ACT={code}"

@@ -5,8 +5,10 @@
 For each architecture it compiles each kernel for every config of that architecture's
 family and every shape class the launchers can produce (LoRA rank 4, 8, 16, 64 padded
 as the launchers pad it; fp16 and bf16; top-k, top-p and switch routing; the MLP
-layouts), specialised as Triton specialises it at run time for the model shapes
-(16-aligned pointers and dimensions) and, for one config, with nothing known. It prints
+layouts; every activation the kernels implement, silu in every class and the others in
+the safe config of each kernel's first headline class), specialised as Triton
+specialises it at run time for the model shapes (16-aligned pointers and dimensions)
+and, for one config, with nothing known. It prints
 kernel, arch, config, shared memory, registers, bytes of spill stores, whether the PTX
 holds atomics (``atom.``/``red.``: none of these kernels may), then per kernel the
 variants, how many spill (and how many inside a loop) and the most registers. It exits
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -92,6 +95,7 @@ class Job:
     estimate: int | None = None  # the runtime pruner's shared-memory estimate, if it prunes
     divisible: frozenset = frozenset()  # args specialised as multiples of 16 ("*": every pointer)
     headline: tuple | None = None  # the headline class this job belongs to, if any
+    always: bool = False  # kept by every sample (an activation's one variant per kernel)
 
 
 @dataclass
@@ -597,7 +601,28 @@ def jobs_for(arch: str) -> list[Job]:
 
     family = family_of(ARCHS[arch])
     jobs = _tm_jobs(arch, family) + _tm_bwd_jobs(arch, family) + _es_jobs(arch, family) + _es_bwd_jobs(arch, family)
+    jobs = jobs + _activation_jobs(jobs)
     return jobs + _route_permute_jobs(arch) + _dropout_jobs(arch) + _dora_combine_jobs(arch)
+
+
+def _activation_jobs(jobs: list[Job]) -> list[Job]:
+    """Every activation the kernels implement (kernels.common.ACT_CODES) other than silu,
+    which the classes above compile: per kernel taking ACT, its first headline job (the
+    safe config) again with that activation, kept by every sample."""
+    from ..kernels.common import ACT_CODES
+
+    firsts: dict[str, Job] = {}
+    for job in jobs:
+        if "ACT" in job.constexprs and job.headline is not None:
+            firsts.setdefault(job.kernel, job)
+    out = []
+    for kind, code in ACT_CODES.items():
+        for job in firsts.values():
+            if code != job.constexprs["ACT"]:
+                const = {**job.constexprs, "ACT": code}
+                out.append(dataclasses.replace(job, variant=f"{job.variant} act={kind}", constexprs=const,
+                                               headline=None, always=True))  # fmt: skip
+    return out
 
 
 def _spill_report(results: list[Result]) -> int:
@@ -711,7 +736,12 @@ def sample_jobs(jobs: list[Job], every: int) -> list[Job]:
         seen.add(cls)
         configs.add(config)
         name = f"{job.kernel}|{job.arch}|{job.variant}|{sorted(job.config.items())}"
-        if (first and job.headline is not None) or first_of_config or zlib.crc32(name.encode()) % every == 0:
+        if (
+            (first and job.headline is not None)
+            or first_of_config
+            or job.always
+            or zlib.crc32(name.encode()) % every == 0
+        ):
             out.append(job)
     return out
 
