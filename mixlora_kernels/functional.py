@@ -23,7 +23,7 @@ from .containers import ExpertLoRA, MixLoraOutput
 from .dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
 from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise
-from .routing import ROUTING_SEMANTICS, ROUTING_STRATEGIES, Routing, RoutingSpec, preserve_base
+from .routing import ROUTING_SEMANTICS, ROUTING_STRATEGIES, RoutingSpec, preserve_base
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -283,7 +283,9 @@ def mixlora_ffn(
     dropped = None
     if spec.routing_semantics == "preserve-base" and spec.strategy == "mixlora-switch":
         dropped = ~routing.kept
-    out_weights = routing.weights  # a dropped token's is 0 either way: it has no expert
+    # The weights the pass and the epilogue read; the output reports the routing's (a
+    # dropped token's is 0 either way: it has no expert).
+    pass_weights = routing.weights
 
     lora = [None if t is None else t.to(xf.dtype) for t in experts]
     if experts.up_A is not None and experts.up_A is experts.gate_A:
@@ -306,14 +308,14 @@ def mixlora_ffn(
     else:
         pair_experts, lora_x = routing.experts, xf
         if dropped is not None:
-            routing = routing._replace(weights=routing.weights + dropped.unsqueeze(1).to(routing.weights.dtype))
+            pass_weights = pass_weights + dropped.unsqueeze(1).to(pass_weights.dtype)
             pair_experts = pair_experts.clamp(max=num_experts - 1)
             kept_rows = routing.kept.unsqueeze(1).to(xf.dtype)
             lora_x = xf * kept_rows
             cfg = cfg._replace(routing="mixlora")  # no slot without an expert
         # The Triton kernels read the routing weights in fp32, as the router gives them:
         # handing them over uncast saves two casts a call (decode is launch-bound).
-        weights = routing.weights if backend == "triton" else routing.weights.to(xf.dtype)
+        weights = pass_weights if backend == "triton" else pass_weights.to(xf.dtype)
         H, Y = expert_pass(lora_x, G, U, weights, pair_experts, ExpertLoRA(*lora), keep, drop_seed, cfg)
         y = down_proj(H)
         if Y is not None:
@@ -321,15 +323,16 @@ def mixlora_ffn(
         combined = True
         dropped = None  # the pass gave them the base FFN
     if combined and not spec.weights_sum_to_one:
-        y = _unnormalised_epilogue(y, xf, routing, down_proj)
+        y = _unnormalised_epilogue(y, xf, pass_weights, routing.bypass, down_proj)
     elif routing.bypass is not None:
         y = torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)
     if dropped is not None:
         y = y + _base_ffn(G, U, kind, dropped, down_proj).to(y.dtype)
     if noise.ffn is not None:
         y = y * noise.multiplicative("ffn", y.dtype)
-    return MixLoraOutput(y.reshape(shape).to(x.dtype), logits, routing.experts, out_weights, routing.kept,
-                         routing.counts)  # fmt: skip
+    return MixLoraOutput(
+        y.reshape(shape).to(x.dtype), logits, routing.experts, routing.weights, routing.kept, routing.counts
+    )
 
 
 def _dora_fits(num_experts: int, experts: ExpertLoRA) -> bool:
@@ -395,13 +398,13 @@ def _base_ffn(G, U, kind: str, rows: torch.Tensor, down_proj) -> torch.Tensor:
     return down_proj(h * mask) * mask
 
 
-def _unnormalised_epilogue(y, xf, routing: Routing, down_proj):
-    """Where a token's weights do not sum to 1 (top-p, switch): down(H) added the base
-    bias once per token but the block owes it sum_j w_tj times; and a token that switch
-    capacity dropped passes through as p_max * x."""
+def _unnormalised_epilogue(y, xf, weights: torch.Tensor, bypass: torch.Tensor | None, down_proj):
+    """Where a token's weights (T, K) do not sum to 1 identically (top-p, switch): down(H)
+    added the base bias once per token but the block owes it sum_j w_tj times; and a token
+    that switch capacity dropped passes through as ``bypass`` * x (p_max, MoE-PEFT's)."""
     bias = getattr(down_proj, "bias", None)
     if bias is not None:
-        y = y + (routing.weights.sum(-1) - 1.0).to(y.dtype).unsqueeze(1) * bias.to(y.dtype)
-    if routing.bypass is not None:
-        y = torch.addcmul(y, routing.bypass.to(y.dtype).unsqueeze(1), xf)
+        y = y + (weights.sum(-1) - 1.0).to(y.dtype).unsqueeze(1) * bias.to(y.dtype)
+    if bypass is not None:
+        y = torch.addcmul(y, bypass.to(y.dtype).unsqueeze(1), xf)
     return y

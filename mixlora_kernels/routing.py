@@ -33,12 +33,6 @@ class RoutingSpec(NamedTuple):
     routing_semantics: str = "moe-peft"  # ROUTING_SEMANTICS
 
     @property
-    def preserves_base(self) -> bool:
-        """Whether a fresh block (every B zero) computes the base FFN: top-k always; top-p
-        and switch under "preserve-base"."""
-        return self.strategy == "mixlora" or self.routing_semantics == "preserve-base"
-
-    @property
     def weights_sum_to_one(self) -> bool:
         """Whether each token's weights sum to 1 identically (so do their gradients to 0):
         top-k, and top-p renormalised. Switch under "preserve-base" sums to 1 in value

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import warnings
 from typing import NamedTuple
 
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     summary, rows = study(args.pretrain_steps, args.steps)
     for key, value in summary.items():
-        print(f"{key}: {value:.3f}" if isinstance(value, float) and not math.isnan(value) else f"{key}: {value}")
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     print(table(summary, rows))
 
 

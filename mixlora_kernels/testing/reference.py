@@ -185,14 +185,16 @@ def mixlora_ffn(
         m = None if dora is None else getattr(dora, f"{name}_m")
         return 1.0 if m is None else _dora_scale(base_weights[name], *experts.pair(name, e), m[e], s)
 
+    def base_gate_up(inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen gate and up projections of ``inp`` (up None for an fc1/fc2 MLP)."""
+        if gate_up_proj is not None:
+            return gate_up_proj(inp).chunk(2, dim=-1)
+        return gate_proj(inp), (up_proj(inp) if up_proj is not None else None)
+
     for e in range(router_weight.shape[0]):
         rows, slots = torch.where((selected == e) & kept[:, None])
         xe = xf[rows]
-        if gate_up_proj is not None:
-            gate_base, up_base = gate_up_proj(xe).chunk(2, dim=-1)
-        else:
-            gate_base = gate_proj(xe)
-            up_base = up_proj(xe) if up_proj is not None else None
+        gate_base, up_base = base_gate_up(xe)
         g = gate_base + _lora(xe * _mask(dropout_masks, "gate", rows), *experts.pair("gate", e), s)
         h = act_fwd(kind, dora_scale("gate", e) * g)
         if up_base is not None:
@@ -203,11 +205,7 @@ def mixlora_ffn(
         out.index_add_(0, rows, weights[rows, slots, None].to(y.dtype) * y)
     if routing_strategy == "mixlora-switch" and routing_semantics == "preserve-base":
         dropped = torch.where(~kept)[0]
-        xd = xf[dropped]
-        if gate_up_proj is not None:
-            gate_base, up_base = gate_up_proj(xd).chunk(2, dim=-1)
-        else:
-            gate_base, up_base = gate_proj(xd), (up_proj(xd) if up_proj is not None else None)
+        gate_base, up_base = base_gate_up(xf[dropped])
         h = act_fwd(kind, gate_base) if up_base is None else act_fwd(kind, gate_base) * up_base
         out.index_add_(0, dropped, down_proj(h).to(out.dtype))
         weights = weights.masked_fill(~kept[:, None], 0.0)
