@@ -17,21 +17,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .activations import SUPPORTED_ACTIVATIONS
-from .routing import ROUTING_SEMANTICS, ROUTING_STRATEGIES, RoutingSpec, base_change_at_init
+from .routing import ROUTING_SEMANTICS, RoutingSpec, base_change_at_init, get_strategy, registered_strategies
+from .routing.strategy import all_options, is_int, is_number, option_owners, strategy_names
 
-# The fields that belong to one routing strategy, and their values when a config leaves
-# them out (MoE-PEFT's). Another strategy's field given with a value is an error rather
-# than silently unused, and ``to_dict`` writes only the chosen strategy's fields.
-STRATEGY_FIELDS: dict[str, dict[str, Any]] = {
-    "mixlora": {"top_k": 2},
-    "mixlora-dynamic": {"top_p": 0.8, "temperature": 0.0},
-    "mixlora-switch": {"expert_capacity": 32, "router_z_loss_coef": 0.001, "ffn_dropout": 0.0, "sparse_step": None},
-}
-# Fields every strategy has, whose value when absent depends on the strategy (MoE-PEFT's).
-SHARED_DEFAULTS: dict[str, dict[str, float]] = {
-    "router_init_range": {"mixlora": 0.02, "mixlora-dynamic": 0.02, "mixlora-switch": 1.0},
-    "jitter_noise": {"mixlora": 0.0, "mixlora-dynamic": 0.0, "mixlora-switch": 0.01},
-}
+# The fields every strategy has, whose value when absent is the strategy's (MoE-PEFT's):
+# the class attributes of the same name on each RoutingStrategy.
+SHARED_DEFAULTS = ("router_init_range", "jitter_noise")
 CONFIG_NAME = "adapter_config.json"
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2")
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -73,9 +64,9 @@ def without_foreign_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
     (and adapters saved by earlier versions of this package hold some), so a file does not
     fail on them; in code, ``MixLoraConfig`` rejects them."""
     strategy = data.get("routing_strategy", "mixlora")
-    if strategy not in STRATEGY_FIELDS:
+    if strategy not in strategy_names():
         return data  # MixLoraConfig names the bad strategy
-    others = [name for other, names in STRATEGY_FIELDS.items() if other != strategy for name in names]
+    others = sorted(all_options() - set(get_strategy(strategy).options))
     foreign = {name: data[name] for name in others if data.get(name) is not None}
     if foreign:
         listed = ", ".join(f"{name}={value!r}" for name, value in foreign.items())
@@ -105,14 +96,6 @@ def _warn_unknown_keys(extra: dict[str, Any], known: set[str], source: str) -> N
     )
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _fail(name: str, value: Any, requirement: str) -> None:
     raise ValueError(f"MixLoraConfig.{name}={value!r}: {requirement}")
 
@@ -131,10 +114,12 @@ class MixLoraConfig:
     """Configuration of a MixLoRA adapter (docs/design.md, "The adapter format").
 
     ``r``/``lora_alpha``/``lora_dropout`` apply to the attention LoRA; ``expert_lora``
-    may override any of the three for the FFN experts. Fields left as None take the
-    defaults of the routing strategy (``STRATEGY_FIELDS``, ``SHARED_DEFAULTS``), as
-    MoE-PEFT fills them. Every value is validated on construction; a bad one raises
-    ``ValueError`` naming the field.
+    may override any of the three for the FFN experts. The fields of a routing strategy
+    (its ``options``) and ``SHARED_DEFAULTS`` left as None take the registered strategy's
+    defaults, as MoE-PEFT fills them; a registered strategy's options that are not fields
+    here live in ``extra`` under their own names (top-level keys of the file), and
+    ``strategy_options`` reads them all. Every value is validated on construction; a bad
+    one raises ``ValueError`` naming the field.
     """
 
     r: int = 8
@@ -172,13 +157,18 @@ class MixLoraConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.routing_strategy in ROUTING_STRATEGIES:
-            for name, value in STRATEGY_FIELDS[self.routing_strategy].items():
+        self.extra = dict(self.extra) if isinstance(self.extra, dict) else self.extra
+        if self.routing_strategy in strategy_names():
+            strategy = get_strategy(self.routing_strategy)
+            for name, option in strategy.options.items():
+                if name in _FIELDS:
+                    if getattr(self, name) is None:
+                        setattr(self, name, option.default)
+                elif name not in self.extra:
+                    self.extra[name] = option.default
+            for name in SHARED_DEFAULTS:
                 if getattr(self, name) is None:
-                    setattr(self, name, value)
-            for name, by_strategy in SHARED_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, by_strategy[self.routing_strategy])
+                    setattr(self, name, getattr(strategy, name))
         self.validate()
 
     def validate(self) -> None:
@@ -186,8 +176,8 @@ class MixLoraConfig:
         if self.peft_type != "MIXLORA":
             _fail("peft_type", self.peft_type, 'must be "MIXLORA"')
         _check_lora_triplet("", self.r, self.lora_alpha, self.lora_dropout)
-        if self.routing_strategy not in ROUTING_STRATEGIES:
-            _fail("routing_strategy", self.routing_strategy, f"must be one of {ROUTING_STRATEGIES}")
+        if self.routing_strategy not in strategy_names():
+            _fail("routing_strategy", self.routing_strategy, f"must be one of {strategy_names()}")
         if self.routing_semantics not in ROUTING_SEMANTICS:
             _fail("routing_semantics", self.routing_semantics, f"must be one of {ROUTING_SEMANTICS}")
         if not is_int(self.num_experts) or self.num_experts <= 0:
@@ -209,29 +199,24 @@ class MixLoraConfig:
             self._validate_expert_lora()
 
     def _validate_strategy_fields(self) -> None:
-        strategy = self.routing_strategy
-        for other, names in STRATEGY_FIELDS.items():
-            for name in names:
-                if other != strategy and getattr(self, name) is not None:
-                    _fail(name, getattr(self, name), f"applies to routing_strategy {other!r} only; leave it out "
-                          f"for {strategy!r}")  # fmt: skip
-        if strategy == "mixlora":
-            if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
-                _fail("top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]")
-        elif strategy == "mixlora-dynamic":
-            if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-                _fail("top_p", self.top_p, "must be a number in (0, 1]")
-            if not is_number(self.temperature) or self.temperature < 0:
-                _fail("temperature", self.temperature, "must be a non-negative number (0 means none)")
-        else:
-            if not is_int(self.expert_capacity) or self.expert_capacity <= 0:
-                _fail("expert_capacity", self.expert_capacity, "must be a positive integer")
-            if not is_number(self.router_z_loss_coef) or self.router_z_loss_coef < 0:
-                _fail("router_z_loss_coef", self.router_z_loss_coef, "must be a non-negative number")
-            if not is_number(self.ffn_dropout) or not 0.0 <= self.ffn_dropout < 1.0:
-                _fail("ffn_dropout", self.ffn_dropout, "must be a number in [0, 1)")
-            if self.sparse_step is not None and (not is_int(self.sparse_step) or self.sparse_step <= 0):
-                _fail("sparse_step", self.sparse_step, "must be None or a positive integer")
+        strategy = get_strategy(self.routing_strategy)
+        foreign = [name for other in registered_strategies() for name in other.options if name not in strategy.options]
+        for name in dict.fromkeys(foreign):
+            value = getattr(self, name) if name in _FIELDS else self.extra.get(name)
+            if value is not None:
+                owners = " or ".join(repr(owner) for owner in option_owners(name))
+                _fail(name, value, f"applies to routing_strategy {owners} only; leave it out for "
+                      f"{self.routing_strategy!r}")  # fmt: skip
+        for name, option in strategy.options.items():
+            value = getattr(self, name) if name in _FIELDS else self.extra[name]
+            problem = option.problem(value, self.num_experts)
+            if problem is not None:
+                _fail(name, value, problem)
+
+    def strategy_options(self) -> dict[str, Any]:
+        """The routing strategy's options, by name, with their values."""
+        options = get_strategy(self.routing_strategy).options
+        return {name: getattr(self, name) if name in _FIELDS else self.extra[name] for name in options}
 
     def _validate_expert_lora(self) -> None:
         overrides = self.expert_lora
@@ -320,15 +305,13 @@ class MixLoraConfig:
     def experts_per_token(self) -> int:
         """Routing slots per token: ``top_k`` for "mixlora", 1 for "mixlora-switch", and
         ``num_experts`` for "mixlora-dynamic" (each token uses 1 to all of them)."""
-        if self.routing_strategy == "mixlora":
-            return self.top_k
-        return 1 if self.routing_strategy == "mixlora-switch" else self.num_experts
+        return get_strategy(self.routing_strategy).slots(self.routing_spec(), self.num_experts)
 
     def warn_if_base_changes(self, source: str, stacklevel: int = 3) -> None:
         """Warn when a fresh adapter of this config changes the model's function before its
         first step (top-p and switch under MoE-PEFT's semantics), naming the option that
         keeps it. For the code that creates adapters, not for loading trained ones."""
-        change = base_change_at_init(self.routing_strategy, self.routing_semantics)
+        change = base_change_at_init(self.routing_spec())
         if change is None:
             return
         warnings.warn(
@@ -342,8 +325,7 @@ class MixLoraConfig:
 
     def routing_spec(self) -> RoutingSpec:
         """The routing of this config, as the kernels and the router loss take it."""
-        own = {name: getattr(self, name) for name in RoutingSpec._fields[1:] if getattr(self, name) is not None}
-        return RoutingSpec(self.routing_strategy, **own)
+        return RoutingSpec(self.routing_strategy, self.routing_semantics, **self.strategy_options())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "MixLoraConfig.from_dict") -> MixLoraConfig:
@@ -355,7 +337,7 @@ class MixLoraConfig:
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known and k != "extra"}
-        _warn_unknown_keys(extra, known, source)
+        _warn_unknown_keys({k: v for k, v in extra.items() if k not in all_options()}, known | all_options(), source)
         extra.update(data.get("extra", {}) if isinstance(data.get("extra"), dict) else {})
         return cls(**kwargs, extra=extra)
 
@@ -363,7 +345,7 @@ class MixLoraConfig:
         """Every field of this config's routing strategy, the shared ones and ``extra``;
         the fields of the other strategies are left out, so the result reads back equal."""
         out: dict[str, Any] = dict(self.extra)
-        foreign = {name for other, names in STRATEGY_FIELDS.items() if other != self.routing_strategy for name in names}
+        foreign = all_options() - set(get_strategy(self.routing_strategy).options)
         for f in fields(self):
             if f.name == "extra" or f.name in foreign:
                 continue
@@ -395,3 +377,6 @@ class MixLoraConfig:
         with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
             fh.write("\n")
+
+
+_FIELDS = frozenset(f.name for f in fields(MixLoraConfig))

@@ -34,3 +34,24 @@ class MixLoraOutput(NamedTuple):
     weights: torch.Tensor  # (T, k) routing weights (switch: p_max, 0 where dropped)
     kept: torch.Tensor  # (T,) bool
     expert_counts: torch.Tensor | None = None  # (E,) pairs routed to each expert
+
+
+class PassConfig(NamedTuple):
+    """What the expert pass of one call is, besides its tensors."""
+
+    num_experts: int
+    kind: str  # activation kind (activations.ACTIVATIONS)
+    scale: float  # s / (1 - p): LoRA scale times the dropout keep scale
+    backend: str  # "torch" or "triton"
+    slots: str = "full"  # the routing strategy's slot layout (routing.SLOT_LAYOUTS)
+    dropout: float = 0.0  # LoRA dropout probability of the Triton path's in-kernel masks
+
+    @property
+    def first_slot_can_drop(self) -> bool:
+        """A token can be without any expert (switch capacity); top-p always keeps its first."""
+        return self.slots == "droppable"
+
+    @property
+    def variable_slots(self) -> bool:
+        """A token uses a prefix of its slots, the rest hold the sentinel (top-p)."""
+        return self.slots == "prefix"

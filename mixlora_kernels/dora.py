@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .autograd import dora_combine_op, expert_pass
+from .ops import dora_combine_op, expert_pass
 from .projections import adapter_dtype_of, linear_features
 
 # Chunk of identity rows pushed through a weight we cannot read directly.

@@ -28,25 +28,7 @@ from typing import NamedTuple
 import torch
 
 from .activations import act_bwd, act_fwd
-
-
-class PassConfig(NamedTuple):
-    num_experts: int
-    kind: str  # activation kind (activations.ACTIVATION_KINDS)
-    scale: float  # s / (1 - p): LoRA scale times the dropout keep scale
-    backend: str  # "torch" or "triton"
-    routing: str = "mixlora"  # the routing strategy, which decides where sentinel experts occur
-    dropout: float = 0.0  # LoRA dropout probability of the Triton path's in-kernel masks
-
-    @property
-    def first_slot_can_drop(self) -> bool:
-        """Switch capacity can leave a token without any expert; top-p always keeps its first."""
-        return self.routing == "mixlora-switch"
-
-    @property
-    def variable_slots(self) -> bool:
-        """Top-p: a token uses a prefix of its E slots, the rest hold the sentinel."""
-        return self.routing == "mixlora-dynamic"
+from .containers import PassConfig
 
 
 class PairGroups(NamedTuple):

@@ -1,6 +1,7 @@
 """``mixlora_ffn``: the MixLoRA FFN block as one function, for trainers that keep their
-own modules. It validates its inputs, routes, runs the caller's base projections once,
-and hands the sparse part to the selected backend.
+own modules. It validates its inputs, plans the path (``plan.plan_call``: backend,
+dropout, DoRA mode, the kernels' organisations) and runs it: routes, runs the caller's
+base projections once, and hands the sparse part to the planned backend.
 
 The data path (docs/design.md, "The fused algorithm and its floor"):
 
@@ -12,87 +13,44 @@ The data path (docs/design.md, "The fused algorithm and its floor"):
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .activations import act_fwd, activation_kind
-from .autograd import expert_pass, route_tokens
-from .config import STRATEGY_FIELDS, is_int, is_number
-from .containers import ExpertLoRA, MixLoraOutput
+from .containers import ExpertLoRA, MixLoraOutput, PassConfig
 from .dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
-from .expert_pass_torch import PassConfig
 from .noise import Noise, draw_noise
-from .routing import ROUTING_SEMANTICS, ROUTING_STRATEGIES, RoutingSpec, preserve_base
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" (or MIXLORA_BACKEND) to "torch" or "triton" and check availability."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
-    if backend == "auto":
-        backend = os.environ.get("MIXLORA_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"MIXLORA_BACKEND={backend!r}: must be one of {BACKENDS}")
-        if backend == "auto":
-            return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        _check_triton(device)
-    return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_triton(device: torch.device) -> None:
-    if not _triton_available():
-        raise RuntimeError('backend="triton" needs the triton package; pip install triton')
-    from .kernels.launch import check_triton_device
-
-    check_triton_device(device)
+from .ops.expert_pass import expert_pass
+from .plan import Plan, plan_call
+from .routing import ROUTING_SEMANTICS, RoutingSpec, get_strategy, preserve_base, route_tokens
+from .routing.strategy import is_int, is_number, option_owners, strategy_names
 
 
 def _shape_error(name: str, tensor: torch.Tensor, expected: tuple) -> None:
     raise ValueError(f"mixlora_ffn: {name} has shape {tuple(tensor.shape)}, expected {expected}")
 
 
-def _routing_spec(num_experts: int, strategy: str, semantics: str, ffn_dropout: float, **given) -> RoutingSpec:
-    """The RoutingSpec of the routing arguments; each strategy takes only its own, and the
-    ones left as None take the strategy's defaults (those of MixLoraConfig)."""
-    if strategy not in ROUTING_STRATEGIES:
-        raise ValueError(f"mixlora_ffn: unknown routing_strategy {strategy!r}; choose from {ROUTING_STRATEGIES}")
+def _routing_spec(num_experts: int, strategy: str, semantics: str, given: dict) -> RoutingSpec:
+    """The RoutingSpec of the routing arguments; each strategy takes only its own options,
+    and those left as None take the strategy's defaults (those of MixLoraConfig)."""
+    if strategy not in strategy_names():
+        raise ValueError(f"mixlora_ffn: unknown routing_strategy {strategy!r}; choose from {strategy_names()}")
     if semantics not in ROUTING_SEMANTICS:
         raise ValueError(f"mixlora_ffn: routing_semantics={semantics!r} must be one of {ROUTING_SEMANTICS}")
+    own = get_strategy(strategy).options
     for name, value in given.items():
-        owner = next(s for s, names in STRATEGY_FIELDS.items() if name in names)
-        if value is not None and owner != strategy:
-            raise ValueError(
-                f"mixlora_ffn: {name}={value!r} applies to routing_strategy {owner!r} only; "
-                f"leave it out for {strategy!r}"
-            )
-    if not is_number(ffn_dropout) or not 0.0 <= ffn_dropout < 1.0:
-        raise ValueError(f"mixlora_ffn: ffn_dropout={ffn_dropout!r} must be a number in [0, 1)")
-    if ffn_dropout > 0 and strategy != "mixlora-switch":
-        raise ValueError(
-            f"mixlora_ffn: ffn_dropout applies to routing_strategy 'mixlora-switch' only, not {strategy!r}"
-        )
-    spec = RoutingSpec(strategy, **{k: v for k, v in given.items() if v is not None}, routing_semantics=semantics)
-    if strategy == "mixlora" and not (is_int(spec.top_k) and 1 <= spec.top_k <= num_experts):
-        raise ValueError(f"mixlora_ffn: top_k={spec.top_k!r} must be an integer in [1, num_experts={num_experts}]")
-    if strategy == "mixlora-dynamic":
-        if not is_number(spec.top_p) or not 0.0 < spec.top_p <= 1.0:
-            raise ValueError(f"mixlora_ffn: top_p={spec.top_p!r} must be a number in (0, 1]")
-        if not is_number(spec.temperature) or spec.temperature < 0:
-            raise ValueError(f"mixlora_ffn: temperature={spec.temperature!r} must be a non-negative number")
-    if strategy == "mixlora-switch" and not (is_int(spec.expert_capacity) and spec.expert_capacity >= 1):
-        raise ValueError(f"mixlora_ffn: expert_capacity={spec.expert_capacity!r} must be a positive integer")
+        if value is None or name in own:
+            continue
+        owners = " or ".join(repr(owner) for owner in option_owners(name))
+        if owners:
+            raise ValueError(f"mixlora_ffn: {name}={value!r} applies to routing_strategy {owners} only; "
+                             f"leave it out for {strategy!r}")  # fmt: skip
+        raise TypeError(f"mixlora_ffn: unexpected argument {name!r} (routing_strategy {strategy!r} has the "
+                        f"options {', '.join(own) or 'none'})")  # fmt: skip
+    spec = RoutingSpec(strategy, semantics, **{k: v for k, v in given.items() if v is not None})
+    problem = get_strategy(strategy).check(spec, num_experts)
+    if problem is not None:
+        name, value, requirement = problem
+        raise ValueError(f"mixlora_ffn: {name}={value!r} {requirement}")
     return spec
 
 
@@ -170,16 +128,17 @@ def mixlora_ffn(
     top_p: float | None = None,
     temperature: float | None = None,
     expert_capacity: int | None = None,
+    ffn_dropout: float | None = None,
     routing_semantics: str = "moe-peft",
     activation: str = "silu",
     scaling: float = 1.0,
     dropout: float = 0.0,
     jitter_noise: float = 0.0,
-    ffn_dropout: float = 0.0,
     training: bool = False,
     seed: int | None = None,
     backend: str = "auto",
     dora: ExpertDoRA | None = None,
+    **routing_options,
 ) -> MixLoraOutput:
     """The MixLoRA FFN block: ``out_t = sum_j w_tj * y_{e_tj}(x_t)`` (docs/design.md, "The math").
 
@@ -198,7 +157,10 @@ def mixlora_ffn(
         top_k: experts per token ("mixlora" only; default 2).
         top_p, temperature: "mixlora-dynamic" only (defaults 0.8 and 0, no temperature).
         expert_capacity: tokens per expert and sequence ("mixlora-switch" only; default 32).
-            An argument of another strategy than ``routing_strategy`` raises ValueError.
+        ffn_dropout: dropout on the block output when ``training`` ("mixlora-switch" only).
+        **routing_options: the options of a registered strategy that has others
+            (``routing.register_strategy``). An option of another strategy than
+            ``routing_strategy`` raises ValueError.
         routing_semantics: "moe-peft" (the default: MoE-PEFT's weights, as above) or
             "preserve-base": top-p renormalises its kept weights, and switch weighs a kept
             token by p_max / stop_grad(p_max) (1, with p_max's gradient) and gives a token
@@ -208,7 +170,6 @@ def mixlora_ffn(
         activation: the FFN activation name ("silu", "gelu_pytorch_tanh", "gelu", ...).
         scaling: LoRA scale s (alpha / r, or alpha / sqrt(r) with rslora).
         dropout, jitter_noise: LoRA dropout and router jitter, applied when ``training``.
-        ffn_dropout: dropout on the block output when ``training`` ("mixlora-switch" only).
         seed: seed of the training-time randomness (see ``noise.draw_noise``; the Triton
             path draws its LoRA dropout masks in the kernels from it, see
             ``kernels.dropout``). When None (the default) everything is drawn from the
@@ -230,15 +191,43 @@ def mixlora_ffn(
         ``experts``/``weights`` are (T, k), (T, E) for "mixlora-dynamic" (most probable
         first, unused slots hold expert E and weight 0) and (T, 1) for switch.
     """
+    # Validate.
     _validate(x, router_weight, experts)
     _check_arguments(scaling, dropout, jitter_noise, training, seed)
-    num_experts, d = router_weight.shape
-    spec = _routing_spec(num_experts, routing_strategy, routing_semantics, ffn_dropout, top_k=top_k, top_p=top_p,
-                         temperature=temperature, expert_capacity=expert_capacity)  # fmt: skip
+    num_experts = router_weight.shape[0]
+    given = dict(top_k=top_k, top_p=top_p, temperature=temperature, expert_capacity=expert_capacity,
+                 ffn_dropout=ffn_dropout, **routing_options)  # fmt: skip
+    spec = _routing_spec(num_experts, routing_strategy, routing_semantics, given)
     if (gate_proj is None) == (gate_up_proj is None):
         raise ValueError("mixlora_ffn: pass exactly one of gate_proj and gate_up_proj")
-    backend = resolve_backend(backend, x.device)
+    if dora is not None and not isinstance(dora, ExpertDoRA):
+        raise TypeError(f"mixlora_ffn: dora must be an ExpertDoRA, got {type(dora).__name__}")
     kind = activation_kind(activation)
+    # Plan.
+    strategy = get_strategy(spec.strategy)
+    plan = plan_call(
+        backend=backend, device=x.device, slot_layout=strategy.slot_layout, num_experts=num_experts,
+        rank=_rank(experts), lora_dropout=dropout if training else 0.0, with_dora=dora is not None and dora.any(),
+        base_ffn=spec.routing_semantics == "preserve-base" and strategy.drops_tokens,
+    )  # fmt: skip
+    # Run.
+    return _run(plan, spec, x, router_weight, experts, gate_proj, up_proj, down_proj, gate_up_proj, kind, scaling,
+                dropout, jitter_noise, training, seed, dora)  # fmt: skip
+
+
+def _rank(experts: ExpertLoRA) -> int:
+    """The largest expert LoRA rank (0 without any)."""
+    ranks = [t.shape[1] for t in (experts.gate_A, experts.up_A, experts.down_A) if t is not None]
+    return max(ranks) if ranks else 0  # a list: torch.compile traces max() of no generator
+
+
+def _run(plan: Plan, spec: RoutingSpec, x, router_weight, experts: ExpertLoRA, gate_proj, up_proj, down_proj,
+         gate_up_proj, kind: str, scaling: float, dropout: float, jitter_noise: float, training: bool, seed,
+         dora: ExpertDoRA | None) -> MixLoraOutput:  # fmt: skip
+    """The block along ``plan``'s path, on validated arguments."""
+    backend = plan.backend
+    num_experts, d = router_weight.shape
+    ffn_dropout = get_strategy(spec.strategy).output_dropout(spec)
     shape = x.shape
     xf = x.reshape(-1, d).to(_compute_dtype(x))
     T = xf.shape[0]
@@ -252,8 +241,6 @@ def mixlora_ffn(
     f = G.shape[-1]
     if dora is not None:
         _validate_dora(dora, experts, num_experts, d, f, x.device)
-    with_dora = dora is not None and dora.any()
-    dora_in_kernels = with_dora and backend == "triton" and _dora_fits(num_experts, experts)
 
     noise = Noise(None, None, None, None, 1.0)
     lora_dropout = dropout if training else 0.0
@@ -262,7 +249,7 @@ def mixlora_ffn(
     drop_seed = None
     if training and (dropout > 0 or jitter_noise > 0 or ffn_dropout > 0):
         shared_a = experts.up_A is None or experts.up_A is experts.gate_A
-        in_kernel = backend == "triton" and dropout > 0 and (dora_in_kernels or not with_dora)
+        in_kernel = plan.dropout == "kernels"
         noise = draw_noise(
             seed, tokens=T, hidden=d, intermediate=f, dropout=0.0 if in_kernel else dropout, jitter=jitter_noise,
             has_up_mask=not shared_a, device=x.device, dtype=xf.dtype, ffn_dropout=ffn_dropout,
@@ -280,9 +267,7 @@ def mixlora_ffn(
     # as a pair of any expert (the last) with weight 1 whose adapter sees a zero input and
     # whose down expand is masked off, so its h is sigma(G) * U exactly; DoRA experts,
     # whose scales would still apply, leave it out and add the base FFN after.
-    dropped = None
-    if spec.routing_semantics == "preserve-base" and spec.strategy == "mixlora-switch":
-        dropped = ~routing.kept
+    dropped = ~routing.kept if plan.base_ffn else None
     # The weights the pass and the epilogue read; the output reports the routing's (a
     # dropped token's is 0 either way: it has no expert).
     pass_weights = routing.weights
@@ -292,13 +277,13 @@ def mixlora_ffn(
         lora[2] = lora[0]  # keep the identity that marks a shared gate/up shrink
     keep_scale = 1.0 / (1.0 - lora_dropout)
     keep = (noise.gate, noise.up, noise.down)
-    cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, spec.strategy, lora_dropout)
-    if dora_in_kernels:
+    cfg = PassConfig(num_experts, kind, scaling * keep_scale, backend, plan.slots, lora_dropout)
+    if plan.dora == "kernels":
         times = _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f)
         scales = expert_scales(ExpertLoRA(*lora), dora, scaling, times)
         y, combined = dora_expert_pass(xf, G, U, routing.weights.to(xf.dtype), routing.experts, ExpertLoRA(*lora),
                                        scales, keep=keep, seed=drop_seed, cfg=cfg, down_proj=down_proj)  # fmt: skip
-    elif with_dora:
+    elif plan.dora == "pairs":
         times = _weight_times(gate_proj, up_proj, down_proj, gate_up_proj, f)
         y, combined = dora_expert_ffn(
             xf, G, U, routing.weights, routing.experts, ExpertLoRA(*lora), dora, num_experts=num_experts, kind=kind,
@@ -312,7 +297,7 @@ def mixlora_ffn(
             pair_experts = pair_experts.clamp(max=num_experts - 1)
             kept_rows = routing.kept.unsqueeze(1).to(xf.dtype)
             lora_x = xf * kept_rows
-            cfg = cfg._replace(routing="mixlora")  # no slot without an expert
+            cfg = cfg._replace(slots="full")  # no slot without an expert
         # The Triton kernels read the routing weights in fp32, as the router gives them:
         # handing them over uncast saves two casts a call (decode is launch-bound).
         weights = pass_weights if backend == "triton" else pass_weights.to(xf.dtype)
@@ -335,17 +320,7 @@ def mixlora_ffn(
     )
 
 
-def _dora_fits(num_experts: int, experts: ExpertLoRA) -> bool:
-    """Whether DoRA experts run inside the Triton kernels (see ``kernels.launch.dora_fits``)."""
-    from .kernels.launch import dora_fits
-
-    rank = max(t.shape[1] for t in (experts.gate_A, experts.up_A, experts.down_A) if t is not None)
-    return dora_fits(num_experts, rank)
-
-
 def _validate_dora(dora: ExpertDoRA, experts: ExpertLoRA, num_experts: int, d: int, f: int, device) -> None:
-    if not isinstance(dora, ExpertDoRA):
-        raise TypeError(f"mixlora_ffn: dora must be an ExpertDoRA, got {type(dora).__name__}")
     for name, out in (("gate", f), ("up", f), ("down", d)):
         m, sq = getattr(dora, f"{name}_m"), getattr(dora, f"{name}_sq_norms")
         if m is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .config import MLP_PROJECTIONS, MixLoraConfig
+from .routing import get_strategy
 
 # Bytes per frozen weight element: bf16 / fp16; bitsandbytes LLM.int8 (one int8 per
 # element plus an fp32 scale per row, counted); nf4 / fp4 (half a byte per element plus an
@@ -92,39 +93,6 @@ class TrainingMemory(NamedTuple):
                 + self.dora_norm_bytes)  # fmt: skip
 
 
-def _slots(strategy: str, top_k: int, num_experts: int) -> int:
-    """Routing slots per token: k for top-k, E for top-p, 1 for switch."""
-    return top_k if strategy == "mixlora" else num_experts if strategy == "mixlora-dynamic" else 1
-
-
-def _routing_saved_bytes(T: int, E: int, strategy: str, top_k: int, backend: str, element: int,
-                         dora: bool = False, preserve: bool = False) -> int:  # fmt: skip
-    """What routing saves: the router's fp32 probabilities (T, E), the chosen experts
-    (int64) and their weights (fp32 on the Triton path without DoRA experts, whose
-    kernels read them so; else in x's dtype), and each path's own intermediates.
-    ``preserve``: "preserve-base" routing semantics."""
-    slots = _slots(strategy, top_k, E)
-    weight_element = 4 if backend == "triton" and not dora else element
-    saved = T * E * 4 + T * slots * 8 + T * slots * weight_element
-    if strategy == "mixlora-switch":
-        # The bypass weight p_max of dropped tokens, x's dtype; under "preserve-base", the
-        # mask of kept rows that zeroes the dropped ones' LoRA input and down expand.
-        saved += T * element
-    if preserve and strategy == "mixlora-switch":
-        saved += T * 4  # p_max, the detached divisor of p_max / stop_grad(p_max)
-        if backend == "triton" and not dora:
-            saved += T * 8  # the pass's experts: a dropped token's sentinel made an expert
-    if preserve and strategy == "mixlora-dynamic":
-        saved += T * E * 4 + T * 4  # the kept weights before renormalising, and their sum
-    if backend == "triton":
-        return saved
-    if strategy == "mixlora":  # the top-k probabilities (fp32) and their sum
-        return saved + T * top_k * 4 + T * 4
-    if strategy == "mixlora-dynamic":  # the sort order and the mask of kept slots
-        return saved + T * E * 8 + T * E
-    return saved + T * 8 + 2 * T  # switch: the argmax and two masks
-
-
 def _dora_saved_bytes(T: int, d: int, f: int, config: MixLoraConfig, element: int, gate_up: int,
                       down_lora: bool) -> int:  # fmt: skip
     """What DoRA experts add on the Triton kernels. Per DoRA projection, its scale's
@@ -133,7 +101,7 @@ def _dora_saved_bytes(T: int, d: int, f: int, config: MixLoraConfig, element: in
     scale (E, d), which the per-pair epilogue reads again, and the pairs' down outputs and
     LoRA expands, (T * slots, d) each."""
     E = config.num_experts
-    k = _slots(config.routing_strategy, config.top_k or 0, E)
+    k = config.experts_per_token
     saved = gate_up * E * f * (4 + 4 + 1)
     if down_lora:
         saved += E * d * (4 + 1 + 4) + 2 * T * k * d * element
@@ -168,10 +136,13 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     saved = x + projections  # the router saves x itself (routing.router_logits)
     if training and config.jitter_noise > 0:
         saved += 2 * T * d * element  # router jitter: its factors, and the jittered input the router saves
-    preserve = config.routing_semantics == "preserve-base"
-    saved += _routing_saved_bytes(T, E, config.routing_strategy, config.top_k or 0, backend, element,
-                                  config.expert_dora, preserve)  # fmt: skip
-    if preserve and config.routing_strategy == "mixlora-switch" and not config.expert_dora:
+    strategy = get_strategy(config.routing_strategy)
+    # The routing's own tensors: the strategy's account of them.
+    saved += strategy.routing_saved_bytes(T, E, config.routing_spec(), backend, element, config.expert_dora)
+    saved += T * E * 4 if backend == "triton" else 0  # the fused router's fp32 logits
+    # "preserve-base" with a strategy that drops tokens: the block gives those the base FFN.
+    preserve = config.routing_semantics == "preserve-base" and strategy.drops_tokens
+    if preserve and not config.expert_dora:
         # The LoRA pass's input, x with the dropped tokens' rows zeroed, is a tensor of its
         # own; x is then saved by the router alone, which under jitter saves its jittered copy.
         saved += 0 if training and config.jitter_noise > 0 else x
@@ -182,7 +153,7 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
         if config.expert_dora:
             gate_up = (2 if gated else 1) if gate_up_lora else 0
             saved += _dora_saved_bytes(T, d, f, config, element, gate_up, down_lora)
-            if preserve and config.routing_strategy == "mixlora-switch" and gated:
+            if preserve and gated:
                 saved += T * f * element  # sigma(G), for the base FFN of the tokens over capacity
     elif dropout:  # bool keep-masks of the LoRA inputs
         saved += T * d * (1 if shared_dropout or not gated else 2) + T * f

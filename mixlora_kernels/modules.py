@@ -17,13 +17,10 @@ from torch import nn
 from .activations import activation_kind, activation_name_of
 from .config import MixLoraConfig
 from .dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
-from .functional import BACKENDS, ExpertLoRA, mixlora_ffn
+from .functional import ExpertLoRA, mixlora_ffn
+from .plan import BACKENDS, Plan, plan_call
 from .projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
-from .routing import expert_counts, router_loss
-
-# The routing fields of MixLoraConfig that mixlora_ffn takes; the config holds None for
-# those of the other strategies, and None leaves them out.
-_ROUTING_ARGUMENTS = ("top_k", "top_p", "temperature", "expert_capacity", "ffn_dropout", "routing_semantics")
+from .routing import expert_counts, get_strategy, router_loss
 
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
 MLP_STYLES = {
@@ -237,13 +234,15 @@ class FusedMixLoraFFN(nn.Module):
                 "cast the input or the module, or run under torch.autocast"
             )
         cfg = self.config
-        routing = {name: getattr(cfg, name) for name in _ROUTING_ARGUMENTS if getattr(cfg, name) is not None}
+        # The strategy's options mixlora_ffn takes (switch's z-loss coefficient is the loss's).
+        routing = {k: v for k, v in cfg.strategy_options().items() if k != "router_z_loss_coef" and v is not None}
         result = mixlora_ffn(
             x,
             router,
             self.expert_lora(),
             **self.base_projections(),
             routing_strategy=cfg.routing_strategy,
+            routing_semantics=cfg.routing_semantics,
             **routing,
             activation=self.activation,
             scaling=self.scaling,
@@ -264,6 +263,17 @@ class FusedMixLoraFFN(nn.Module):
             self.expert_load.copy_(counts)
             self.expert_load_total.add_(counts)
         return result.out
+
+    def plan(self) -> Plan:
+        """The path the next forward takes (``plan.Plan``), in the current train/eval mode."""
+        cfg = self.config
+        strategy = get_strategy(cfg.routing_strategy)
+        return plan_call(
+            backend=self.backend, device=self.moe_gate.weight.device, slot_layout=strategy.slot_layout,
+            num_experts=self.num_experts, rank=cfg.expert_r, lora_dropout=cfg.expert_dropout if self.training else 0.0,
+            with_dora=bool(self.lora_magnitude),
+            base_ffn=cfg.routing_semantics == "preserve-base" and strategy.drops_tokens,
+        )  # fmt: skip
 
     def __getstate__(self) -> dict:
         # The last forward's logits hold the autograd graph; copies and pickles drop them.
@@ -305,7 +315,6 @@ def _router_loss_over(blocks: list[FusedMixLoraFFN]) -> torch.Tensor:
         logits,
         cfg.routing_spec(),
         aux_loss_coef=cfg.router_aux_loss_coef,
-        z_loss_coef=cfg.router_z_loss_coef,
         row_mask=row_mask,
     )
 

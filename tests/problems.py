@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mixlora_kernels import ExpertLoRA
-from mixlora_kernels.config import STRATEGY_FIELDS
+from mixlora_kernels.routing import get_strategy
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Problem:
 
     def routing(self) -> dict:
         """The routing arguments of mixlora_ffn: the strategy and its own fields."""
-        own = STRATEGY_FIELDS[self.routing_strategy]
+        own = get_strategy(self.routing_strategy).options
         fields = {name: getattr(self, name) for name in ("top_k", "top_p", "temperature", "expert_capacity")}
         common = {"routing_strategy": self.routing_strategy, "routing_semantics": self.routing_semantics}
         return common | {k: v for k, v in fields.items() if k in own and v is not None}

@@ -67,6 +67,12 @@ def test_bench_runs_on_a_small_shape_and_writes_rows(tmp_path, capsys):
     compiled = [row for row in cases if row["case"] == "fused_compiled"]
     assert len(compiled) == 2 and all(row["compile_seconds"] > 0 for row in compiled)
     assert all("compile_seconds" not in row for row in cases if row["case"] != "fused_compiled")
+    # Every fused row records the path it took; the others have none.
+    plans = {row["case"]: row.get("plan") for row in cases}
+    assert plans["fused"].startswith("Plan(torch; slots=full; forward=torch; backward=autograd")
+    assert "slots=prefix" in plans["fused_top_p"] and "dora=pairs" in plans["fused_dora"]
+    assert all(plan is None for case, plan in plans.items() if not case.startswith("fused"))
+    assert "fused path: Plan(torch;" in printed
     stages = [row for row in rows if row["kind"] == "stage"]
     assert {row["stage"] for row in stages} == STAGES
     for row in stages:

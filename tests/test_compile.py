@@ -17,19 +17,11 @@ from problems import make_problem
 from test_module import ALL_MLP, make_mlp
 
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, mixlora_ffn, router_aux_loss
-from mixlora_kernels.autograd import (
-    dora_combine_backward_op,
-    dora_combine_op,
-    expert_pass_backward_op,
-    expert_pass_op,
-    route_switch_op,
-    route_top_p_op,
-    route_topk_op,
-    router_backward_op,
-    router_op,
-)
 from mixlora_kernels.kernels import dropout as dropout_module
 from mixlora_kernels.kernels.dropout import Dropout, new_dropout
+from mixlora_kernels.ops.dora_combine import dora_combine_backward_op, dora_combine_op
+from mixlora_kernels.ops.expert_pass import BackwardArgs, PassArgs, expert_pass_backward_op, expert_pass_op
+from mixlora_kernels.ops.route import route_switch_op, route_top_p_op, route_topk_op, router_backward_op, router_op
 
 BACKENDS = ["torch", "triton"]
 # The Triton backend runs in the interpreter on CPU and compiled on a GPU.
@@ -102,11 +94,11 @@ def _pass_args(backend: str, lora: str, strategy: str, dropout: float, T: int = 
             keep[1] = torch.rand(T, d, generator=gen) > dropout
     elif dropout:
         seed = new_dropout(dropout, torch.device("cpu"), seed=5).seed
-    routing = {"topk": "mixlora", "top_p": "mixlora-dynamic", "switch": "mixlora-switch"}[strategy]
+    slots = {"topk": "full", "top_p": "prefix", "switch": "droppable"}[strategy]
     tensors = (leaf(T, d), leaf(T, f), U, weights.requires_grad_(), experts, gate_A, gate_B, up_A, up_B, down_A, down_B,
                *scales)  # fmt: skip
     tensors = [_moved(t, _device(backend)) for t in (*tensors, *keep, seed)]
-    return (*tensors, E, "silu", 0.7, backend, routing, dropout, shared_a, lora == "dora")
+    return (*tensors, E, "silu", 0.7, backend, slots, dropout, shared_a, lora == "dora")
 
 
 PASS_CASES = [
@@ -145,10 +137,10 @@ def test_opcheck_expert_pass_backward(backend, lora, strategy, dropout):
     args = _pass_args(backend, lora, strategy, dropout)
     with torch.no_grad():
         H, Y, Zd = expert_pass_op(*args)
-    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    backward_args = (torch.randn_like(H), torch.randn_like(Y), *detached[:17], Zd if backend == "triton" else None,
-                     *detached[17:])  # fmt: skip
-    torch.library.opcheck(expert_pass_backward_op, backward_args)
+    detached = PassArgs(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    backward_args = BackwardArgs(dH=torch.randn_like(H), dY=torch.randn_like(Y), Zd=Zd if backend == "triton" else None,
+                                 **detached._asdict())  # fmt: skip
+    torch.library.opcheck(expert_pass_backward_op, tuple(backward_args))
 
 
 def _logits(T=14, E=5):
@@ -203,8 +195,7 @@ def test_opcheck_dora_combine_ops(with_y):
 
 
 def test_an_operator_output_that_does_not_exist_is_empty_and_the_wrapper_says_none():
-    args = list(_pass_args("torch", "separate", "topk", 0.0))
-    args[9] = args[10] = None  # no down LoRA: no Y
+    args = PassArgs(*_pass_args("torch", "separate", "topk", 0.0))._replace(down_A=None, down_B=None)  # no Y
     H, Y, Zd = expert_pass_op(*args)
     assert H.shape == (12, 32) and Y.numel() == 0 and Zd.numel() == 0
     block = _block("torch", "topk", 0.0, target_modules=["gate_proj", "up_proj"])

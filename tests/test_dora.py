@@ -602,7 +602,7 @@ def _combine_reference(P, Y, weights, experts, scales):
 def test_dora_combine_kernel_matches_the_reference_forward_and_every_gradient(T, K, E, d, with_y, empty, dtype):
     """mixlora::dora_combine against fp64 torch operations: the output and the gradients
     of P, Y, the weights and the scales; an empty slot's NaN rows never reach anything."""
-    from mixlora_kernels.autograd import dora_combine_op
+    from mixlora_kernels.ops import dora_combine_op
 
     inputs = _combine_inputs(T, K, E, d, dtype, with_y, empty)
     out = dora_combine_op(*inputs)
@@ -622,7 +622,7 @@ def test_dora_combine_kernel_matches_the_reference_forward_and_every_gradient(T,
 
 
 def test_dora_combine_gradients_are_bitwise_reproducible():
-    from mixlora_kernels.autograd import dora_combine_op
+    from mixlora_kernels.ops import dora_combine_op
 
     inputs = _combine_inputs(70, 2, 8, 150, torch.float32, empty=((4, 0),))
     leaves = [t for t in inputs if t is not None and t.requires_grad]

@@ -42,7 +42,7 @@ def problem():
             r"top_p=0.0 must be .* \(0, 1\]",
         ),
         (lambda p: {"routing_strategy": "mixlora-dynamic", "top_k": None, "temperature": -1.0}, "temperature=-1.0"),
-        (lambda p: {"ffn_dropout": 0.1}, "ffn_dropout applies to routing_strategy 'mixlora-switch' only"),
+        (lambda p: {"ffn_dropout": 0.1}, "ffn_dropout=0.1 applies to routing_strategy 'mixlora-switch' only"),
         (
             lambda p: {"routing_strategy": "mixlora-switch", "top_k": None, "ffn_dropout": 1.0},
             r"ffn_dropout=1.0 must be a number in \[0, 1\)",

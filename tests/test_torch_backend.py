@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mixlora_kernels import ExpertLoRA, mixlora_ffn
+from mixlora_kernels.activations import SUPPORTED_ACTIVATIONS
 from mixlora_kernels.noise import draw_noise
 from mixlora_kernels.testing import reference
 from tests.conftest import assert_close
@@ -56,7 +57,7 @@ def test_non_contiguous_input():
     check(problem, torch.float64)
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu_new", "gelu", "relu"])
+@pytest.mark.parametrize("activation", sorted(SUPPORTED_ACTIVATIONS))
 @pytest.mark.parametrize("style", ["gate_up_down", "fused_gate_up", "fc"])
 def test_styles_and_activations(style, activation):
     check(make_problem(T=20, d=16, f=24, E=4, r=4, style=style, activation=activation, bias=True), torch.float64)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mixlora_kernels import mixlora_ffn
-from mixlora_kernels.autograd import route_tokens
+from mixlora_kernels.activations import ACTIVATIONS, activation_kind
 from mixlora_kernels.kernels.expert_pass_tm import slot_order
 from mixlora_kernels.kernels.launch import (
     BACKWARD_ENV,
@@ -24,7 +24,15 @@ from mixlora_kernels.kernels.launch import (
 )
 from mixlora_kernels.kernels.permute import permute_fwd
 from mixlora_kernels.kernels.route import route_switch_fwd, route_top_p_fwd, route_topk_fwd
-from mixlora_kernels.routing import RoutingSpec, route, route_switch, route_top_p, route_topk, router_logits
+from mixlora_kernels.routing import (
+    RoutingSpec,
+    route,
+    route_switch,
+    route_tokens,
+    route_top_p,
+    route_topk,
+    router_logits,
+)
 from tests.conftest import assert_close, assert_rel_rms
 from tests.problems import VARIANT_IDS, VARIANTS, leaf_names, make_problem, run_pair
 from tests.test_torch_backend import EK, SEMANTICS, check, dynamic_problem, experts_used
@@ -81,6 +89,11 @@ T_DTYPES = [(T, dtype) for T in (1, 7, 64) for dtype in LOW if GPU or T < 64 or 
 @pytest.mark.parametrize("E,k", EK, ids=[f"E{E}k{k}" for E, k in EK])
 def test_sweep(organisation, E, k, T, dtype):
     check(on_device(make_problem(T=T, d=13, f=29, E=E, r=3, top_k=k)), dtype, backend="triton")
+
+
+def test_the_variants_cover_every_registered_activation():
+    kinds = {activation_kind(v.get("activation", "silu")) for v in VARIANTS}
+    assert kinds == set(ACTIVATIONS), f"no Triton variant runs {set(ACTIVATIONS) - kinds}"
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
@@ -376,7 +389,8 @@ def test_cost_model_reproduces_the_measured_token_major_pass():
 
 def test_int64_row_offsets(organisation, monkeypatch):
     """G rows 2**30 elements apart: row 2 starts past 2**31, where int32 offsets wrap."""
-    from mixlora_kernels.expert_pass_torch import PassConfig, expert_pass_fwd
+    from mixlora_kernels.containers import PassConfig
+    from mixlora_kernels.expert_pass_torch import expert_pass_fwd
     from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
 
     T, d, f, E, r, k = 3, 8, 16, 2, 2, 2
@@ -476,7 +490,8 @@ def test_gpu_dynamic_large_shapes(organisation, T, d, f, E, r, dtype):
 @needs_gpu
 def test_gpu_more_than_2_31_elements(organisation):
     """T * f past 2**31 for real: the last rows against the torch backend on a slice."""
-    from mixlora_kernels.expert_pass_torch import PassConfig, expert_pass_fwd
+    from mixlora_kernels.containers import PassConfig
+    from mixlora_kernels.expert_pass_torch import expert_pass_fwd
     from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
 
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import torch
 
 from mixlora_kernels import expert_pass_torch
-from mixlora_kernels.autograd import route_tokens
-from mixlora_kernels.expert_pass_torch import PassConfig, pair_groups
-from mixlora_kernels.routing import RoutingSpec
+from mixlora_kernels.containers import PassConfig
+from mixlora_kernels.expert_pass_torch import pair_groups
+from mixlora_kernels.routing import RoutingSpec, route_tokens
 
 from .cases import Shape, Weights
 
@@ -199,9 +199,9 @@ def _dora_in_kernels(E: int, r: int) -> bool:
 def _dora_stages(shape: Shape, w: Weights, x, G, U, weights, routed, cfg) -> list[Stage]:
     """MixDoRA's forward on the Triton kernels (``dora.dora_expert_pass``) cut into its
     stages, each on inputs computed once by the stage before it."""
-    from mixlora_kernels.autograd import dora_combine_op, expert_pass
     from mixlora_kernels.dora import clear_row_norms, expert_scales
     from mixlora_kernels.functional import _weight_times
+    from mixlora_kernels.ops import dora_combine_op, expert_pass
 
     T, d, f, E, k, r = shape.T, shape.d, shape.f, shape.E, shape.k, shape.r
     elem, pairs = x.element_size(), T * k

@@ -11,7 +11,7 @@ import torch
 
 from mixlora_kernels.tuning.cache import reset_tuning_events, tuning_events
 
-from .cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p, graphed_step, make_cases
+from .cases import GRAPHED_CASES, Shape, Weights, calibrate_top_p, case_plans, graphed_step, make_cases
 from .harness import (
     MODES,
     CpuWait,
@@ -109,6 +109,8 @@ def measure(shape: Shape, settings: Settings) -> tuple[dict, float | None]:
         top_p, used = calibrate_top_p(w, x)
         results[("fused_top_p", "routing")] = {"top_p": top_p, "experts_per_token": used}
     all_cases = make_cases(w, settings.backend, top_p, compiled="fused_compiled" in settings.cases)
+    for name, plan in case_plans(w, settings.backend, device, dtype, shape.T).items():
+        results[(name, "plan")] = plan
     cases = {name: all_cases[name] for name in settings.cases if name not in GRAPHED_CASES}
     params = w.parameters()
     frozen = [m.weight for m in w.base.values()] + params
@@ -212,6 +214,8 @@ def print_result(result: ShapeResult, label: str) -> None:
             f"{1e3 * ms_fb / shape.T:>10.2f}{flops(shape, 'fwd_bwd') / (ms_fb * 1e9):>9.2f}"
             f"{saved:>10.1f}{vs_vanilla or nan:>15.2f}"
         )
+    if ("fused", "plan") in results:
+        print(f"  fused path: {results[('fused', 'plan')]}")
     if (result.cpu_wait or 0.0) > BUSY_WAIT:
         print(f"  * torch's threads waited {result.cpu_wait:.0%} of the timing for a CPU other processes held: "
               "every time above is inflated (rows: noisy true); rerun on an idle machine")  # fmt: skip
@@ -298,6 +302,7 @@ def rows_for(result: ShapeResult, label: str, settings: Settings) -> list[dict]:
                 **spread_fields(value["ms"], result.cpu_wait),
                 "peak_bytes": value["peak"],
                 "saved_bytes": results.get((case, "saved")),
+                **({"plan": results[(case, "plan")]} if (case, "plan") in results else {}),
                 **results.get((case, "routing"), {}),
                 **(
                     {"compile_seconds": results[(case, f"compile_{mode}")]}

@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 import triton
 
-from mixlora_kernels.autograd import route as route_any
-from mixlora_kernels.expert_pass_torch import PassConfig
+from mixlora_kernels.activations import ACT_CODES
+from mixlora_kernels.containers import PassConfig
 from mixlora_kernels.kernels import launch
 from mixlora_kernels.kernels.common import (
-    ACT_CODES,
     forced_config,
     interpreting,
     next_pow2,
@@ -48,6 +47,7 @@ from mixlora_kernels.kernels.expert_pass_es import expert_pass_es_fwd
 from mixlora_kernels.kernels.expert_pass_tm import expert_pass_tm_fwd
 from mixlora_kernels.kernels.permute import permute_fwd
 from mixlora_kernels.routing import RoutingSpec, router_logits
+from mixlora_kernels.routing import route as route_any
 from mixlora_kernels.tuning import configs as tuning
 
 from .cases import Shape, Weights

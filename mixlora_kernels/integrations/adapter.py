@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import CONFIG_NAME, MixLoraConfig, without_foreign_fields
 from ..modules import mixlora_blocks
+from ..routing import get_strategy
 from .state import adapter_state_dict, load_adapter_state_dict, model_adapter_targets, unwrap_model
 from .transformers import _inject, mixlora_config_of
 
@@ -44,10 +45,6 @@ _STRUCTURAL_FIELDS = {
     "routing_strategy": lambda c: c.routing_strategy,
     "routing_semantics": lambda c: c.routing_semantics,
     "num_experts": lambda c: c.num_experts,
-    "top_k": lambda c: c.top_k,
-    "top_p": lambda c: c.top_p,
-    "temperature": lambda c: c.temperature,
-    "expert_capacity": lambda c: c.expert_capacity,
     "r": lambda c: c.r,
     "lora_alpha": lambda c: c.lora_alpha,
     "use_rslora": lambda c: c.use_rslora,
@@ -184,7 +181,12 @@ def _check_compatible(model: nn.Module, have: MixLoraConfig, want: MixLoraConfig
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if want.target_modules is None and model_type is not None:
         want = want.for_model_type(model_type)
-    for name, get in _STRUCTURAL_FIELDS.items():
+    # The routing strategy's options that decide the computation (top_k, top_p, ...), the
+    # strategies agreeing (checked first).
+    options = get_strategy(have.routing_strategy).options
+    structural = {name: (lambda c, name=name: c.strategy_options()[name])
+                  for name, option in options.items() if option.structural}  # fmt: skip
+    for name, get in {**_STRUCTURAL_FIELDS, **structural}.items():
         if get(have) != get(want):
             raise ValueError(
                 f"{file}: {name}={get(want)!r} but the model's MixLoRA has {name}={get(have)!r}; "

@@ -14,9 +14,6 @@ import triton.language as tl
 
 from ..tuning.cache import TuningCache, default_cache
 
-# Activation kinds (see activations.py) as kernel constexprs.
-ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
-
 PIN_ENV = "MIXLORA_TRITON_CONFIG"
 
 # Autotune key of the token-major kernels, forward and backward: the model dims and every
@@ -200,7 +197,7 @@ def expert_pass_args(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, dropou
 
 @triton.jit
 def activation(g, ACT: tl.constexpr):
-    """sigma(g) in fp32 for the codes of ACT_CODES."""
+    """sigma(g) in fp32 for each ``code`` of ``activations.ACTIVATIONS``."""
     if ACT == 0:
         return g * tl.sigmoid(g)
     elif ACT == 1:
@@ -215,7 +212,7 @@ def activation(g, ACT: tl.constexpr):
 
 @triton.jit
 def activation_grad(g, ACT: tl.constexpr):
-    """(sigma(g), sigma'(g)) in fp32 for the codes of ACT_CODES."""
+    """(sigma(g), sigma'(g)) in fp32 for each ``code`` of ``activations.ACTIVATIONS``."""
     if ACT == 0:
         sig = tl.sigmoid(g)
         return g * sig, sig * (1.0 + g * (1.0 - sig))

@@ -23,11 +23,11 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..expert_pass_torch import PassConfig
-from ..routing import expert_one_hot
+from ..activations import ACT_CODES
+from ..containers import PassConfig
+from ..routing.router import expert_one_hot
 from ..tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
 from .common import (
-    ACT_CODES,
     check_interpreter,
     dot_precision,
     fixed_config,
@@ -94,12 +94,22 @@ def pass_costs(T: int, F: int, E: int, R: int, K: int, elem: int) -> dict[str, f
     }
 
 
-def choose_organisation(T: int, F: int, E: int, R: int, K: int, elem: int) -> str:
+def forced_organisation(E: int, R: int) -> str | None:
+    """The organisation MIXLORA_EXPERT_PASS forces (token-major only where its tiles fit),
+    or None."""
     forced = os.environ.get(ORGANISATION_ENV, "").strip()
+    if not forced:
+        return None
+    if forced not in ORGANISATIONS:
+        raise ValueError(f"{ORGANISATION_ENV}={forced!r}: must be one of {ORGANISATIONS}")
+    return forced if forced == "expert_sorted" or token_major_fits(E, R) else "expert_sorted"
+
+
+def choose_organisation(T: int, F: int, E: int, R: int, K: int, elem: int) -> str:
+    """The forward's organisation: the forced one, else the cheaper in ``pass_costs``."""
+    forced = forced_organisation(E, R)
     if forced:
-        if forced not in ORGANISATIONS:
-            raise ValueError(f"{ORGANISATION_ENV}={forced!r}: must be one of {ORGANISATIONS}")
-        return forced if forced == "expert_sorted" or token_major_fits(E, R) else "expert_sorted"
+        return forced
     if not token_major_fits(E, R):
         return "expert_sorted"
     costs = pass_costs(T, F, E, R, K, elem)

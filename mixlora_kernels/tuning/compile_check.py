@@ -80,6 +80,19 @@ def _skipped(flags_name: str, E: int, r: int, dtype: str, K: int, variable: bool
     return (E, r) not in HEADLINE_EXPERTS_RANKS or dtype != "bf16" or not (K == 2 or variable)
 
 
+def _slot_classes(E: int) -> list[tuple[str, int, bool]]:
+    """(label, K, variable) of the token-major kernels' routing classes, from the slot
+    layouts of the registered strategies (``routing.SLOT_LAYOUTS``): K = 1 for a "full"
+    or "droppable" layout (top-1, switch), K = 2 for "full" (top-k), and K = E with a
+    variable prefix of used slots for "prefix" (top-p)."""
+    from ..routing import registered_strategies
+
+    layouts = {strategy.slot_layout for strategy in registered_strategies()}
+    classes = [("K=1", 1, False)] if layouts & {"full", "droppable"} else []
+    classes += [("K=2", 2, False)] if "full" in layouts else []
+    return classes + ([(f"top-p K={E}", E, True)] if "prefix" in layouts else [])
+
+
 def _aligned(r: int) -> frozenset:
     return ALIGNED_ARGS | {ANY_POINTER} | ({"R"} if r % 16 == 0 else set())
 
@@ -147,8 +160,7 @@ def _tm_jobs(arch: str, family: str) -> list[Job]:
             er = token_major_width(E, next_pow2(r))
             if er > TOKEN_MAJOR_MAX_ER:
                 continue  # the launchers send such shapes to the expert-sorted pass
-            # Routing classes: top-k / switch with K = 1 or 2 slots; top-p with K = E.
-            for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
+            for routing, K, variable in _slot_classes(E):
                 for flags_name, flags in TM_FLAG_SETS.items():
                     if _skipped(flags_name, E, r, dtype, K, variable):
                         continue
@@ -196,7 +208,7 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
                 er = token_major_width(E, next_pow2(r))
                 if er > TOKEN_MAJOR_MAX_ER:
                     continue  # the expert-sorted backward takes these
-                for routing, K, variable in (("K=1", 1, False), ("K=2", 2, False), (f"top-p K={E}", E, True)):
+                for routing, K, variable in _slot_classes(E):
                     for flags_name, flags in TM_FLAG_SETS.items():
                         if _skipped(flags_name, E, r, dtype, K, variable):
                             continue
@@ -606,10 +618,10 @@ def jobs_for(arch: str) -> list[Job]:
 
 
 def _activation_jobs(jobs: list[Job]) -> list[Job]:
-    """Every activation the kernels implement (kernels.common.ACT_CODES) other than silu,
+    """Every registered activation (``activations.ACTIVATIONS``) other than silu,
     which the classes above compile: per kernel taking ACT, its first headline job (the
     safe config) again with that activation, kept by every sample."""
-    from ..kernels.common import ACT_CODES
+    from ..activations import ACT_CODES
 
     firsts: dict[str, Job] = {}
     for job in jobs:
