@@ -3,8 +3,9 @@ share one frozen FFN, built to cost about what that FFN costs."""
 
 from typing import Any
 
+from .adapters.dora import ExpertDoRA
+from .adapters.lora import LoraLinear
 from .config import MixLoraConfig
-from .dora import ExpertDoRA
 from .functional import ExpertLoRA, MixLoraOutput, mixlora_ffn
 from .integrations import (
     ExpertLoad,
@@ -18,7 +19,6 @@ from .integrations import (
     save_adapter,
 )
 from .integrations.state import adapter_state_dict, load_adapter_state_dict
-from .lora import LoraLinear
 from .modules import FusedMixLoraFFN, router_aux_loss
 
 __version__ = "0.1.0"

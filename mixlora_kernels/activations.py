@@ -9,7 +9,7 @@ An entry holds everything the package asks of an activation:
 - ``forward`` / ``backward``: sigma(g) and grad * sigma'(g) in PyTorch ops (ATen's fused
   kernels), which the torch backend runs;
 - ``code``: the ``ACT`` constexpr the Triton kernels branch on
-  (``kernels.common.activation`` and ``activation_grad`` implement the same formulas).
+  (``backends.triton.common.activation`` and ``activation_grad`` implement the same formulas).
 
 The compile check compiles every entry's code; the README's "How to add an activation"
 lists the steps.

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from .activations import act_fwd, activation_kind
+from .adapters.dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
 from .containers import ExpertLoRA, MixLoraOutput, PassConfig
-from .dora import ExpertDoRA, dora_expert_ffn, dora_expert_pass, expert_scales, weight_times_a
 from .noise import Noise, draw_noise
 from .ops.expert_pass import expert_pass
 from .plan import Plan, plan_call
@@ -172,18 +172,18 @@ def mixlora_ffn(
         dropout, jitter_noise: LoRA dropout and router jitter, applied when ``training``.
         seed: seed of the training-time randomness (see ``noise.draw_noise``; the Triton
             path draws its LoRA dropout masks in the kernels from it, see
-            ``kernels.dropout``). When None (the default) everything is drawn from the
+            ``backends.triton.dropout``). When None (the default) everything is drawn from the
             device's default generator, with no host synchronisation: what
             torch.compile and CUDA graphs need. An explicit seed is for reproducing a
             step; it builds a torch.Generator, which torch.compile does not trace.
         backend: "torch", "triton" or "auto" (triton on CUDA; env MIXLORA_BACKEND).
         dora: DoRA magnitudes of the expert projections (``ExpertDoRA``) with the squared
-            row norms of the frozen weights (``dora.weight_sq_norms``): the experts become
+            row norms of the frozen weights (``adapters.dora.weight_sq_norms``): the experts become
             DoRA (MixDoRA). On the Triton backend the gate and up scales run inside the
             fused kernels and a down magnitude makes the pass per (token, slot) pair
-            (``dora.dora_expert_pass``); layers too wide for the token-major kernels
+            (``adapters.dora.dora_expert_pass``); layers too wide for the token-major kernels
             (E * r padded past 128), and the torch backend, run the pairs in torch
-            operations (``dora.dora_expert_ffn``; the torch backend's grouped by expert,
+            operations (``adapters.dora.dora_expert_ffn``; the torch backend's grouped by expert,
             reading the group sizes on the host).
 
     Returns:
@@ -255,7 +255,7 @@ def _run(plan: Plan, spec: RoutingSpec, x, router_weight, experts: ExpertLoRA, g
             has_up_mask=not shared_a, device=x.device, dtype=xf.dtype, ffn_dropout=ffn_dropout,
         )  # fmt: skip
         if in_kernel:
-            from .kernels.dropout import new_dropout
+            from .backends.triton.dropout import new_dropout
 
             drop_seed = new_dropout(dropout, x.device, seed).seed
 

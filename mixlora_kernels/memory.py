@@ -119,7 +119,7 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
     (counted with DoRA experts only); ``shared_dropout``: gate and up share one LoRA input
     (Phi3). Dropout and router jitter count when ``training`` and the config has them.
     DoRA experts are modelled where they run in the Triton kernels (E * r padded to at
-    most 128, as ``kernels.launch.dora_fits``); elsewhere this raises NotImplementedError."""
+    most 128, as ``backends.triton.launch.dora_fits``); elsewhere this raises NotImplementedError."""
     if element not in (2, 4):
         raise ValueError(f"ffn_saved_bytes: element={element!r} must be 2 (bf16, fp16) or 4 (fp32)")
     if config.expert_dora and not (backend == "triton" and _dora_in_kernels(config)):
@@ -161,7 +161,7 @@ def ffn_saved_bytes(tokens: int, hidden: int, intermediate: int, config: MixLora
 
 
 def _dora_in_kernels(config: MixLoraConfig) -> bool:
-    from .kernels.launch import dora_fits
+    from .backends.triton.launch import dora_fits
 
     return dora_fits(config.num_experts, config.expert_r)
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .activations import activation_kind, activation_name_of
+from .adapters.dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
 from .config import MixLoraConfig
-from .dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
 from .functional import ExpertLoRA, mixlora_ffn
 from .plan import BACKENDS, Plan, plan_call
 from .projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features

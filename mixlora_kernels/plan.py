@@ -6,7 +6,7 @@
     slots       the routing strategy's slot layout, which the expert pass specialises on
     forward     the expert pass's organisation: "torch"; on Triton "token_major",
                 "expert_sorted" (MIXLORA_EXPERT_PASS forces one), or "auto", the cost
-                model of ``kernels.launch.choose_organisation`` at run time, per shape
+                model of ``backends.triton.launch.choose_organisation`` at run time, per shape
     backward    "autograd" (PyTorch ops), or the Triton kernels' organisation:
                 "expert_sorted", or "token_major" where MIXLORA_EXPERT_BWD forces it
     dropout     "none", "kernels" (masks drawn in the kernels from a seed, nothing
@@ -56,7 +56,7 @@ class Plan(NamedTuple):
         picks for these sizes (what the benchmark records)."""
         if self.forward != "auto":
             return self
-        from .kernels.launch import choose_organisation
+        from .backends.triton.launch import choose_organisation
 
         organisation = choose_organisation(tokens, intermediate, num_experts, rank, slots, element)
         return self._replace(forward=organisation)
@@ -88,7 +88,7 @@ def _triton_available() -> bool:
 def _check_triton(device: torch.device) -> None:
     if not _triton_available():
         raise RuntimeError('backend="triton" needs the triton package; pip install triton')
-    from .kernels.launch import check_triton_device
+    from .backends.triton.launch import check_triton_device
 
     check_triton_device(device)
 
@@ -122,7 +122,7 @@ def plan_call(
         forward = "pairs" if dora == "pairs" else "torch"
         dropout = "masks" if lora_dropout > 0 else "none"
         return Plan(backend, slot_layout, forward, "autograd", dropout, dora, base_ffn, tuple(overrides))
-    from .kernels.launch import BACKWARD_ENV, ORGANISATION_ENV, choose_backward, forced_organisation
+    from .backends.triton.launch import BACKWARD_ENV, ORGANISATION_ENV, choose_backward, forced_organisation
 
     forward = "auto"
     if dora == "kernels":
@@ -138,7 +138,7 @@ def plan_call(
 
 
 def _dora_fits(num_experts: int, rank: int) -> bool:
-    """Whether DoRA experts run inside the Triton kernels (see ``kernels.launch.dora_fits``)."""
-    from .kernels.launch import dora_fits
+    """Whether DoRA experts run inside the Triton kernels (see ``backends.triton.launch.dora_fits``)."""
+    from .backends.triton.launch import dora_fits
 
     return dora_fits(num_experts, rank)

@@ -17,8 +17,8 @@ from problems import make_problem
 from test_module import ALL_MLP, make_mlp
 
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, mixlora_ffn, router_aux_loss
-from mixlora_kernels.kernels import dropout as dropout_module
-from mixlora_kernels.kernels.dropout import Dropout, new_dropout
+from mixlora_kernels.backends.triton import dropout as dropout_module
+from mixlora_kernels.backends.triton.dropout import Dropout, new_dropout
 from mixlora_kernels.ops.dora_combine import dora_combine_backward_op, dora_combine_op
 from mixlora_kernels.ops.expert_pass import BackwardArgs, PassArgs, expert_pass_backward_op, expert_pass_op
 from mixlora_kernels.ops.route import route_switch_op, route_top_p_op, route_topk_op, router_backward_op, router_op

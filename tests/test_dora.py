@@ -31,8 +31,8 @@ from mixlora_kernels import (
     router_aux_loss,
     save_adapter,
 )
-from mixlora_kernels import dora as dora_module
-from mixlora_kernels.dora import lora_row_norms, weight_sq_norms, weight_times_a
+from mixlora_kernels.adapters import dora as dora_module
+from mixlora_kernels.adapters.dora import lora_row_norms, weight_sq_norms, weight_times_a
 from mixlora_kernels.noise import draw_noise
 from mixlora_kernels.testing import reference
 
@@ -254,7 +254,7 @@ def test_magnitudes_on_some_projections_only_in_the_kernels(roles):
 
 def _record_kernel_flags(monkeypatch) -> list[tuple]:
     """(kernel, DORA_GATE, DORA_UP, PER_PAIR) of every expert-pass kernel launched."""
-    from mixlora_kernels.kernels import expert_pass_bwd, expert_pass_es_bwd, expert_pass_tm
+    from mixlora_kernels.backends.triton import expert_pass_bwd, expert_pass_es_bwd, expert_pass_tm
 
     calls = []
     for module in (expert_pass_tm, expert_pass_bwd, expert_pass_es_bwd):
@@ -316,7 +316,7 @@ def test_mixdora_with_dropout_matches_the_reference_with_the_same_masks(backend)
     seed = 3
     if backend == "triton":
         # The kernels draw the masks from the seed (the DoRA scales run inside them).
-        from mixlora_kernels.kernels.dropout import dropout_masks, new_dropout
+        from mixlora_kernels.backends.triton.dropout import dropout_masks, new_dropout
 
         keep = dropout_masks(new_dropout(0.3, problem.x.device, seed), 16, 10, 14)
         masks = {name: keep[name].to(dtype) / 0.7 for name in ("gate", "up", "down")}

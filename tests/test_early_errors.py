@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from mixlora_kernels.kernels.common import interpreting
-from mixlora_kernels.kernels.launch import check_triton_device
+from mixlora_kernels.backends.triton.common import interpreting
+from mixlora_kernels.backends.triton.launch import check_triton_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

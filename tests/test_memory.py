@@ -10,7 +10,7 @@ from hf_models import tiny_config, tiny_model
 from test_module import ALL_MLP, make_mlp
 
 from mixlora_kernels import FusedMixLoraFFN, MixLoraConfig, inject_mixlora
-from mixlora_kernels import dora as dora_module
+from mixlora_kernels.adapters import dora as dora_module
 from mixlora_kernels.bench.harness import saved_bytes
 from mixlora_kernels.memory import LLAMA2_7B, LLAMA3_8B, ModelShape, ffn_saved_bytes, training_memory
 

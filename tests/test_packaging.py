@@ -99,3 +99,18 @@ def test_the_package_has_no_import_circles():
     for name in sorted(graph):
         visit(name, [])
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_the_kernels_never_import_the_torch_backend():
+    package = ROOT / "mixlora_kernels"
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}  # fmt: skip
+    graph = {name: _imports_of(path, package, set(files)) for name, path in files.items()}
+    for start in (name for name in files if name.startswith("mixlora_kernels.backends.triton")):
+        seen, todo = set(), [start]
+        while todo:
+            for target in graph[todo.pop()] - seen:
+                seen.add(target)
+                todo.append(target)
+        torch_backend = sorted(name for name in seen if name.startswith("mixlora_kernels.backends.torch"))
+        assert not torch_backend, f"{start} imports the torch backend: {torch_backend}"

@@ -205,8 +205,8 @@ def test_an_unsupported_quantised_layer_is_refused_at_injection(where):
 
 @pytest.mark.parametrize("kind", QUANTISATIONS)
 def test_mixdora_on_a_quantised_base_computes_each_weight_norm_once(base_dir, kind, monkeypatch):
-    import mixlora_kernels.dora as dora_module
-    import mixlora_kernels.lora as lora_module
+    import mixlora_kernels.adapters.dora as dora_module
+    import mixlora_kernels.adapters.lora as lora_module
     import mixlora_kernels.modules as modules_module
 
     calls = []

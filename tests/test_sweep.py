@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from mixlora_kernels.backends.triton.common import fixed_config, forced_config, recorded_launches
 from mixlora_kernels.bench import sweep
-from mixlora_kernels.kernels.common import fixed_config, forced_config, recorded_launches
 from mixlora_kernels.tuning.configs import EXPERT_SORTED_BWD
 
 KERNELS = {

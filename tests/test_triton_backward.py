@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mixlora_kernels import mixlora_ffn
-from mixlora_kernels.kernels import launch
+from mixlora_kernels.backends.triton import launch
 from tests.problems import make_problem
 from tests.test_triton_forward import DEVICE, on_device
 
@@ -122,7 +122,7 @@ def test_training_with_dropout_lowers_the_loss():
 def test_in_kernel_dropout_keeps_1_minus_p_and_is_unbiased(p):
     """Keep rate within 5 standard deviations over 64k draws per stream, streams
     independent, and the kept inputs scaled by 1 / (1 - p) average to the input."""
-    from mixlora_kernels.kernels.dropout import dropout_masks, new_dropout
+    from mixlora_kernels.backends.triton.dropout import dropout_masks, new_dropout
 
     masks = dropout_masks(new_dropout(p, torch.device(DEVICE), seed=11), 256, 256, 256)
     n = 256 * 256

@@ -14,16 +14,16 @@ import torch
 
 from mixlora_kernels import mixlora_ffn
 from mixlora_kernels.activations import ACTIVATIONS, activation_kind
-from mixlora_kernels.kernels.expert_pass_tm import slot_order
-from mixlora_kernels.kernels.launch import (
+from mixlora_kernels.backends.triton.expert_pass_tm import slot_order
+from mixlora_kernels.backends.triton.launch import (
     BACKWARD_ENV,
     ORGANISATION_ENV,
     choose_backward,
     choose_organisation,
     pass_costs,
 )
-from mixlora_kernels.kernels.permute import permute_fwd
-from mixlora_kernels.kernels.route import route_switch_fwd, route_top_p_fwd, route_topk_fwd
+from mixlora_kernels.backends.triton.permute import permute_fwd
+from mixlora_kernels.backends.triton.route import route_switch_fwd, route_top_p_fwd, route_topk_fwd
 from mixlora_kernels.routing import (
     RoutingSpec,
     route,
@@ -202,7 +202,7 @@ def test_all_tokens_on_one_expert(organisation):
 def test_dropout_masks_reach_the_kernels(organisation):
     """The kernels' own masks (drawn in the kernels from the seed) against the reference
     fed the same masks, materialised by ``dropout_masks``; jitter as the torch path draws it."""
-    from mixlora_kernels.kernels.dropout import dropout_masks, new_dropout
+    from mixlora_kernels.backends.triton.dropout import dropout_masks, new_dropout
     from mixlora_kernels.noise import draw_noise
 
     problem = on_device(make_problem(T=12, d=10, f=14, E=3, r=2))
@@ -389,9 +389,9 @@ def test_cost_model_reproduces_the_measured_token_major_pass():
 
 def test_int64_row_offsets(organisation, monkeypatch):
     """G rows 2**30 elements apart: row 2 starts past 2**31, where int32 offsets wrap."""
+    from mixlora_kernels.backends.torch.expert_pass import expert_pass_fwd
+    from mixlora_kernels.backends.triton.launch import expert_pass_fwd_triton
     from mixlora_kernels.containers import PassConfig
-    from mixlora_kernels.expert_pass_torch import expert_pass_fwd
-    from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
 
     T, d, f, E, r, k = 3, 8, 16, 2, 2, 2
     stride = 2**30
@@ -490,9 +490,9 @@ def test_gpu_dynamic_large_shapes(organisation, T, d, f, E, r, dtype):
 @needs_gpu
 def test_gpu_more_than_2_31_elements(organisation):
     """T * f past 2**31 for real: the last rows against the torch backend on a slice."""
+    from mixlora_kernels.backends.torch.expert_pass import expert_pass_fwd
+    from mixlora_kernels.backends.triton.launch import expert_pass_fwd_triton
     from mixlora_kernels.containers import PassConfig
-    from mixlora_kernels.expert_pass_torch import expert_pass_fwd
-    from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
 
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs 40 GB of GPU memory for three (T, f) bf16 tensors past 2**31 elements")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from mixlora_kernels.kernels.common import PIN_ENV, launch
+from mixlora_kernels.backends.triton.common import PIN_ENV, launch
 from mixlora_kernels.tuning.cache import (
     CACHE_ENV,
     TuningCache,

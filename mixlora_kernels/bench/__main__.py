@@ -113,7 +113,7 @@ def settings_from(args, parser: argparse.ArgumentParser) -> Settings:
     dtype = args.dtype or (torch.bfloat16 if on_gpu else torch.float32)
     backend = args.backend or ("triton" if on_gpu else "torch")
     if backend == "triton" and not on_gpu:
-        from mixlora_kernels.kernels.common import interpreting
+        from mixlora_kernels.backends.triton.common import interpreting
 
         if not interpreting():
             parser.error("--backend triton on CPU needs TRITON_INTERPRET=1 (the interpreter: slow, small shapes only)")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mixlora_kernels import ExpertDoRA, ExpertLoRA, mixlora_ffn
-from mixlora_kernels.dora import clear_row_norms, weight_sq_norms
+from mixlora_kernels.adapters.dora import clear_row_norms, weight_sq_norms
 from mixlora_kernels.plan import plan_call
 from mixlora_kernels.routing import route_top_p, router_logits
 from mixlora_kernels.testing import reference

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mixlora_kernels import expert_pass_torch
+from mixlora_kernels.backends.torch import expert_pass as expert_pass_torch
+from mixlora_kernels.backends.torch.expert_pass import pair_groups
 from mixlora_kernels.containers import PassConfig
-from mixlora_kernels.expert_pass_torch import pair_groups
 from mixlora_kernels.routing import RoutingSpec, route_tokens
 
 from .cases import Shape, Weights
@@ -130,7 +130,7 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
         expert_pass_torch.expert_pass_bwd(dH, dY, x, G, U, weights, routing.experts, experts, no_keep, cfg)
 
     def backward_triton():
-        from mixlora_kernels.kernels.launch import expert_pass_bwd_triton
+        from mixlora_kernels.backends.triton.launch import expert_pass_bwd_triton
 
         expert_pass_bwd_triton(dH, dY, x, G, U, weights, routing.experts, experts, cfg, Zd)
 
@@ -143,8 +143,14 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
     rank_flops = 6.0 * pairs * f * r  # gate and up expands, the down shrink
     pass_bytes = elem * 3 * T * f + 4 * T * E * r
     if backend == "triton":
-        from mixlora_kernels.kernels.launch import choose_organisation, down_expand, fused_pass, perm_block, shrinks
-        from mixlora_kernels.kernels.permute import permute_fwd
+        from mixlora_kernels.backends.triton.launch import (
+            choose_organisation,
+            down_expand,
+            fused_pass,
+            perm_block,
+            shrinks,
+        )
+        from mixlora_kernels.backends.triton.permute import permute_fwd
 
         organisation = choose_organisation(T, f, E, r, k, elem)
         xa_gate, xa_up = shrinks(x, experts, w.scaling)
@@ -191,15 +197,15 @@ def make_stages(shape: Shape, w: Weights, x: torch.Tensor, backend: str,
 
 
 def _dora_in_kernels(E: int, r: int) -> bool:
-    from mixlora_kernels.kernels.launch import dora_fits
+    from mixlora_kernels.backends.triton.launch import dora_fits
 
     return dora_fits(E, r)
 
 
 def _dora_stages(shape: Shape, w: Weights, x, G, U, weights, routed, cfg) -> list[Stage]:
-    """MixDoRA's forward on the Triton kernels (``dora.dora_expert_pass``) cut into its
+    """MixDoRA's forward on the Triton kernels (``adapters.dora.dora_expert_pass``) cut into its
     stages, each on inputs computed once by the stage before it."""
-    from mixlora_kernels.dora import clear_row_norms, expert_scales
+    from mixlora_kernels.adapters.dora import clear_row_norms, expert_scales
     from mixlora_kernels.functional import _weight_times
     from mixlora_kernels.ops import dora_combine_op, expert_pass
 
@@ -253,7 +259,7 @@ def backward_part_models(shape: Shape, elem: int) -> dict[str, tuple[float, floa
 def _backward_parts(shape, x, G, U, weights, routed, experts, cfg, Zd, dH, dY) -> list[Stage]:
     """The Triton backward's parts as stages, each on inputs computed once by the part
     before it."""
-    from mixlora_kernels.kernels import launch
+    from mixlora_kernels.backends.triton import launch
 
     R = experts.gate_A.shape[1]
     parts = launch.EXPERT_SORTED_BACKWARD
@@ -275,7 +281,7 @@ def _backward_parts(shape, x, G, U, weights, routed, experts, cfg, Zd, dH, dY) -
 
 
 def _triton_pass(x, G, U, weights, routed, experts, cfg):
-    from mixlora_kernels.kernels.launch import expert_pass_fwd_triton
+    from mixlora_kernels.backends.triton.launch import expert_pass_fwd_triton
 
     return expert_pass_fwd_triton(x, G, U, weights, routed, experts, cfg)
 

@@ -33,19 +33,19 @@ import torch
 import triton
 
 from mixlora_kernels.activations import ACT_CODES
-from mixlora_kernels.containers import PassConfig
-from mixlora_kernels.kernels import launch
-from mixlora_kernels.kernels.common import (
+from mixlora_kernels.backends.triton import launch
+from mixlora_kernels.backends.triton.common import (
     forced_config,
     interpreting,
     next_pow2,
     rank_pad,
     recorded_launches,
 )
-from mixlora_kernels.kernels.expert_pass_bwd import bwd_args, expert_pass_tm_bwd, expert_pass_tm_wgrad
-from mixlora_kernels.kernels.expert_pass_es import expert_pass_es_fwd
-from mixlora_kernels.kernels.expert_pass_tm import expert_pass_tm_fwd
-from mixlora_kernels.kernels.permute import permute_fwd
+from mixlora_kernels.backends.triton.expert_pass_bwd import bwd_args, expert_pass_tm_bwd, expert_pass_tm_wgrad
+from mixlora_kernels.backends.triton.expert_pass_es import expert_pass_es_fwd
+from mixlora_kernels.backends.triton.expert_pass_tm import expert_pass_tm_fwd
+from mixlora_kernels.backends.triton.permute import permute_fwd
+from mixlora_kernels.containers import PassConfig
 from mixlora_kernels.routing import RoutingSpec, router_logits
 from mixlora_kernels.routing import route as route_any
 from mixlora_kernels.tuning import configs as tuning

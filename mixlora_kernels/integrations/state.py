@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..lora import LoraLinear
+from ..adapters.lora import LoraLinear
 from ..modules import FusedMixLoraFFN
 
 MAGNITUDE_KEY = "lora_magnitude_vector"

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..adapters.lora import LoraLinear
 from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig
-from ..lora import LoraLinear
 from ..modules import FusedMixLoraFFN, mixlora_blocks
 from ..projections import keep_4bit_weights_unpacked
 from .state import decoder_of, unwrap_model

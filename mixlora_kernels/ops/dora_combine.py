@@ -1,4 +1,4 @@
-"""MixDoRA's per-pair epilogue as a PyTorch operator (``kernels.dora_combine``)."""
+"""MixDoRA's per-pair epilogue as a PyTorch operator (``backends.triton.dora_combine``)."""
 
 import torch
 from torch import Tensor
@@ -8,8 +8,8 @@ from torch import Tensor
 def dora_combine_op(P: Tensor, Y: Tensor | None, weights: Tensor, experts: Tensor, scales: Tensor) -> Tensor:
     """MixDoRA's per-pair epilogue, (T, d) in P's dtype: each token's pairs' down outputs
     P (T*K, d), plus their LoRA expands Y (T*K, d) or None, scaled by w c_down[e] and
-    summed, in one Triton kernel (``kernels.dora_combine``)."""
-    from ..kernels.dora_combine import dora_combine_fwd
+    summed, in one Triton kernel (``backends.triton.dora_combine``)."""
+    from ..backends.triton.dora_combine import dora_combine_fwd
 
     return dora_combine_fwd(P, Y, weights, experts, scales)
 
@@ -44,7 +44,7 @@ def dora_combine_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(the pairs' gradient (T*K, d), that of P and Y alike; dweights (T, K); dscales
     (E, d)), accumulated in fp32, the reductions summed in a fixed order."""
-    from ..kernels.dora_combine import dora_combine_bwd
+    from ..backends.triton.dora_combine import dora_combine_bwd
 
     return dora_combine_bwd(dout, P, Y, weights, experts, scales)
 

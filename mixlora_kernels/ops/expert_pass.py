@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import expert_pass_torch
+from ..backends.torch import expert_pass as expert_pass_torch
 from ..containers import ExpertLoRA, PassConfig
 
 _LORA = ExpertLoRA._fields  # gate_A, gate_B, up_A, up_B, down_A, down_B
@@ -86,7 +86,7 @@ def _expert_pass(*args) -> tuple[Tensor, Tensor, Tensor]:
     cfg, lora, x = _config(a), _args_lora(a), a.x
     Zd = None
     if a.backend == "triton":
-        from ..kernels.launch import check_pass_inputs, down_expand, fused_pass, pair_shrinks, shrinks
+        from ..backends.triton.launch import check_pass_inputs, down_expand, fused_pass, pair_shrinks, shrinks
 
         drop = _dropout(cfg, a.seed)
         rank = check_pass_inputs(a.G, lora)
@@ -137,7 +137,7 @@ def _expert_pass_backward(*args) -> tuple[Tensor, ...]:
         dY = torch.zeros(rows, a.down_B.shape[1], device=x.device, dtype=x.dtype)
     dscales = (None, None)
     if a.backend == "triton":
-        from ..kernels.launch import expert_pass_bwd_triton
+        from ..backends.triton.launch import expert_pass_bwd_triton
 
         dx, dG, dU, dw, dlora, dscales = expert_pass_bwd_triton(
             a.dH, dY, x, a.G, a.U, a.weights, a.experts, lora, cfg, a.Zd, _dropout(cfg, a.seed),
@@ -214,6 +214,6 @@ def expert_pass(x, G, U, weights, experts, lora: ExpertLoRA, keep: tuple, seed, 
 
 def _dropout(cfg, seed):
     """The Triton path's dropout (probability and seed tensor), or None."""
-    from ..kernels.dropout import Dropout
+    from ..backends.triton.dropout import Dropout
 
     return None if seed is None else Dropout(cfg.dropout, seed)

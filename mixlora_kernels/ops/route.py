@@ -28,7 +28,7 @@ def _counts(per_block: Tensor) -> Tensor:
 @torch.library.custom_op("mixlora::route_topk", mutates_args=())
 def route_topk_op(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(weights (T, k) fp32, experts (T, k) int64, counts (E,) int64)."""
-    from ..kernels.route import route_topk_fwd
+    from ..backends.triton.route import route_topk_fwd
 
     weights, experts, counts = route_topk_fwd(logits.contiguous(), top_k)
     return weights, experts, _counts(counts)
@@ -77,7 +77,7 @@ torch.library.register_autograd("mixlora::route_topk", _backward_route_topk, set
 @torch.library.custom_op("mixlora::route_top_p", mutates_args=())
 def route_top_p_op(logits: Tensor, top_p: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """(weights (T, E) fp32, experts (T, E) int64, counts (E,) int64), most probable first."""
-    from ..kernels.route import route_top_p_fwd
+    from ..backends.triton.route import route_top_p_fwd
 
     weights, experts, counts = route_top_p_fwd(logits.contiguous(), top_p, temperature)
     return weights, experts, _counts(counts)
@@ -106,7 +106,7 @@ torch.library.register_autograd("mixlora::route_top_p", _backward_route_top_p, s
 @torch.library.custom_op("mixlora::route_switch", mutates_args=())
 def route_switch_op(logits: Tensor, seq_len: int, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(weights (T, 1) fp32, experts (T, 1) int64, bypass (T,) fp32, counts (E,) int64)."""
-    from ..kernels.route import route_switch_fwd
+    from ..backends.triton.route import route_switch_fwd
 
     weights, experts, bypass, counts = route_switch_fwd(logits.contiguous(), seq_len, capacity)
     return weights, experts, bypass, _counts(counts)
@@ -154,7 +154,7 @@ def router_op(
     """(logits (T, E) fp32, weights, experts, counts (E,) int64): the router GEMM in fp32
     and the routing of ``route_topk`` / ``route_top_p`` in one Triton kernel; with
     "logits" the last three are empty."""
-    from ..kernels.route import router_fwd
+    from ..backends.triton.route import router_fwd
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     logits, weights, experts, counts = router_fwd(x, weight.contiguous(), select, top_k, top_p, temperature)
@@ -198,7 +198,7 @@ def router_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(dx (T, d) in x's dtype, dweight (E, d) in weight's dtype), each empty unless asked
     for: the router GEMM's gradients from its logits', in fp32, in one Triton kernel."""
-    from ..kernels.route import router_bwd
+    from ..backends.triton.route import router_bwd
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     dx, dw = router_bwd(dlogits, x, weight.contiguous(), need_dx, need_dw)

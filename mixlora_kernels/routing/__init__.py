@@ -10,7 +10,7 @@
     losses.py     the load balance and each strategy's own loss
 
 The router is E columns wide, so autograd through these few ops is cheap; the Triton
-route kernels (``kernels.route``, through ``ops.route``) compute the same forward.
+route kernels (``backends.triton.route``, through ``ops.route``) compute the same forward.
 """
 
 # The built-in strategies register themselves on import, in MoE-PEFT's order.

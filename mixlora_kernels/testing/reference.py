@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from mixlora_kernels.activations import act_fwd, activation_kind
+from mixlora_kernels.adapters.dora import ExpertDoRA
 from mixlora_kernels.containers import ExpertLoRA, MixLoraOutput
-from mixlora_kernels.dora import ExpertDoRA
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 

@@ -141,15 +141,15 @@ def _tm_specialisations(family_configs: list, key, flags_name: str, dtype: str, 
 
 def _tm_constants(cfg, K: int, E: int, er: int, variable: bool, flags: dict) -> dict:
     """The constexprs the token-major kernels share, as the launchers pass them."""
-    from ..kernels.common import next_pow2
+    from ..backends.triton.common import next_pow2
 
     return dict(K=K, ER=er, R_PAD=er // next_pow2(E), ACT=0, PRECISION="tf32", VARIABLE_K=variable, **flags,
                 **cfg.kwargs)  # fmt: skip
 
 
 def _tm_jobs(arch: str, family: str) -> list[Job]:
-    from ..kernels.common import next_pow2, token_major_width
-    from ..kernels.launch import TOKEN_MAJOR_MAX_ER
+    from ..backends.triton.common import next_pow2, token_major_width
+    from ..backends.triton.launch import TOKEN_MAJOR_MAX_ER
     from .configs import TOKEN_MAJOR, allows, token_major_smem
 
     jobs = []
@@ -196,8 +196,8 @@ def _tm_bwd_jobs(arch: str, family: str) -> list[Job]:
     """The token-major backward's token kernel and weight kernel (an alternative behind
     MIXLORA_EXPERT_BWD), over the classes of the forward's token-major pass in bf16 (fp16
     compiles to the same code shapes)."""
-    from ..kernels.common import next_pow2, token_major_width
-    from ..kernels.launch import TOKEN_MAJOR_MAX_ER
+    from ..backends.triton.common import next_pow2, token_major_width
+    from ..backends.triton.launch import TOKEN_MAJOR_MAX_ER
     from .configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, allows, token_major_bwd_smem
 
     experts_ranks = [(2, r) for r in (4, 8, 16, 64)] + [(4, 16)] + [(8, r) for r in (4, 8, 16, 64)]
@@ -285,7 +285,7 @@ def _es_jobs(arch: str, family: str) -> list[Job]:
 
 
 def _es_job(arch, dtype, r, perm_m, K, accumulate, keep, cfg, headline, aligned=True) -> Job:
-    from ..kernels.common import rank_pad
+    from ..backends.triton.common import rank_pad
     from .configs import expert_sorted_smem
 
     r_pad = rank_pad(r)
@@ -323,7 +323,7 @@ def _es_bwd_jobs(arch: str, family: str) -> list[Job]:
     launch, rank 64, top-p's slot counts, fc1/fc2, and bf16 with dropout unaligned. These
     kernels take several seconds each to compile, so the classes outside the headline
     are those that change the code, not every combination."""
-    from ..kernels.common import next_pow2, rank_pad
+    from ..backends.triton.common import next_pow2, rank_pad
     from .configs import BACKWARD_PERM_M, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD, expert_sorted_bwd_smem
 
     jobs = []
@@ -400,9 +400,9 @@ def _job(kernel: str, arch: str, variant: str, sig: dict, const: dict, num_warps
 
 
 def _route_permute_jobs(arch: str) -> list[Job]:
-    from ..kernels.common import next_pow2
-    from ..kernels.permute import token_block
-    from ..kernels.route import ROUTER_BLOCK_D, SELECT_CODES, router_block, switch_block
+    from ..backends.triton.common import next_pow2
+    from ..backends.triton.permute import token_block
+    from ..backends.triton.route import ROUTER_BLOCK_D, SELECT_CODES, router_block, switch_block
 
     jobs = []
     logits = {"logits_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64", "counts_ptr": "*i32"}
@@ -458,7 +458,7 @@ def _route_permute_jobs(arch: str) -> list[Job]:
 
 
 def _dropout_jobs(arch: str) -> list[Job]:
-    from ..kernels.dropout import GATE, UP
+    from ..backends.triton.dropout import GATE, UP
 
     sig = {"seed_ptr": "*i64", "keep_ptr": "*i1", "T": "i32", "W": "i32", "p": "fp32"}
     return [_job("dropout_keep", arch, f"stream={s}", sig, dict(STREAM=s, BLOCK_T=16, BLOCK_W=128)) for s in (GATE, UP)]
@@ -468,8 +468,8 @@ def _dora_combine_jobs(arch: str) -> list[Job]:
     """MixDoRA's per-pair epilogue, forward and backward: bf16 (fp16 compiles alike) and
     fp32 activations, 8 or 64 experts, 2 slots or E (top-p), with a down LoRA, and once
     without one."""
-    from ..kernels.common import next_pow2
-    from ..kernels.dora_combine import COMBINE_BLOCK_N, COMBINE_BLOCK_T, combine_bwd_block_n
+    from ..backends.triton.common import next_pow2
+    from ..backends.triton.dora_combine import COMBINE_BLOCK_N, COMBINE_BLOCK_T, combine_bwd_block_n
 
     jobs = []
     classes = [(dtype, E, K, True) for dtype in ("bf16", "fp32") for E in (8, 64) for K in (2, E)]
@@ -492,7 +492,7 @@ def _cfg(cfg) -> dict:
 
 
 def _kernel(name: str):
-    from ..kernels import (
+    from ..backends.triton import (
         dora_combine,
         dropout,
         expert_pass_bwd,
@@ -769,7 +769,7 @@ def main(argv=None) -> int:
         help="compile every headline class's first config and about 1 in N of the other jobs (default 1: all)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    from ..kernels.common import interpreting
+    from ..backends.triton.common import interpreting
 
     if interpreting():
         parser.error("TRITON_INTERPRET is set: the kernels are defined for the interpreter and cannot be compiled "

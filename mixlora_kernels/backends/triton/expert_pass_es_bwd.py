@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning.configs import EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD, expert_sorted_bwd_smem, make_pruner
+from ...tuning.configs import EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD, expert_sorted_bwd_smem, make_pruner
 from .common import activation_grad, column_chunks, launch, next_pow2, token_bucket
 from .dropout import keep_tile
 from .expert_pass_es import _expert_tiles, _tile_inputs

@@ -23,10 +23,10 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..activations import ACT_CODES
-from ..containers import PassConfig
-from ..routing.router import expert_one_hot
-from ..tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
+from ...activations import ACT_CODES
+from ...containers import PassConfig
+from ...routing.router import expert_one_hot
+from ...tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
 from .common import (
     check_interpreter,
     dot_precision,
@@ -255,7 +255,7 @@ def token_shrinks(Zp, experts, num_experts: int) -> torch.Tensor:
 
 def dora_fits(E: int, R: int) -> bool:
     """Whether DoRA experts run in the kernels (token-major both ways); wider layers run
-    the pair path in torch operations (``dora.dora_expert_ffn``)."""
+    the pair path in torch operations (``adapters.dora.dora_expert_ffn``)."""
     return token_major_fits(E, R)
 
 

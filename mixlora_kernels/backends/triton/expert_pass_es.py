@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning.configs import EXPERT_SORTED, expert_sorted_smem, make_pruner
+from ...tuning.configs import EXPERT_SORTED, expert_sorted_smem, make_pruner
 from .common import activation, column_chunks, expert_pass_args, launch
 from .dropout import keep_tile
 from .permute import Permutation

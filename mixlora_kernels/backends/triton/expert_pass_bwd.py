@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning.configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, make_pruner, token_major_bwd_smem
+from ...tuning.configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, make_pruner, token_major_bwd_smem
 from .common import TOKEN_MAJOR_KEY, activation_grad, column_chunks, launch, next_pow2, token_bucket
 from .dropout import keep_tile
 from .expert_pass_tm import magnitude_tile

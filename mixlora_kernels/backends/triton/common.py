@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning.cache import TuningCache, default_cache
+from ...tuning.cache import TuningCache, default_cache
 
 PIN_ENV = "MIXLORA_TRITON_CONFIG"
 
@@ -179,7 +179,7 @@ def column_chunks(F: int, splits: int, configs) -> tuple[int, int]:
 
 def expert_pass_args(G, U, xa_gate, xa_up, B_gate, B_up, A_down, weights, dropout, H, Z, **scalars) -> dict:
     """The arguments both expert-pass kernels share. An absent tensor is passed as G: its
-    HAS_* flag is off, so the kernel never reads it. ``dropout`` (a ``kernels.dropout.
+    HAS_* flag is off, so the kernel never reads it. ``dropout`` (a ``backends.triton.dropout.
     Dropout`` or None) drops the down LoRA's input inside the kernel."""
     present = lambda t: G if t is None else t
     T = G.shape[0]

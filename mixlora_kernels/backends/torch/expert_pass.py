@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import act_bwd, act_fwd
-from .containers import PassConfig
+from ...activations import act_bwd, act_fwd
+from ...containers import PassConfig
 
 
 class PairGroups(NamedTuple):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
+from ...tuning.configs import TOKEN_MAJOR, make_pruner, token_major_smem
 from .common import TOKEN_MAJOR_KEY, activation, column_chunks, expert_pass_args, launch, token_major_width
 from .dropout import keep_tile
 

@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .ops import dora_combine_op, expert_pass
-from .projections import adapter_dtype_of, linear_features
+from ..ops import dora_combine_op, expert_pass
+from ..projections import adapter_dtype_of, linear_features
 
 # Chunk of identity rows pushed through a weight we cannot read directly.
 _PROBE_ROWS = 1024
@@ -286,7 +286,7 @@ def _dropped(inp: torch.Tensor, keep: torch.Tensor | None, rows: torch.Tensor | 
 def _pair_hidden(kind, has_up: bool, lora, branch, down_lora):
     """h = act(g) * u of a set of pairs, from ``branch(role)`` (the role's scaled
     pre-activation), and the down LoRA's term ``down_lora(h, A, B)`` (None without one)."""
-    from .activations import act_fwd
+    from ..activations import act_fwd
 
     h = act_fwd(kind, branch("gate"))
     if has_up:

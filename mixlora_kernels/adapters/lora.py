@@ -14,9 +14,9 @@ import math
 import torch
 from torch import nn
 
-from .config import MixLoraConfig
+from ..config import MixLoraConfig
+from ..projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
 from .dora import lora_row_norms, magnitude_scale, weight_sq_norms, weight_times_a
-from .projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
 
 
 class LoraLinear(nn.Module):
