@@ -34,7 +34,7 @@ import triton.language as tl
 from ...tuning.configs import TOKEN_MAJOR_BWD, TOKEN_MAJOR_WGRAD, make_pruner, token_major_bwd_smem
 from .common import TOKEN_MAJOR_KEY, activation_grad, column_chunks, launch, next_pow2, token_bucket
 from .dropout import keep_tile
-from .expert_pass_tm import magnitude_tile
+from .expert_pass_tm import b_tiles, magnitude_tile, row_tiles
 
 
 @triton.jit
@@ -196,25 +196,11 @@ def _expert_pass_tm_bwd_kernel(
         cols = split * f_per_split + col0 + tl.arange(0, BLOCK_F)
         fmask = cols < F
         tmask = rmask[:, None] & fmask[None, :]
-        b_off = ce[:, None] * F * R + cols[None, :] * R + cr[:, None]
-        b_mask = cmask[:, None] & fmask[None, :]
-        bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0) if HAS_GATE else 0
-        bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0) if HAS_UP else 0
-        ad = 0
-        if HAS_DOWN:
-            ad = tl.load(ad_ptr + ce[None, :] * R * F + cr[None, :] * F + cols[:, None],
-                         mask=cmask[None, :] & fmask[:, None], other=0.0)  # fmt: skip
-        g_base = tl.load(g_ptr + rows64[:, None] * stride_gt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        u_base = 0
-        if HAS_U:
-            u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        dh_base = 0
-        if not PER_PAIR:  # else each slot loads its own row
-            dh_base = tl.load(dh_ptr + rows64[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0)
-            dh_base = dh_base.to(tl.float32)
-        keep = 0
-        if HAS_KEEP:
-            keep = keep_tile(seed_ptr, rows64, cols, F, p_drop, 2)  # stream DOWN
+        bg, bu, ad = b_tiles(bg_ptr, bu_ptr, ad_ptr, ce, cr, cmask, cols, fmask, F, R, HAS_GATE, HAS_UP, HAS_DOWN)
+        # PER_PAIR: each slot loads its own row of dH.
+        g_base, u_base, dh_base, keep = row_tiles(g_ptr, u_ptr, dh_ptr, seed_ptr, rows64, cols, tmask, stride_gt,
+                                                  stride_ut, stride_dt, F, p_drop, HAS_U, not PER_PAIR,
+                                                  HAS_KEEP)  # fmt: skip
         dg_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
         du_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
         n_loop = n_slots if VARIABLE_K else K
@@ -306,6 +292,8 @@ def _expert_pass_tm_wgrad_kernel(
     ce = c // R_PAD
     cr = c % R_PAD
     cmask = (ce < E) & (cr < R)
+    # Loaded here rather than through b_tiles and row_tiles, which the token kernels share:
+    # this kernel's code stays as its register counts were measured.
     b_off = ce[:, None] * F * R + cols[None, :] * R + cr[:, None]
     b_mask = cmask[:, None] & fmask[None, :]
     bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0) if HAS_GATE else 0

@@ -42,6 +42,43 @@ def magnitude_tile(c_ptr, ex, cols, rmask, fmask, E, F):
 
 
 @triton.jit
+def b_tiles(bg_ptr, bu_ptr, ad_ptr, ce, cr, cmask, cols, fmask, F, R, HAS_GATE: tl.constexpr, HAS_UP: tl.constexpr,
+            HAS_DOWN: tl.constexpr):  # fmt: skip
+    """The f tile ``cols`` of every expert's LoRA weights, stacked along E*R: the gate and
+    up B tiles (ER, BLOCK_F) and the down A tile (BLOCK_F, ER). A tile a launch never
+    reads is a placeholder 0."""
+    b_off = ce[:, None] * F * R + cols[None, :] * R + cr[:, None]
+    b_mask = cmask[:, None] & fmask[None, :]
+    bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0) if HAS_GATE else 0
+    bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0) if HAS_UP else 0
+    ad = 0
+    if HAS_DOWN:
+        ad = tl.load(ad_ptr + ce[None, :] * R * F + cr[None, :] * F + cols[:, None],
+                     mask=cmask[None, :] & fmask[:, None], other=0.0)  # fmt: skip
+    return bg, bu, ad
+
+
+@triton.jit
+def row_tiles(g_ptr, u_ptr, dh_ptr, seed_ptr, rows64, cols, tmask, stride_gt, stride_ut, stride_dt, F, p_drop,
+              HAS_U: tl.constexpr, LOAD_DH: tl.constexpr, HAS_KEEP: tl.constexpr):  # fmt: skip
+    """The tokens' rows of one f tile, in fp32: the base projections G and U, dH (the
+    backward's, LOAD_DH) and the down LoRA's dropout keep-mask (HAS_KEEP); an absent one
+    is a placeholder 0."""
+    g_base = tl.load(g_ptr + rows64[:, None] * stride_gt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+    u_base = 0
+    if HAS_U:
+        u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+    dh_base = 0
+    if LOAD_DH:
+        dh_base = tl.load(dh_ptr + rows64[:, None] * stride_dt + cols[None, :], mask=tmask, other=0.0)
+        dh_base = dh_base.to(tl.float32)
+    keep = 0
+    if HAS_KEEP:
+        keep = keep_tile(seed_ptr, rows64, cols, F, p_drop, 2)  # stream DOWN
+    return g_base, u_base, dh_base, keep
+
+
+@triton.jit
 def _slot_step(
     j, h_sum, z, g_base, u_base, keep, bg, bu, ad, rows64, rmask, ce, cr, cmask, cols, fmask,
     xag_ptr, xau_ptr, w_ptr, ex_ptr, cg_ptr, cu_ptr, h_ptr, stride_ht, E, R, F,
@@ -156,23 +193,9 @@ def _expert_pass_tm_fwd_kernel(
         cols = split * f_per_split + col0 + tl.arange(0, BLOCK_F)
         fmask = cols < F
         tmask = rmask[:, None] & fmask[None, :]
-        # B tiles of every expert, stacked along E*R: (ER, BLOCK_F); A2 tile: (BLOCK_F, ER).
-        # A tile a launch never reads is a placeholder 0.
-        b_off = ce[:, None] * F * R + cols[None, :] * R + cr[:, None]
-        b_mask = cmask[:, None] & fmask[None, :]
-        bg = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0) if HAS_GATE else 0
-        bu = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0) if HAS_UP else 0
-        ad = 0
-        if HAS_DOWN:
-            ad = tl.load(ad_ptr + ce[None, :] * R * F + cr[None, :] * F + cols[:, None],
-                         mask=cmask[None, :] & fmask[:, None], other=0.0)  # fmt: skip
-        g_base = tl.load(g_ptr + rows64[:, None] * stride_gt + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        u_base = 0
-        if HAS_U:
-            u_base = tl.load(u_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
-        keep = 0
-        if HAS_KEEP:
-            keep = keep_tile(seed_ptr, rows64, cols, F, p_drop, 2)  # stream DOWN
+        bg, bu, ad = b_tiles(bg_ptr, bu_ptr, ad_ptr, ce, cr, cmask, cols, fmask, F, R, HAS_GATE, HAS_UP, HAS_DOWN)
+        g_base, u_base, _, keep = row_tiles(g_ptr, u_ptr, g_ptr, seed_ptr, rows64, cols, tmask, stride_gt, stride_ut,
+                                            0, F, p_drop, HAS_U, False, HAS_KEEP)  # fmt: skip
         h_sum = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
         if VARIABLE_K:
             for j in range(0, n_slots):
