@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .router import expert_counts
+from .router import expert_counts, rows_that_count
 from .spec import RoutingSpec
 from .strategy import get_strategy
 from .switch import z_loss
@@ -18,16 +18,12 @@ def load_balance_loss(logits: torch.Tensor, spec: RoutingSpec, row_mask: torch.T
     out): c_e the share of rows that route to e in any slot (so sum_e c_e is the mean
     number of experts per row: k for top-k), P_e the mean router probability of e. For
     top-k this is HF Mixtral's ``load_balancing_loss_func``; for switch (argmax before
-    capacity) and top-p the same sum over MoE-PEFT's selections. 0 without rows. Padding
-    rows are weighted out rather than indexed out: boolean indexing would wait for the
-    host to learn how many rows remain."""
+    capacity) and top-p the same sum over MoE-PEFT's selections. 0 without rows."""
     num_experts = logits.shape[-1]
+    keep, rows = rows_that_count(logits, row_mask)
     probs = logits.softmax(dim=-1)
     selected = get_strategy(spec.strategy).select(probs, spec)
-    rows = max(logits.shape[0], 1)
-    if row_mask is not None:
-        keep = row_mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
-        rows = keep.sum().clamp(min=1).to(logits.dtype)
+    if keep is not None:
         selected = selected.masked_fill(~keep.unsqueeze(1), num_experts)
         probs = torch.where(keep.unsqueeze(1), probs, 0.0)
     counts = expert_counts(selected, num_experts).to(probs.dtype)

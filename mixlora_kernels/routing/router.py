@@ -20,6 +20,17 @@ def expert_one_hot(experts: torch.Tensor, num_experts: int, dtype: torch.dtype) 
     return (experts.unsqueeze(-1) == torch.arange(num_experts, device=experts.device)).to(dtype)
 
 
+def rows_that_count(logits: torch.Tensor, row_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
+    """(keep (T,) bool or None, their number, at least 1: an int, or a tensor with a mask)
+    for a router loss over the rows of ``logits``. Padding rows (row_mask False) are
+    weighted out rather than indexed out: boolean indexing would wait for the host to
+    learn how many rows remain."""
+    if row_mask is None:
+        return None, max(logits.shape[0], 1)
+    keep = row_mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
+    return keep, keep.sum().clamp(min=1).to(logits.dtype)
+
+
 def all_kept(logits: torch.Tensor) -> torch.Tensor:
     """(T,) True: no token dropped."""
     return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)

@@ -11,22 +11,15 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .router import expert_counts
+from .router import expert_counts, rows_that_count
 from .spec import Routing
 from .strategy import Option, RoutingStrategy, fraction, is_int, non_negative, positive_int, register_strategy
 
 
-def _rows_that_count(logits: torch.Tensor, row_mask: torch.Tensor | None):
-    keep = None if row_mask is None else row_mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
-    rows = max(logits.shape[0], 1) if keep is None else keep.sum().clamp(min=1).to(logits.dtype)
-    return keep, rows
-
-
 def z_loss(logits: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over rows of logsumexp(logits)^2 (ST-MoE's router z-loss); 0 without rows.
-    Padding rows (row_mask False) are weighted out, not indexed out: boolean indexing
-    would wait for the host to learn how many rows remain."""
-    keep, rows = _rows_that_count(logits, row_mask)
+    """Mean over rows of logsumexp(logits)^2 (ST-MoE's router z-loss), padding rows
+    (row_mask False) left out; 0 without rows."""
+    keep, rows = rows_that_count(logits, row_mask)
     squares = torch.logsumexp(logits, dim=-1).square()
     if keep is not None:
         squares = torch.where(keep, squares, 0.0)
