@@ -204,11 +204,9 @@ def mixlora_ffn(
         raise TypeError(f"mixlora_ffn: dora must be an ExpertDoRA, got {type(dora).__name__}")
     kind = activation_kind(activation)
     # Plan.
-    strategy = get_strategy(spec.strategy)
     plan = plan_call(
-        backend=backend, device=x.device, slot_layout=strategy.slot_layout, num_experts=num_experts,
-        rank=_rank(experts), lora_dropout=dropout if training else 0.0, with_dora=dora is not None and dora.any(),
-        base_ffn=spec.routing_semantics == "preserve-base" and strategy.drops_tokens,
+        backend=backend, device=x.device, spec=spec, num_experts=num_experts, rank=_rank(experts),
+        lora_dropout=dropout if training else 0.0, with_dora=dora is not None and dora.any(),
     )  # fmt: skip
     # Run.
     return _run(plan, spec, x, router_weight, experts, gate_proj, up_proj, down_proj, gate_up_proj, kind, scaling,

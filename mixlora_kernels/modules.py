@@ -20,7 +20,7 @@ from .config import MixLoraConfig
 from .functional import ExpertLoRA, mixlora_ffn
 from .plan import BACKENDS, Plan, plan_call
 from .projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
-from .routing import expert_counts, get_strategy, router_loss
+from .routing import expert_counts, router_loss
 
 # MLP layouts: the projection names, and which roles (gate, up, down) each one's LoRA feeds.
 MLP_STYLES = {
@@ -267,12 +267,10 @@ class FusedMixLoraFFN(nn.Module):
     def plan(self) -> Plan:
         """The path the next forward takes (``plan.Plan``), in the current train/eval mode."""
         cfg = self.config
-        strategy = get_strategy(cfg.routing_strategy)
         return plan_call(
-            backend=self.backend, device=self.moe_gate.weight.device, slot_layout=strategy.slot_layout,
+            backend=self.backend, device=self.moe_gate.weight.device, spec=cfg.routing_spec(),
             num_experts=self.num_experts, rank=cfg.expert_r, lora_dropout=cfg.expert_dropout if self.training else 0.0,
             with_dora=bool(self.lora_magnitude),
-            base_ffn=cfg.routing_semantics == "preserve-base" and strategy.drops_tokens,
         )  # fmt: skip
 
     def __getstate__(self) -> dict:

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from .routing import RoutingSpec, get_strategy
+
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "MIXLORA_BACKEND"
 
@@ -101,16 +103,19 @@ def plan_call(
     *,
     backend: str,
     device: torch.device,
-    slot_layout: str,
+    spec: RoutingSpec,
     num_experts: int,
     rank: int,
     lora_dropout: float,
     with_dora: bool,
-    base_ffn: bool = False,
 ) -> Plan:
-    """The plan of one call: ``backend`` as the caller gave it ("auto" included),
-    ``lora_dropout`` the probability in effect (0 outside training), ``rank`` the
-    largest expert LoRA rank, ``with_dora`` whether any expert projection is DoRA."""
+    """The plan of one call: ``backend`` as the caller gave it ("auto" included), ``spec``
+    the call's routing, ``lora_dropout`` the probability in effect (0 outside training),
+    ``rank`` the largest expert LoRA rank, ``with_dora`` whether any expert projection is
+    DoRA."""
+    strategy = get_strategy(spec.strategy)
+    slot_layout = strategy.slot_layout
+    base_ffn = spec.routing_semantics == "preserve-base" and strategy.drops_tokens
     overrides = []
     if backend == "auto" and _forced(BACKEND_ENV) not in ("", "auto"):
         overrides.append(f"{BACKEND_ENV}={_forced(BACKEND_ENV)}")

@@ -9,12 +9,13 @@ from test_module import make_block
 
 from mixlora_kernels import functional
 from mixlora_kernels.plan import Plan, plan_call
+from mixlora_kernels.routing import RoutingSpec
 
 CPU = torch.device("cpu")
 
 
 def _plan(**kw) -> Plan:
-    args = dict(backend="torch", device=CPU, slot_layout="full", num_experts=4, rank=4, lora_dropout=0.0,
+    args = dict(backend="torch", device=CPU, spec=RoutingSpec("mixlora"), num_experts=4, rank=4, lora_dropout=0.0,
                 with_dora=False)  # fmt: skip
     return plan_call(**{**args, **kw})
 
@@ -23,7 +24,9 @@ def test_the_torch_backend_runs_autograd_with_kept_masks():
     assert _plan() == Plan("torch", "full", "torch", "autograd", "none", "none")
     assert _plan(lora_dropout=0.1, with_dora=True).dropout == "masks"
     assert _plan(with_dora=True).forward == "pairs"
-    assert repr(_plan(slot_layout="droppable", base_ffn=True)) == (
+    assert _plan(spec=RoutingSpec("mixlora-dynamic")).slots == "prefix"
+    assert not _plan(spec=RoutingSpec("mixlora-switch")).base_ffn  # MoE-PEFT's: the bypass
+    assert repr(_plan(spec=RoutingSpec("mixlora-switch", "preserve-base"))) == (
         "Plan(torch; slots=droppable; forward=torch; backward=autograd; dropout=none; dora=none; "
         "dropped tokens take the base FFN)"
     )

@@ -32,7 +32,7 @@ from torch import nn
 from mixlora_kernels import ExpertDoRA, ExpertLoRA, mixlora_ffn
 from mixlora_kernels.adapters.dora import clear_row_norms, weight_sq_norms
 from mixlora_kernels.plan import plan_call
-from mixlora_kernels.routing import route_top_p, router_logits
+from mixlora_kernels.routing import RoutingSpec, route_top_p, router_logits
 from mixlora_kernels.testing import reference
 
 
@@ -150,13 +150,14 @@ def case_plans(w: Weights, backend: str, device: torch.device, dtype: torch.dtyp
     common = dict(backend=backend, device=device, num_experts=s.E, rank=s.r, lora_dropout=0.0)
     element = torch.finfo(dtype).bits // 8
 
-    def plan(slot_layout: str, slots: int, with_dora: bool = False) -> str:
-        chosen = plan_call(slot_layout=slot_layout, with_dora=with_dora, **common)
+    def plan(spec: RoutingSpec, slots: int, with_dora: bool = False) -> str:
+        chosen = plan_call(spec=spec, with_dora=with_dora, **common)
         return repr(chosen.resolved(T, s.f, s.E, s.r, slots, element))
 
-    top_k = plan("full", s.k)
-    return {"fused": top_k, "fused_compiled": top_k, "fused_graphed": top_k, "fused_top_p": plan("prefix", s.E),
-            "fused_dora": plan("full", s.k, with_dora=True)}  # fmt: skip
+    top_k = plan(RoutingSpec("mixlora", top_k=s.k), s.k)
+    return {"fused": top_k, "fused_compiled": top_k, "fused_graphed": top_k,
+            "fused_top_p": plan(RoutingSpec("mixlora-dynamic"), s.E),
+            "fused_dora": plan(RoutingSpec("mixlora", top_k=s.k), s.k, with_dora=True)}  # fmt: skip
 
 
 def make_cases(w: Weights, backend: str, top_p: float | None = None, compiled: bool = False) -> dict:
