@@ -207,11 +207,9 @@ class MixLoraConfig:
                 owners = " or ".join(repr(owner) for owner in option_owners(name))
                 _fail(name, value, f"applies to routing_strategy {owners} only; leave it out for "
                       f"{self.routing_strategy!r}")  # fmt: skip
-        for name, option in strategy.options.items():
-            value = getattr(self, name) if name in _FIELDS else self.extra[name]
-            problem = option.problem(value, self.num_experts)
-            if problem is not None:
-                _fail(name, value, problem)
+        problem = strategy.check(self.routing_spec(), self.num_experts)
+        if problem is not None:
+            _fail(*problem)
 
     def strategy_options(self) -> dict[str, Any]:
         """The routing strategy's options, by name, with their values."""
