@@ -211,6 +211,23 @@ class FusedMixLoraFFN(nn.Module):
         for name, m in self.lora_magnitude.items():
             m.copy_(self.current_row_norms(name))
 
+    def _apply(self, fn, recurse=True):
+        # ||W||^2 is computed once, in the precision of the frozen weights of that time. A
+        # cast of the block (``.double()``, ``model.to(torch.bfloat16)``) converts the buffer
+        # but cannot give it the precision, or the rounding, of the weights it now belongs
+        # to: fp32 sums read back as fp64 stay 1e-7 off, and a half-precision cast would
+        # leave it in fp16. So where a frozen weight's dtype changed, compute it again, in
+        # fp32 or wider as at construction.
+        before = {name: adapter_dtype_of(getattr(self, name)) for name in self.lora_magnitude}
+        module = super()._apply(fn, recurse)
+        if any(adapter_dtype_of(getattr(self, name)) != dtype for name, dtype in before.items()):
+            wide = torch.promote_types(self.adapter_dtype, torch.float32)
+            with torch.no_grad():
+                for name in before:
+                    old = getattr(self, f"weight_sq_norms_{name}")
+                    setattr(self, f"weight_sq_norms_{name}", weight_sq_norms(getattr(self, name)).to(old.device, wide))
+        return module
+
     def base_projections(self) -> dict:
         """The frozen base projections as ``mixlora_ffn`` (and ``mixlora_kernels.testing.reference.mixlora_ffn``)
         take them: gate_proj / up_proj / down_proj, gate_up_proj / down_proj, or fc1 / fc2

@@ -395,6 +395,89 @@ def test_a_fresh_dora_module_is_the_base_and_its_magnitudes_are_the_row_norms():
     assert {f"lora_magnitude.{p}" for p in ("gate_proj", "up_proj", "down_proj")} <= trainable
 
 
+def _dora_routing_weights(block: FusedMixLoraFFN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's weight per expert, (T, E) (0 where the token does not visit it), from
+    the strategy's definition; and what multiplies the token itself, (T,): p_max for a
+    token that switch capacity dropped, 0 otherwise."""
+    cfg = block.config
+    probs = (x.reshape(-1, x.shape[-1]) @ block.moe_gate.weight.t()).softmax(dim=-1)
+    if cfg.routing_strategy == "mixlora":
+        top, experts = probs.topk(cfg.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(1, experts, top / top.sum(-1, keepdim=True)), probs.new_zeros(len(probs))
+    if cfg.routing_strategy == "mixlora-dynamic":
+        ordered, experts = probs.sort(dim=-1, descending=True)
+        kept = ordered.cumsum(-1) - ordered <= cfg.top_p  # the mass before it; not renormalised
+        return torch.zeros_like(probs).scatter(1, experts, ordered * kept), probs.new_zeros(len(probs))
+    p_max, expert = probs.max(dim=-1)
+    one_hot = nn.functional.one_hot(expert, probs.shape[-1])
+    per_sequence = one_hot.reshape(*x.shape[:-1], -1)
+    dropped = ((per_sequence.cumsum(dim=-2) * per_sequence).sum(-1) > cfg.expert_capacity).reshape(-1)
+    return one_hot * (p_max * ~dropped)[:, None], p_max * dropped
+
+
+def _dora_block_reference(block: FusedMixLoraFFN, x: torch.Tensor) -> torch.Tensor:
+    """The block from DoRA's definition, in x's dtype: every expert's FFN with
+    W' = m (W + s B A) / ||W + s B A|| per output row (the norm formed and detached, as PEFT
+    does), on every token, weighted by its routing weight."""
+    s, xf = block.scaling, x.reshape(-1, x.shape[-1])
+    weights, passed = _dora_routing_weights(block, x)
+
+    def dora(name: str, e: int, inp: torch.Tensor) -> torch.Tensor:
+        w = getattr(block, name).weight
+        a, b, m = block.lora_A[name][e], block.lora_B[name][e], block.lora_magnitude[name][e]
+        merged = w + s * b @ a
+        return (m / torch.linalg.vector_norm(merged, dim=1).detach()) * (inp @ merged.t())
+
+    out = passed[:, None] * xf
+    for e in range(block.num_experts):
+        h = nn.functional.silu(dora("gate_proj", e, xf)) * dora("up_proj", e, xf)
+        out = out + weights[:, e : e + 1] * dora("down_proj", e, h)
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "strategy,extra",
+    [("mixlora", {"top_k": 2}), ("mixlora-dynamic", {"top_p": 0.6}), ("mixlora-switch", {"expert_capacity": 1})],
+    ids=["topk", "top-p", "switch"],
+)
+@pytest.mark.parametrize("built_in", [torch.float64, torch.float32], ids=["built-fp64", "built-fp32-cast-to-fp64"])
+def test_an_fp64_mixdora_block_is_fp64_against_dora_from_its_definition(built_in, strategy, extra):
+    """The torch backend's MixDoRA on an fp64 llama MLP, forward and every gradient (x, the
+    router, each expert's A and B, the magnitudes), against DoRA written out from its
+    definition in fp64, to 1e-12 of each tensor's scale: a norm or scale computed in fp32
+    anywhere is 1e-7 off. The block is made fp64 with ``.double()``: the router, which the
+    module keeps in fp32, is then fp64 too, so that its gradient is not rounded to fp32."""
+    mlp = copy.deepcopy(tiny_model("llama", dtype=built_in).model.layers[0].mlp)
+    cfg = mixlora_config("llama", routing_strategy=strategy, use_dora=True, **extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*changes the pretrained model's function")
+        block = FusedMixLoraFFN.from_mlp(mlp, cfg, backend="torch").double().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # sBA as large as W (std 0.02, s = 2, r = 4), so that ||W||^2 weighs in every norm.
+        for name, p in block.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if "magnitude" in name:
+                p.mul_(1.0 + 0.3 * noise.clamp(-2, 2))
+            elif p.requires_grad:
+                p.copy_(noise * (1.0 if "moe_gate" in name else 0.1))
+    x = torch.randn(2, 5, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    out, expected = block(x), _dora_block_reference(block, x)
+    if strategy == "mixlora-switch":  # 5 tokens a sequence, 4 experts of capacity 1: some pass through
+        assert _dora_routing_weights(block, x)[1].count_nonzero() > 0
+    torch.testing.assert_close(out, expected, atol=1e-12 * expected.abs().max().item(), rtol=0)
+    names, leaves = zip(*[("x", x)] + [(n, p) for n, p in block.named_parameters() if p.requires_grad])
+    assert len(leaves) == 1 + 1 + 3 * 3  # x, the router, A, B and m of gate, up and down
+    upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    ref_grads = torch.autograd.grad(expected, leaves, upstream)
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert g.dtype == torch.float64 and rg.abs().max() > 0, name
+        torch.testing.assert_close(
+            g, rg, atol=1e-12 * rg.abs().max().item(), rtol=0, msg=lambda m, n=name: f"d{n}: {m}"
+        )
+
+
 def test_the_dora_attention_lora_is_peft_dora():
     base = nn.Linear(12, 10, bias=True, dtype=torch.float64)
     layer = LoraLinear(base, r=3, scaling=0.5, use_dora=True, dtype=torch.float64)
@@ -410,6 +493,28 @@ def test_the_dora_attention_lora_is_peft_dora():
     (dm,) = torch.autograd.grad(layer(x).sum(), layer.lora_magnitude_vector)
     (ref_dm,) = torch.autograd.grad(expected.sum(), layer.lora_magnitude_vector)
     torch.testing.assert_close(dm, ref_dm, atol=1e-10, rtol=1e-9)
+
+
+def test_a_dora_attention_lora_built_in_fp32_and_cast_to_fp64_is_fp64():
+    gen = torch.Generator().manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 10, bias=True), r=3, scaling=0.5, use_dora=True).double()
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(10, 3, generator=gen, dtype=torch.float64) * 0.3)
+        layer.lora_magnitude_vector.mul_(1.0 + 0.3 * torch.rand(10, generator=gen, dtype=torch.float64))
+    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    base, a, b = layer.base_layer, layer.lora_A.weight, layer.lora_B.weight
+    merged = base.weight + 0.5 * b @ a
+    expected = (
+        layer.lora_magnitude_vector / torch.linalg.vector_norm(merged, dim=1).detach() * (x @ merged.t() + base.bias)
+    )
+    out = layer(x)
+    torch.testing.assert_close(out, expected, atol=1e-12 * expected.abs().max().item(), rtol=0)
+    leaves = [a, b, layer.lora_magnitude_vector]
+    grads, ref_grads = torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)
+    for name, g, rg in zip(("A", "B", "m"), grads, ref_grads):
+        torch.testing.assert_close(
+            g, rg, atol=1e-12 * rg.abs().max().item(), rtol=0, msg=lambda m, n=name: f"d{n}: {m}"
+        )
 
 
 def _dora_model():

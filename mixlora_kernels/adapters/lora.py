@@ -82,6 +82,17 @@ class LoraLinear(nn.Module):
         """Magnitude := the current row norms (a scale of 1)."""
         self.lora_magnitude_vector.copy_(self.current_row_norms())
 
+    def _apply(self, fn, recurse=True):
+        # As FusedMixLoraFFN._apply: a cast that changes the frozen weight's dtype computes
+        # ||W||^2 again from it, rather than converting sums made at the old precision.
+        before = adapter_dtype_of(self.base_layer)
+        module = super()._apply(fn, recurse)
+        if self.lora_magnitude_vector is not None and adapter_dtype_of(self.base_layer) != before:
+            wide = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
+            with torch.no_grad():
+                self.weight_sq_norms = weight_sq_norms(self.base_layer).to(self.weight_sq_norms.device, wide)
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))

@@ -33,7 +33,8 @@ from .common import next_pow2
 
 
 class Permutation(NamedTuple):
-    sorted_pairs: torch.Tensor  # (max_blocks * block_m,) int32 pair ids t*K+j, padding = T*K; unwritten past the blocks in use
+    # (max_blocks * block_m,) int32 pair ids t*K+j, padding = T*K; unwritten past the blocks in use
+    sorted_pairs: torch.Tensor
     position: torch.Tensor  # (T*K,) int32 index of each pair in sorted_pairs; -1 if dropped
     block_group: torch.Tensor  # (max_blocks,) int32 group slot*E+expert of each block; -1 unused
     slot_blocks: torch.Tensor  # (K+1,) int32 first block of each slot; [K] = blocks in use
