@@ -413,3 +413,29 @@ def test_the_readme_lists_every_bench_case():
     row = next(line for line in readme.splitlines() if line.startswith("| `--cases"))
     listed = set(re.findall(r"\b[a-z][a-z0-9_]+\b", row.split("|")[2]))
     assert set(CASES) <= listed, f"the README's --cases row leaves out {sorted(set(CASES) - listed)}"
+
+
+def _bench_commands() -> list[str]:
+    import importlib
+    import pkgutil
+
+    import mixlora_kernels.bench as bench
+
+    names = [f"{bench.__name__}.{m.name}" for m in pkgutil.iter_modules(bench.__path__)]
+    return [name for name in names if hasattr(importlib.import_module(name), "main")]
+
+
+@pytest.mark.parametrize("module", _bench_commands())
+def test_every_bench_command_help_ends_with_a_full_sentence(module, capsys):
+    """--help shows the module docstring's whole first paragraph, not its first line."""
+    import importlib
+
+    command = importlib.import_module(module)
+    with pytest.raises(SystemExit) as done:
+        command.main(["--help"])
+    assert done.value.code == 0
+    # The description: the paragraph after the usage lines.
+    description = capsys.readouterr().out.split("\n\n")[1]
+    first_paragraph = command.__doc__.strip().split("\n\n")[0]
+    assert "".join(description.split()) == "".join(first_paragraph.split())
+    assert description.rstrip().endswith((".", "!", "?")), description

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .cases import Shape
-from .cli import RECORD_DIR, case_parser, check_writable, default_out_dir, device_slug, positive_int
+from .cli import RECORD_DIR, case_parser, check_writable, default_out_dir, device_slug, positive_int, summary
 from .harness import device_name, versions, write_rows
 from .suite import CASES, Settings, print_result, rows_for, run_shape
 from .targets import CPU_MODEL, TARGET_MODELS
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Named as it was called: the mixlora-bench console script, or python -m mixlora_kernels.bench.
     called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     prog = called if called.startswith("mixlora-bench") else "python -m mixlora_kernels.bench"
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=summary(__doc__))
     add = p.add_argument
     add("--device", type=parse_device, default=None, help="cpu or cuda[:N] (default: cuda if present)")
     add("--dtype", type=parse_dtype, default=None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, bf16 on GPU)")

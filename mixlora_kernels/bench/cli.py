@@ -12,6 +12,14 @@ from pathlib import Path
 RECORD_DIR = Path(__file__).resolve().parent / "results"
 
 
+def summary(doc: str | None) -> str:
+    """A command's description for --help: its module docstring's first paragraph, as one
+    line (argparse rewraps it), so that the help never stops mid-sentence where the
+    docstring's first line ends."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
 def default_out_dir() -> Path:
     """Where rows go unless asked otherwise: the user's cache, outside any checkout."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

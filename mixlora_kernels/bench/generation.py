@@ -170,7 +170,7 @@ def generation_table(rows: list[dict]) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.generation", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.generation", description=cli.summary(__doc__))
     p.add_argument("--small", action="store_true", help="a tiny model and few tokens: check the command (CPU too)")
     p.add_argument(
         "--cases", type=cli.case_parser(CASES), default=CASES, help="comma-separated subset of " + ",".join(CASES)

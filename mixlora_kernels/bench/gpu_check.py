@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .cases import Shape
+from .cli import summary
 from .generation import generation_table
 from .harness import device_name, versions, write_rows
 from .model import model_table, plot_model
@@ -303,7 +304,7 @@ def run_model(out: Path, small: bool, box: float) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.gpu_check", description=summary(__doc__))
     p.add_argument("--out", type=Path, required=True, help="folder for rows, logs, plots and the summary")
     p.add_argument("--small", action="store_true", help="tiny shapes: check the command end to end (CPU too)")
     p.add_argument("--skip-tests", action="store_true", help="benchmark only")

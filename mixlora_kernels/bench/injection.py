@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mixlora_kernels import MixLoraConfig, inject_mixlora, router_aux_loss
+from mixlora_kernels.bench import cli
 from mixlora_kernels.modules import mixlora_blocks
 
 VOCAB = 16
@@ -203,7 +204,7 @@ def table(summary: dict, rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=cli.summary(__doc__))
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps per case")
     args = parser.parse_args(argv)

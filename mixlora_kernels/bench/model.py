@@ -314,7 +314,7 @@ def plot_model(rows: list[dict], out_dir: Path) -> Path | None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.model", description=cli.summary(__doc__))
     p.add_argument("--small", action="store_true", help="a tiny model, few steps: check the command (CPU too)")
     p.add_argument(
         "--cases", type=cli.case_parser(CASES), default=CASES, help="comma-separated subset of " + ",".join(CASES)

@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from mixlora_kernels.bench.cli import summary
+
 BASELINES = {"dense": "dense (floor)", "dense_lora": "dense_lora", "shared_w13": "shared_w13", "vanilla": "vanilla"}
 # The benchmark's cases in table order (the suite runs them; each has one plot style).
 CASES = (
@@ -203,7 +205,7 @@ def plot_rows(rows: list[dict], out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.plots", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.plots", description=summary(__doc__))
     p.add_argument("rows", nargs="+", help="benchmark result files (.jsonl)")
     p.add_argument("--out", required=True, help="directory for the PNGs")
     args = p.parse_args(argv)

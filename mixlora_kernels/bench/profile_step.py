@@ -19,6 +19,7 @@ import sys
 import torch
 
 from .cases import Shape, Weights, make_cases
+from .cli import summary
 from .harness import make_step
 
 SHAPE = Shape("llama2-7b", 4096, 11008, 4096)
@@ -27,9 +28,7 @@ RANGE = "profiled"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m mixlora_kernels.bench.profile_step", description=__doc__.splitlines()[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.profile_step", description=summary(__doc__))
     p.add_argument("--small", action="store_true", help="a tiny shape: check the command (CPU too)")
     p.add_argument("--case", default="fused", choices=("fused", "fused_dora"), help="the case to step (fused)")
     args = p.parse_args(argv)

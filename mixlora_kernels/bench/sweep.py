@@ -51,6 +51,7 @@ from mixlora_kernels.routing import route as route_any
 from mixlora_kernels.tuning import configs as tuning
 
 from .cases import Shape, Weights
+from .cli import summary
 from .harness import device_name, versions, write_rows
 from .stages import backward_part_models, device_peaks
 
@@ -226,7 +227,7 @@ def best_per_kernel(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mixlora_kernels.bench.sweep", description=summary(__doc__))
     p.add_argument("--small", action="store_true", help="a tiny shape, two configs per kernel (CPU: the interpreter)")
     p.add_argument(
         "--out", type=Path, default=None, help="folder for <device>.jsonl (default: mixlora_kernels/bench/results)"
