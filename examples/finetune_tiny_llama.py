@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = LlamaForCausalLM(tiny_llama_config())
     model.save_pretrained(base_dir)
 
-    config = MixLoraConfig(num_experts=4, top_k=2, r=8, lora_alpha=16, base_model_name_or_path=base_dir)
+    # Stored as given: an absolute path loads from any working directory.
+    base = os.path.abspath(base_dir)
+    config = MixLoraConfig(num_experts=4, top_k=2, r=8, lora_alpha=16, base_model_name_or_path=base)
     model = inject_mixlora(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     data = batch(SENTENCES)

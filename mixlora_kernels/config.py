@@ -154,6 +154,10 @@ class MixLoraConfig:
     peft_type: str = "MIXLORA"
     task_type: str = "CAUSAL_LM"
     base_model_name_or_path: str | None = None
+    # The Hugging Face model_type of the model the adapter belongs to ("llama", ...), which
+    # inject_mixlora records and save_adapter writes, so that loading the adapter into a
+    # model of another type warns. Files of other writers leave it out (None).
+    base_model_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -183,6 +187,8 @@ class MixLoraConfig:
         if not is_int(self.num_experts) or self.num_experts <= 0:
             _fail("num_experts", self.num_experts, "must be a positive integer")
         self._validate_strategy_fields()
+        if self.base_model_type is not None and (not isinstance(self.base_model_type, str) or not self.base_model_type):
+            _fail("base_model_type", self.base_model_type, "must be None or a model type name")
         if self.act_fn is not None and self.act_fn not in SUPPORTED_ACTIVATIONS:
             _fail("act_fn", self.act_fn, f"must be None or one of {sorted(SUPPORTED_ACTIVATIONS)}")
         for name in ("use_rslora", "use_dora", "router_loss"):
@@ -348,7 +354,8 @@ class MixLoraConfig:
             if f.name == "extra" or f.name in foreign:
                 continue
             value = getattr(self, f.name)
-            if f.name == "expert_lora" and value is None:
+            # Left out when unset: other writers' files do not have them.
+            if f.name in ("expert_lora", "base_model_type") and value is None:
                 continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -378,3 +385,12 @@ class MixLoraConfig:
 
 
 _FIELDS = frozenset(f.name for f in fields(MixLoraConfig))
+
+
+def check_config(config: Any, caller: str) -> None:
+    """A TypeError naming ``caller``'s ``config`` argument unless it is a MixLoraConfig; a
+    dict (an adapter_config.json's contents) is told how to become one."""
+    if isinstance(config, MixLoraConfig):
+        return
+    hint = ": build one with MixLoraConfig(**d) or MixLoraConfig.from_dict(d)" if isinstance(config, dict) else ""
+    raise TypeError(f"{caller}: config must be a MixLoraConfig, got {type(config).__name__}{hint}")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .activations import activation_kind, activation_name_of
 from .adapters.dora import ExpertDoRA, lora_row_norms, weight_sq_norms, weight_times_a
-from .config import MixLoraConfig
+from .config import MixLoraConfig, check_config
 from .functional import ExpertLoRA, mixlora_ffn
 from .plan import BACKENDS, Plan, plan_call
 from .projections import adapter_dtype_of, check_base_projection, keep_4bit_weights_unpacked, linear_features
@@ -69,6 +69,7 @@ class FusedMixLoraFFN(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_config(config, "FusedMixLoraFFN")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
         self.config = config
@@ -157,6 +158,7 @@ class FusedMixLoraFFN(nn.Module):
         A fresh block under top-p or switch routing with MoE-PEFT's semantics is not the
         MLP it wraps (``MixLoraConfig.routing_semantics``): that gets a warning.
         """
+        check_config(config, "FusedMixLoraFFN.from_mlp")
         keep_4bit_weights_unpacked(mlp)
         block = cls(mlp, config, backend=backend, dtype=dtype)
         config.warn_if_base_changes("FusedMixLoraFFN.from_mlp")

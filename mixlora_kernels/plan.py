@@ -23,15 +23,20 @@ Its repr says which path ran; the benchmark records it in every fused row.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
+from .environment import (
+    BACKEND_ENV,
+    BACKENDS,
+    BACKWARD_ENV,
+    ORGANISATION_ENV,
+    check_environment,
+    forced,
+    forced_backend,
+)
 from .routing import RoutingSpec, get_strategy
-
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "MIXLORA_BACKEND"
 
 
 class Plan(NamedTuple):
@@ -69,9 +74,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
     if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={backend!r}: must be one of {BACKENDS}")
+        backend = forced_backend()
         if backend == "auto":
             return "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend == "triton":
@@ -95,10 +98,6 @@ def _check_triton(device: torch.device) -> None:
     check_triton_device(device)
 
 
-def _forced(name: str) -> str:
-    return os.environ.get(name, "").strip()
-
-
 def plan_call(
     *,
     backend: str,
@@ -112,13 +111,15 @@ def plan_call(
     """The plan of one call: ``backend`` as the caller gave it ("auto" included), ``spec``
     the call's routing, ``lora_dropout`` the probability in effect (0 outside training),
     ``rank`` the largest expert LoRA rank, ``with_dora`` whether any expert projection is
-    DoRA."""
+    DoRA. Every MIXLORA_* variable is checked first, whichever backend runs, so that a
+    bad value is an error on the torch backend as it is on Triton."""
+    check_environment()
     strategy = get_strategy(spec.strategy)
     slot_layout = strategy.slot_layout
     base_ffn = spec.routing_semantics == "preserve-base" and strategy.drops_tokens
     overrides = []
-    if backend == "auto" and _forced(BACKEND_ENV) not in ("", "auto"):
-        overrides.append(f"{BACKEND_ENV}={_forced(BACKEND_ENV)}")
+    if backend == "auto" and forced(BACKEND_ENV) not in ("", "auto"):
+        overrides.append(f"{BACKEND_ENV}={forced(BACKEND_ENV)}")
     backend = resolve_backend(backend, device)
     dora = "none"
     if with_dora:
@@ -127,16 +128,16 @@ def plan_call(
         forward = "pairs" if dora == "pairs" else "torch"
         dropout = "masks" if lora_dropout > 0 else "none"
         return Plan(backend, slot_layout, forward, "autograd", dropout, dora, base_ffn, tuple(overrides))
-    from .backends.triton.launch import BACKWARD_ENV, ORGANISATION_ENV, choose_backward, forced_organisation
+    from .backends.triton.launch import choose_backward, forced_organisation
 
     forward = "auto"
     if dora == "kernels":
         forward = "token_major"  # the DoRA scales run in the token-major kernels only
-    elif _forced(ORGANISATION_ENV):
+    elif forced(ORGANISATION_ENV):
         forward = forced_organisation(num_experts, rank)
-        overrides.append(f"{ORGANISATION_ENV}={_forced(ORGANISATION_ENV)}")
-    if _forced(BACKWARD_ENV):
-        overrides.append(f"{BACKWARD_ENV}={_forced(BACKWARD_ENV)}")
+        overrides.append(f"{ORGANISATION_ENV}={forced(ORGANISATION_ENV)}")
+    if forced(BACKWARD_ENV):
+        overrides.append(f"{BACKWARD_ENV}={forced(BACKWARD_ENV)}")
     dropout = "kernels" if lora_dropout > 0 else "none"
     backward = choose_backward(num_experts, rank)
     return Plan(backend, slot_layout, forward, backward, dropout, dora, base_ffn, tuple(overrides))

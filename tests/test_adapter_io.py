@@ -8,12 +8,14 @@ import copy
 import json
 import os
 import pathlib
+import warnings
 
 import pytest
 import torch
-from hf_models import adapter_copy, injected, mixlora_config, tiny_model, tokens
+from hf_models import adapter_copy, injected, mixlora_config, randomize_adapter, tiny_model, tokens
 from safetensors.torch import load_file, save_file
 
+import mixlora_kernels.integrations.adapter as adapter_module
 from mixlora_kernels import MixLoraConfig, adapter_state_dict, inject_mixlora, load_adapter, save_adapter
 from mixlora_kernels.integrations.adapter import BIN_NAME, SAFETENSORS_NAME
 from mixlora_kernels.modules import mixlora_blocks
@@ -387,3 +389,99 @@ def test_another_strategys_fields_in_a_file_are_ignored_with_a_warning(tmp_path,
         assert MixLoraConfig.from_pretrained(tmp_path) == source.mixlora_config
     with pytest.raises(ValueError, match=f"{next(iter(stale))}=.*applies to routing_strategy"):
         MixLoraConfig.from_dict({**config, **stale})  # in code it stays an error
+
+
+# --- what a saved config says about its model -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model_type,activation", [("llama", "silu"), ("gemma", "gelu_pytorch_tanh"), ("phi", "gelu_new"), ("phi3", "silu")]
+)
+def test_save_adapter_writes_the_activation_and_model_type_of_the_model(tmp_path, model_type, activation):
+    from transformers.activations import ACT2FN
+
+    _, model = injected(model_type)
+    save_adapter(model, tmp_path / "a")
+    written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (written["act_fn"], written["base_model_type"]) == (activation, model_type)
+    assert written["act_fn"] in ACT2FN, "the mixlora package's loader looks the name up in ACT2FN"
+    # A config that sets act_fn keeps it.
+    _, forced = injected(model_type, act_fn="relu")
+    save_adapter(forced, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["act_fn"] == "relu"
+
+
+def test_an_adapter_of_another_model_type_warns_naming_both(tmp_path):
+    _, model = injected("llama")
+    save_adapter(model, tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"saved from a 'llama' model \(base_model_type\) but is loaded into a 'qwen2'"
+    ):
+        loaded = load_adapter(tiny_model("qwen2"), tmp_path, backend="torch")
+    assert loaded.mixlora_config.base_model_type == "qwen2", "the config describes the model it is in"
+    injected_qwen = inject_mixlora(tiny_model("qwen2"), mixlora_config("qwen2"), backend="torch")
+    with pytest.warns(UserWarning, match="'llama' model"):
+        load_adapter(injected_qwen, tmp_path)
+    # Files of other writers have no base_model_type: they load as before, with no warning.
+    file = tmp_path / "adapter_config.json"
+    file.write_text(json.dumps({k: v for k, v in json.loads(file.read_text()).items() if k != "base_model_type"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(tiny_model("qwen2"), tmp_path, backend="torch")
+
+
+def test_the_mixlora_packages_loader_opens_our_top_k_adapter_with_our_logits(tmp_path, monkeypatch):
+    mixlora = pytest.importorskip("mixlora", reason="the mixlora package (mixlora==0.2.3, in the test extra) reads it")
+    base = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    # The mixlora package asserts lora_dropout > 0; ours is in eval mode, so none runs here.
+    config = mixlora_config(base_model_name_or_path=str(tmp_path / "base"), lora_dropout=0.05)
+    model = inject_mixlora(base, config, backend="torch")
+    randomize_adapter(model)
+    # adapter_model.bin: the only weights file that package opens.
+    save_adapter(model, tmp_path / "adapter", safe_serialization=False)
+    # It puts the weights on the GPU where there is one; the base stays on the CPU here.
+    monkeypatch.setattr("mixlora.model.infer_device", lambda: "cpu")
+    theirs, _ = mixlora.MixLoraModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    # Its experts are no submodules, so eval() leaves their LoRA dropout on (a known fault of
+    # that package): switched off by hand to compare.
+    theirs.eval()
+    for layer in theirs.model.layers:
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    ids = tokens()
+    torch.testing.assert_close(_logits(theirs, ids), _logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_a_config_or_a_dict_in_place_of_the_adapter_path_is_a_type_error():
+    with pytest.raises(TypeError, match=r"load_adapter: path must be an adapter directory .*, got dict; to give"):
+        load_adapter(tiny_model(), {"num_experts": 4})
+    with pytest.raises(TypeError, match=r"got MixLoraConfig; to give a model a fresh adapter .* inject_mixlora"):
+        load_adapter(tiny_model(), mixlora_config())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux's /proc, where no directory can be made")
+def test_save_adapter_names_a_path_it_cannot_create_before_it_gathers_the_weights(monkeypatch):
+    _, model = injected()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("save_adapter gathered the weights before making the directory")
+
+    monkeypatch.setattr(adapter_module, "adapter_state_dict", fail)
+    with pytest.raises(FileNotFoundError, match=r"cannot create the adapter directory '/proc/no-such-dir/adapter'"):
+        save_adapter(model, "/proc/no-such-dir/adapter")
+    with pytest.raises(ValueError, match="save_adapter: the path is empty"):
+        save_adapter(model, "")
+
+
+def test_a_failed_write_names_the_adapter_directory(tmp_path, monkeypatch):
+    _, model = injected()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "adapter" / f"{SAFETENSORS_NAME}.partial"))
+
+    monkeypatch.setattr(adapter_module, "save_file", full)
+    with pytest.raises(OSError, match="save_adapter: cannot write the adapter to .*: No space left on device") as err:
+        save_adapter(model, tmp_path / "adapter")
+    assert repr(str(tmp_path / "adapter")) in str(err.value)

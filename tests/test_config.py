@@ -132,11 +132,20 @@ def test_expert_lora_overrides_and_scaling():
         ("target_modules", "q_proj"),
         ("peft_type", "LORA"),
         ("expert_lora", {"rank": 4}),
+        ("base_model_type", 3),
+        ("base_model_type", ""),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MixLoraConfig(**{field: value})
+
+
+def test_base_model_type_is_written_when_known_and_read_back():
+    assert "base_model_type" not in MixLoraConfig().to_dict(), "unset, as other writers' files have it"
+    cfg = MixLoraConfig(base_model_type="qwen2")
+    assert cfg.to_dict()["base_model_type"] == "qwen2"
+    assert MixLoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_invalid_expert_lora_value_names_nested_field():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pytest
 import torch
+from hf_models import mixlora_config, tiny_model
 
-from mixlora_kernels import ExpertLoRA, mixlora_ffn
+from mixlora_kernels import ExpertLoRA, FusedMixLoraFFN, environment, inject_mixlora, mixlora_ffn
 from mixlora_kernels.routing import route_switch, route_topk
 from mixlora_kernels.testing import reference
 from tests.problems import make_problem
@@ -106,6 +110,89 @@ def test_env_backend_override(monkeypatch, problem):
     monkeypatch.setenv("MIXLORA_BACKEND", "tpu")
     with pytest.raises(ValueError, match="MIXLORA_BACKEND='tpu'"):
         call(problem, backend="auto")
+
+
+ENVIRONMENT_ERRORS = {
+    "MIXLORA_EXPERT_PASS": ("bogus", r"MIXLORA_EXPERT_PASS='bogus': must be one of \('token_major', 'expert_sorted'\)"),
+    "MIXLORA_EXPERT_BWD": ("tiled", r"MIXLORA_EXPERT_BWD='tiled': must be one of \('token_major', 'expert_sorted'\)"),
+    "MIXLORA_TRITON_CONFIG": ("garbage", r"MIXLORA_TRITON_CONFIG='garbage': expected comma-separated NAME=INT items"),
+    "MIXLORA_BACKEND": ("tpu", r"MIXLORA_BACKEND='tpu': must be one of \('auto', 'torch', 'triton'\)"),
+}
+
+
+@pytest.mark.parametrize("name", ENVIRONMENT_ERRORS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_every_environment_variable_is_checked_on_the_torch_backend(monkeypatch, problem, name, training):
+    """Each is a clear error on the Triton path; on the torch backend (an explicit
+    backend="torch" too) a bad value must not be ignored either."""
+    value, match = ENVIRONMENT_ERRORS[name]
+    assert call(problem, training=training).out.shape == problem.x.shape
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        call(problem, training=training)
+    block = FusedMixLoraFFN.from_mlp(tiny_model().model.layers[0].mlp, mixlora_config(), backend="torch")
+    with pytest.raises(ValueError, match=match):
+        block(torch.randn(3, block.hidden_size))
+
+
+def test_a_pinned_config_naming_no_config_field_is_refused(monkeypatch, problem):
+    monkeypatch.setenv("MIXLORA_TRITON_CONFIG", "BLOK_T=32,num_warps=4")
+    with pytest.raises(ValueError, match=r"MIXLORA_TRITON_CONFIG='BLOK_T=32,num_warps=4': BLOK_T is no config field"):
+        call(problem)
+
+
+def test_the_pinnable_names_are_the_kernels_config_fields():
+    pytest.importorskip("triton", reason="the kernels' configs are triton.Config objects")
+    from mixlora_kernels.environment import CONFIG_NAMES
+    from mixlora_kernels.tuning import configs
+
+    families = [v for v in vars(configs).values() if isinstance(v, list) and v and hasattr(v[0], "kwargs")]
+    assert len(families) == 6
+    blocks = {k for family in families for c in family for k in c.kwargs}
+    assert set(CONFIG_NAMES) == blocks | {"num_warps", "num_stages"}
+
+
+@pytest.mark.parametrize("name", [n for n in ENVIRONMENT_ERRORS if n != "MIXLORA_BACKEND"])
+def test_the_environment_errors_are_the_triton_launchers_own(monkeypatch, problem, name):
+    pytest.importorskip("triton", reason="the Triton launchers read these variables")
+    from mixlora_kernels.backends.triton import common, launch
+
+    monkeypatch.setenv(name, ENVIRONMENT_ERRORS[name][0])
+    read = {
+        "MIXLORA_EXPERT_PASS": lambda: launch.choose_organisation(16, 48, 4, 2, 2, 4),
+        "MIXLORA_EXPERT_BWD": lambda: launch.choose_backward(4, 2),
+        "MIXLORA_TRITON_CONFIG": common.pinned_config,
+    }[name]
+    with pytest.raises(ValueError) as triton_error:
+        read()
+    with pytest.raises(ValueError) as torch_error:
+        call(problem)
+    assert str(torch_error.value) == str(triton_error.value)
+
+
+def test_every_mixlora_variable_the_package_reads_is_known_to_the_check():
+    """A variable named in the package's source (a "MIXLORA_..." literal) is one that
+    environment.VARIABLES lists, so that a new one is not left unchecked."""
+    import mixlora_kernels
+
+    root = pathlib.Path(mixlora_kernels.__file__).parent
+    named = {m for file in root.rglob("*.py") for m in re.findall(r"[\"'](MIXLORA_[A-Z_]+)[\"']", file.read_text())}
+    assert named and named <= set(environment.VARIABLES), sorted(named - set(environment.VARIABLES))
+    unchecked = set(environment.VARIABLES) - set(ENVIRONMENT_ERRORS)
+    assert unchecked == {"MIXLORA_TUNING_CACHE"}, "a path or off: any value is valid"
+
+
+def test_a_dict_for_a_config_is_a_type_error_naming_the_argument():
+    mlp = tiny_model().model.layers[0].mlp
+    how = r"got dict: build one with MixLoraConfig\(\*\*d\) or MixLoraConfig\.from_dict\(d\)"
+    with pytest.raises(TypeError, match=r"FusedMixLoraFFN\.from_mlp: config must be a MixLoraConfig, " + how):
+        FusedMixLoraFFN.from_mlp(mlp, {"num_experts": 4})
+    with pytest.raises(TypeError, match=r"FusedMixLoraFFN: config must be a MixLoraConfig, " + how):
+        FusedMixLoraFFN(mlp, {"num_experts": 4})
+    with pytest.raises(TypeError, match=r"inject_mixlora: config must be a MixLoraConfig, " + how):
+        inject_mixlora(tiny_model(), {"num_experts": 4})
+    with pytest.raises(TypeError, match="config must be a MixLoraConfig, got str$"):
+        inject_mixlora(tiny_model(), "adapter_config.json")
 
 
 def test_topk_routing_invariants():

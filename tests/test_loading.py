@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
+import shutil
 
 import huggingface_hub
 import pytest
 import torch
 from hf_models import mixlora_config, randomize_adapter, tiny_model, tokens
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import mixlora_kernels.integrations.adapter as adapter_module
 from mixlora_kernels import (
@@ -230,3 +232,181 @@ def test_the_loader_is_exported_from_the_integrations_package():
     from mixlora_kernels.integrations import MixLoraModelForCausalLM as from_integrations
 
     assert from_integrations is MixLoraModelForCausalLM
+
+
+# --- where the base is, and what is checked before it loads -----------------------------
+
+
+def _no_hub(monkeypatch) -> None:
+    """Any Hub request fails the test (this machine has no network anyway: a request would
+    only be slow)."""
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fail)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", _fail)
+
+
+def _with_base(adapter: pathlib.Path, base: str | None) -> None:
+    file = adapter / CONFIG_NAME
+    file.write_text(json.dumps({**json.loads(file.read_text()), "base_model_name_or_path": base}))
+
+
+def test_a_relative_base_as_the_readme_saves_it_loads_from_any_working_directory(tmp_path, monkeypatch):
+    """The README saves the base to "tiny-llama" and the adapter to "my-adapter" in one
+    directory; the adapter names its base "tiny-llama" and loads from anywhere."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    base = tiny_model()
+    base.save_pretrained("tiny-llama")
+    model = inject_mixlora(base, mixlora_config(base_model_name_or_path="tiny-llama"), backend="torch")
+    randomize_adapter(model)
+    save_adapter(model, "my-adapter")
+    assert MixLoraConfig.from_pretrained(work / "my-adapter").base_model_name_or_path == "tiny-llama", "stored as given"
+
+    monkeypatch.chdir(elsewhere)
+    _no_hub(monkeypatch)
+    loaded, config = MixLoraModelForCausalLM.from_pretrained(work / "my-adapter", backend="torch")
+    assert config.base_model_name_or_path == "tiny-llama"
+    assert loaded.name_or_path == str(work / "tiny-llama")
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    # Relative to the working directory when the adapter's directories do not hold it.
+    monkeypatch.chdir(work)
+    (work / "adapters").mkdir()
+    (work / "my-adapter").rename(work / "adapters" / "my-adapter")
+    loaded, _ = MixLoraModelForCausalLM.from_pretrained("adapters/my-adapter", backend="torch")
+    assert loaded.name_or_path == str(work / "tiny-llama")
+
+
+@pytest.mark.parametrize(
+    "base", ["/nowhere/tiny-llama", "./tiny-llama", "../tiny-llama", "models/llamas/tiny", "~/no-such-base", "a b"]
+)
+def test_a_local_base_that_does_not_exist_is_an_error_naming_the_field_and_the_paths(tmp_path, monkeypatch, base):
+    adapter = _saved_adapter(tmp_path)
+    _with_base(adapter, base)
+    _no_download_or_build(monkeypatch)
+    _no_hub(monkeypatch)
+    with pytest.raises(FileNotFoundError, match="cannot be a Hub repository id") as err:
+        MixLoraModelForCausalLM.from_pretrained(adapter)
+    message = str(err.value)
+    assert str(adapter / CONFIG_NAME) in message and f"base_model_name_or_path={base!r}" in message
+    assert f"load_adapter(base, {str(adapter)!r})" in message and "Repo id must" not in message
+    if not base.startswith(("/", "~")):  # relative: every place it was looked for is named
+        for root in (adapter, tmp_path, pathlib.Path.cwd()):
+            assert os.path.normpath(root / base) in message
+
+
+def test_a_base_directory_without_a_config_is_refused(tmp_path, monkeypatch):
+    adapter = _saved_adapter(tmp_path)
+    (tmp_path / "base" / "config.json").unlink()
+    _no_download_or_build(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"holds no config\.json") as err:
+        MixLoraModelForCausalLM.from_pretrained(adapter)
+    assert str(tmp_path / "base") in str(err.value) and str(adapter / CONFIG_NAME) in str(err.value)
+
+
+def _cache_the_base(cache: pathlib.Path, repo: str, base_dir: pathlib.Path) -> None:
+    """The Hugging Face cache layout of a downloaded repository, holding ``base_dir``'s files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in base_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+def test_offline_a_hub_base_comes_from_the_local_cache_only(tmp_path, monkeypatch):
+    adapter = _saved_adapter(tmp_path)
+    _with_base(adapter, "someone/tiny-llama")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_hub(monkeypatch)
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1 is set") as err:
+        MixLoraModelForCausalLM.from_pretrained(adapter, cache_dir=str(cache))
+    message = str(err.value)
+    assert "base_model_name_or_path='someone/tiny-llama'" in message and str(adapter / CONFIG_NAME) in message
+    assert "local directory" in message and f"load_adapter(base, {str(adapter)!r})" in message
+
+    _cache_the_base(cache, "someone/tiny-llama", tmp_path / "base")
+    model, _ = MixLoraModelForCausalLM.from_pretrained(adapter, cache_dir=str(cache), backend="torch")
+    expected = load_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter, backend="torch")
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_an_unreachable_hub_is_one_request_then_the_cache(tmp_path, monkeypatch):
+    adapter = _saved_adapter(tmp_path)
+    _with_base(adapter, "someone/tiny-llama")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    requests = []
+
+    def unreachable(url, **kwargs):
+        requests.append(url)
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fail)
+    # Held in the cache, the base loads from there with no further request.
+    cache = tmp_path / "cache"
+    _cache_the_base(cache, "someone/tiny-llama", tmp_path / "base")
+    model, _ = MixLoraModelForCausalLM.from_pretrained(adapter, cache_dir=str(cache), backend="torch")
+    assert len(requests) == 1 and requests[0].endswith("someone/tiny-llama/resolve/main/config.json")
+    assert len(mixlora_blocks(model)) == 2
+
+    shutil.rmtree(cache)
+    requests.clear()
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _fail)
+    with pytest.raises(ConnectionError, match="the Hugging Face Hub cannot be reached") as err:
+        MixLoraModelForCausalLM.from_pretrained(adapter, cache_dir=str(cache))
+    assert len(requests) == 1
+    assert "local directory" in str(err.value) and f"load_adapter(base, {str(adapter)!r})" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(backend="cuda"), ValueError, r"backend='cuda': must be one of"),
+        (dict(dtype="flot16"), ValueError, r"dtype='flot16' is not a dtype"),
+        (dict(torch_dtype=3), ValueError, r"torch_dtype=3 is not a dtype"),
+        (dict(dtype=torch.int8), ValueError, r"dtype=torch\.int8 is not a dtype"),
+        (dict(dtype=torch.float16, torch_dtype=torch.float32), TypeError, "pass one"),
+        (dict(device_mapp="cpu"), TypeError, r"'device_mapp' \(did you mean 'device_map'\?\)"),
+        (dict(use_cach=False, bogus=1), TypeError, r"arguments 'bogus', 'use_cach' \(did you mean"),
+    ],
+    ids=["backend", "dtype-name", "dtype-int", "dtype-integer", "both-dtypes", "keyword", "keywords"],
+)
+def test_bad_arguments_are_refused_before_the_base_loads(tmp_path, monkeypatch, kwargs, error, match):
+    adapter = _saved_adapter(tmp_path)
+    _no_download_or_build(monkeypatch)
+    with pytest.raises(error, match=match) as err:
+        MixLoraModelForCausalLM.from_pretrained(adapter, **kwargs)
+    if error is TypeError and "keyword" in str(err.value):
+        assert "LlamaConfig" in str(err.value)
+
+
+def test_loading_options_and_config_attributes_reach_the_base(tmp_path):
+    """A loading option, a retired one that transformers still swallows
+    (``low_cpu_mem_usage``, popped from a list), and a config attribute all pass."""
+    adapter = _saved_adapter(tmp_path)
+    model, _ = MixLoraModelForCausalLM.from_pretrained(
+        adapter, dtype="float64", attn_implementation="eager", use_cache=False, low_cpu_mem_usage=True,
+        backend="torch",
+    )  # fmt: skip
+    assert model.dtype == torch.float64 and model.config.use_cache is False
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_base_of_a_model_type_mixlora_cannot_take_is_refused_before_its_weights(tmp_path, monkeypatch):
+    adapter = _saved_adapter(tmp_path)
+    gpt2 = tmp_path / "gpt2"
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=4).save_pretrained(gpt2)
+    _with_base(adapter, str(gpt2))
+    _no_download_or_build(monkeypatch)
+    with pytest.raises(ValueError, match="is a 'gpt2' model, which MixLoRA does not support"):
+        MixLoraModelForCausalLM.from_pretrained(adapter)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 import zipfile
 
 import torch
@@ -29,7 +30,7 @@ from ..config import CONFIG_NAME, MixLoraConfig, without_foreign_fields
 from ..modules import mixlora_blocks
 from ..routing import get_strategy
 from .state import adapter_state_dict, load_adapter_state_dict, model_adapter_targets, unwrap_model
-from .transformers import _inject, mixlora_config_of
+from .transformers import _inject, described_by_model, mixlora_config_of
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -54,6 +55,18 @@ _STRUCTURAL_FIELDS = {
     "expert_lora.lora_alpha": lambda c: c.expert_alpha,
     "target_modules": lambda c: sorted(c.target_module_names),
 }
+
+
+def path_argument(path: object, caller: str) -> str:
+    """``path`` as a string; a TypeError naming ``caller`` where it is not a path (a config
+    or a dict passed where the adapter directory goes)."""
+    if isinstance(path, (str, os.PathLike)):
+        return os.fspath(path)
+    hint = ""
+    if isinstance(path, (MixLoraConfig, dict)):
+        hint = "; to give a model a fresh adapter of a config, call inject_mixlora(model, MixLoraConfig(...))"
+    kind = type(path).__name__
+    raise TypeError(f"{caller}: path must be an adapter directory (str or os.PathLike), got {kind}{hint}")
 
 
 def read_adapter_config(path: str | os.PathLike) -> MixLoraConfig:
@@ -210,7 +223,7 @@ def load_adapter(
     missing, unexpected or mis-shaped key) names the file and the key, and leaves the
     model unchanged.
     """
-    path = os.fspath(path)
+    path = path_argument(path, "load_adapter")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not an adapter directory")
     config = read_adapter_config(path)
@@ -230,6 +243,7 @@ def _load_read_adapter(
     """``load_adapter`` for an adapter already read (``read_adapter_config`` and
     ``read_adapter_weights`` of the directory holding ``file``), so that a loader can
     check both before it builds the model."""
+    _warn_if_another_model_type(model, config, os.path.join(os.path.dirname(file), CONFIG_NAME))
     existing = mixlora_config_of(model)
     undo = None
     if existing is None:
@@ -249,6 +263,22 @@ def _load_read_adapter(
     return model
 
 
+def _warn_if_another_model_type(model: nn.Module, config: MixLoraConfig, file: str) -> None:
+    """Warn when the adapter was saved from a model of another type than ``model``: the
+    weights may fit its shapes (a llama adapter in a qwen2 model of the same widths) and
+    still mean nothing there."""
+    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    if config.base_model_type is None or not isinstance(model_type, str) or model_type == config.base_model_type:
+        return
+    warnings.warn(
+        f"{file}: the adapter was saved from a {config.base_model_type!r} model (base_model_type) but is "
+        f"loaded into a {model_type!r} model; its weights fit the shapes but were trained for the other "
+        "model type",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _base_model_name(model: nn.Module) -> str | None:
     hf_config = getattr(unwrap_model(model), "config", None)
     name = getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None)
@@ -260,8 +290,11 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def _check_directory_path(path: str) -> None:
-    """Refuse a path that cannot become the adapter directory: an existing file, or a
-    path below one (os.makedirs would fail there, after the weights were gathered)."""
+    """Refuse a path that cannot become the adapter directory: an empty one, an existing
+    file, or a path below one (os.makedirs would fail there, after the weights were
+    gathered)."""
+    if not path:
+        raise ValueError("save_adapter: the path is empty; pass the adapter directory, new or existing")
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(
             f"save_adapter: {path!r} is an existing file, not a directory; an adapter is saved as a "
@@ -283,39 +316,71 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, safe_serializatio
     of docs/design.md, "The adapter format", in the adapter's dtype; ``safe_serialization=False`` writes
     ``adapter_model.bin`` instead (a plain ``torch.save`` dict, which is the only weights
     file the ``mixlora`` package itself opens). ``base_model_name_or_path`` is taken from
-    the model's config when the adapter config lacks it. The weights file is written
-    under a temporary name and renamed, so a crash never leaves a truncated adapter; a
-    weights file of the other format already in ``path`` is removed.
+    the model's config when the adapter config lacks it, and stored as given (a relative
+    path stays relative, as PEFT stores it; ``MixLoraModelForCausalLM.from_pretrained``
+    says where it looks). ``act_fn`` is written as the activation the model uses where
+    the config leaves it blank (the ``mixlora`` package's loader never takes it from the
+    model), and ``base_model_type`` as the model's type, so that loading the adapter into
+    a model of another type warns. The weights file is written under a temporary name
+    and renamed, so a crash never leaves a truncated adapter; a weights file of the
+    other format already in ``path`` is removed. A path that cannot be the adapter
+    directory is an error naming it, raised before the weights are gathered (in a
+    distributed run, where rank 0 alone makes the directory, after).
 
     In a distributed run only rank 0 writes. A model sharded with FSDP2 has its weights
     gathered first, which is a collective: call this on every rank then.
     """
-    path = os.fspath(path)
+    path = path_argument(path, "save_adapter")
     _check_directory_path(path)
     config = mixlora_config_of(model)
     if config is None:
         raise ValueError(f"save_adapter: {type(unwrap_model(model)).__name__} holds no MixLoRA adapter")
+    config = described_by_model(config, model)
     if not config.base_model_name_or_path:
         config = dataclasses.replace(config, base_model_name_or_path=_base_model_name(model))
+    distributed = dist.is_available() and dist.is_initialized()
+    # A single process makes the directory before it gathers anything, so that a path the
+    # file system refuses (/proc, a read-only mount) fails first. In a distributed run rank
+    # 0 makes it after the gather, a collective that the other ranks would wait in forever
+    # if rank 0 raised before it.
+    if not distributed:
+        _make_directory(path)
     state = {}
     for key, value in adapter_state_dict(model).items():
         if _is_dtensor(value):
             value = value.full_tensor()
         # Slices of one stacked parameter share storage, which safetensors refuses: copy each.
         state[key] = value.to("cpu", copy=True, memory_format=torch.contiguous_format)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return
-    os.makedirs(path, exist_ok=True)
+    if distributed:
+        if dist.get_rank() != 0:
+            return
+        _make_directory(path)
     file = os.path.join(path, SAFETENSORS_NAME if safe_serialization else BIN_NAME)
     partial = file + ".partial"
-    if safe_serialization:
-        save_file(state, partial, metadata={"format": "pt"})
-    else:
-        torch.save(state, partial)
-    os.replace(partial, file)
-    # A weights file of the other format left from an earlier save would shadow this one
-    # (loading prefers safetensors) or be read in its place: remove it.
-    stale = os.path.join(path, BIN_NAME if safe_serialization else SAFETENSORS_NAME)
-    if os.path.isfile(stale):
-        os.remove(stale)
-    config.save_pretrained(path)
+    try:
+        if safe_serialization:
+            save_file(state, partial, metadata={"format": "pt"})
+        else:
+            torch.save(state, partial)
+        os.replace(partial, file)
+        # A weights file of the other format left from an earlier save would shadow this one
+        # (loading prefers safetensors) or be read in its place: remove it.
+        stale = os.path.join(path, BIN_NAME if safe_serialization else SAFETENSORS_NAME)
+        if os.path.isfile(stale):
+            os.remove(stale)
+        config.save_pretrained(path)
+    except OSError as err:
+        raise type(err)(f"save_adapter: cannot write the adapter to {path!r}: {_os_problem(err)}") from None
+
+
+def _os_problem(err: OSError) -> str:
+    """What the file system said, and about which path."""
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{err.strerror or err}{where}"
+
+
+def _make_directory(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise type(err)(f"save_adapter: cannot create the adapter directory {path!r}: {_os_problem(err)}") from None

@@ -9,6 +9,7 @@ hands every MixLoRA block the matching row mask, so padding stays out of the rou
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters.lora import LoraLinear
-from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig
+from ..config import DEFAULT_TARGET_MODULES, MLP_PROJECTIONS, MixLoraConfig, check_config
 from ..modules import FusedMixLoraFFN, mixlora_blocks
 from ..projections import keep_4bit_weights_unpacked
 from .state import decoder_of, unwrap_model
@@ -131,8 +132,7 @@ def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.dtype | None) -> Callable[[], None]:
     """Inject MixLoRA and return a function that puts the model back as it was."""
-    if not isinstance(config, MixLoraConfig):
-        raise TypeError(f"inject_mixlora: config must be a MixLoraConfig, got {type(config).__name__}")
+    check_config(config, "inject_mixlora")
     model_type = _model_type(model)
     decoder = decoder_of(model)
     if mixlora_blocks(model):
@@ -183,7 +183,7 @@ def _inject(model: nn.Module, config: MixLoraConfig, backend: str, dtype: torch.
     except BaseException:
         undo()
         raise
-    model.mixlora_config = config
+    model.mixlora_config = described_by_model(config, model)
 
     def undo_with_hook() -> None:
         hook.remove()
@@ -204,8 +204,9 @@ def inject_mixlora(
     model lacks are skipped with a warning, as the ``mixlora`` package skips them. Only the
     adapter parameters require grad afterwards (embeddings, lm_head and the base weights
     are frozen). Adapter weights are created in ``dtype`` (default: each base
-    layer's own). The config is kept as ``model.mixlora_config``, its target_modules
-    filled in.
+    layer's own). The config is kept as ``model.mixlora_config``, its target_modules,
+    act_fn (the activation the MLPs use, when left blank) and base_model_type (the
+    model's type) filled in, as ``save_adapter`` writes them.
 
     Supported model types: llama, mistral, qwen2, gemma, gemma2, phi, phi3; any other
     raises ValueError naming it.
@@ -218,6 +219,22 @@ def inject_mixlora(
     _inject(model, config, backend, dtype)
     config.warn_if_base_changes("inject_mixlora")
     return model
+
+
+def described_by_model(config: MixLoraConfig, model: nn.Module) -> MixLoraConfig:
+    """``config`` with what it leaves to the model filled in from ``model``, which holds its
+    MixLoRA blocks: ``act_fn`` the activation the blocks use where the config leaves it
+    blank, and ``base_model_type`` the model's type. The mixlora package's loader never
+    takes the activation from the model, so a file that leaves it blank fails there."""
+    activations = {block.activation for block in mixlora_blocks(model)}
+    act_fn = config.act_fn
+    if act_fn is None and len(activations) == 1:
+        (act_fn,) = activations
+    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", None)
+    model_type = model_type if isinstance(model_type, str) else config.base_model_type
+    if (act_fn, model_type) == (config.act_fn, config.base_model_type):
+        return config
+    return dataclasses.replace(config, act_fn=act_fn, base_model_type=model_type)
 
 
 def mixlora_config_of(model: nn.Module) -> MixLoraConfig | None:

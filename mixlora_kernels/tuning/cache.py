@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import triton
 
-CACHE_ENV = "MIXLORA_TUNING_CACHE"
+from ..environment import CACHE_ENV
+
 # Values of CACHE_ENV that turn the disk cache off (choices are still kept in memory).
 _DISABLED = ("", "0", "off")
 

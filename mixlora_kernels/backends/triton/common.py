@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...environment import PIN_ENV as PIN_ENV
+from ...environment import pinned_config
 from ...tuning.cache import TuningCache, default_cache
-
-PIN_ENV = "MIXLORA_TRITON_CONFIG"
 
 # Autotune key of the token-major kernels, forward and backward: the model dims and every
 # flag that changes the compiled kernel, never the raw token count (bucketed).
@@ -94,20 +94,6 @@ def token_ranges(T: int, column_tiles: int, device: torch.device) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands keep full precision (tl.dot would use tf32); half types ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def pinned_config() -> dict | None:
-    """The config pinned by MIXLORA_TRITON_CONFIG, e.g. "BLOCK_T=32,BLOCK_F=64,num_warps=8"."""
-    spec = os.environ.get(PIN_ENV, "").strip()
-    if not spec:
-        return None
-    out = {}
-    for item in spec.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"{PIN_ENV}={spec!r}: expected comma-separated NAME=INT items")
-        out[key.strip()] = int(value)
-    return out
 
 
 # A config forced on every launch of a block of code (``forced_config``), and the launches

@@ -16,7 +16,6 @@ between the organisations of the forward and of the backward.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -25,6 +24,7 @@ import triton
 
 from ...activations import ACT_CODES
 from ...containers import PassConfig
+from ...environment import BACKWARD_ENV, ORGANISATION_ENV, forced_organisation_name
 from ...routing.router import expert_one_hot
 from ...tuning.configs import BACKWARD_PERM_M, EXPERT_SORTED, EXPERT_SORTED_BWD, EXPERT_SORTED_WGRAD
 from .common import (
@@ -43,10 +43,6 @@ from .expert_pass_es_bwd import es_bwd_args, expert_pass_es_bwd, expert_pass_es_
 from .expert_pass_tm import expert_pass_tm_fwd, slot_order
 from .permute import permute_fwd
 
-ORGANISATIONS = ("token_major", "expert_sorted")
-ORGANISATION_ENV = "MIXLORA_EXPERT_PASS"
-# Forces the backward's organisation (the default is expert-sorted; see choose_backward).
-BACKWARD_ENV = "MIXLORA_EXPERT_BWD"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Past this E_PAD * R_PAD the token-major pass holds too wide a masked tile in registers;
 # the cost model never picks it there, and a forced choice falls back to expert-sorted.
@@ -97,11 +93,9 @@ def pass_costs(T: int, F: int, E: int, R: int, K: int, elem: int) -> dict[str, f
 def forced_organisation(E: int, R: int) -> str | None:
     """The organisation MIXLORA_EXPERT_PASS forces (token-major only where its tiles fit),
     or None."""
-    forced = os.environ.get(ORGANISATION_ENV, "").strip()
+    forced = forced_organisation_name(ORGANISATION_ENV)
     if not forced:
         return None
-    if forced not in ORGANISATIONS:
-        raise ValueError(f"{ORGANISATION_ENV}={forced!r}: must be one of {ORGANISATIONS}")
     return forced if forced == "expert_sorted" or token_major_fits(E, R) else "expert_sorted"
 
 
@@ -271,9 +265,7 @@ def choose_backward(E: int, R: int) -> str:
     """The backward's organisation: expert-sorted (every layer width and routing
     strategy), unless MIXLORA_EXPERT_BWD forces the token-major one, which runs only
     where its masked (tokens, E*R) tiles fit and otherwise falls back to expert-sorted."""
-    forced = os.environ.get(BACKWARD_ENV, "").strip()
-    if forced and forced not in ORGANISATIONS:
-        raise ValueError(f"{BACKWARD_ENV}={forced!r}: must be one of {ORGANISATIONS}")
+    forced = forced_organisation_name(BACKWARD_ENV)
     return "token_major" if forced == "token_major" and token_major_fits(E, R) else "expert_sorted"
 
 
