@@ -12,7 +12,8 @@ import pytest
 import torch
 import triton
 
-from mixlora_kernels.backends.triton.common import PIN_ENV, launch
+from mixlora_kernels.backends.triton.common import launch
+from mixlora_kernels.environment import PIN_ENV
 from mixlora_kernels.tuning.cache import (
     CACHE_ENV,
     TuningCache,

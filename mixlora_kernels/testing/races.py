@@ -56,7 +56,6 @@ class Launch:
     programs: dict = dataclasses.field(default_factory=dict)
     order: np.ndarray | None = None
     current: _Program | None = None
-    current_id: tuple[int, int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -145,8 +144,10 @@ def _element(t, addr: int) -> str:
 
 
 def _check(launch: Launch, allow: frozenset[str]) -> None:
-    spans = _Spans(launch.tensors)
     ids = list(launch.programs)
+    if not ids:
+        return
+    spans = _Spans(launch.tensors)
     loads = [_bytes(launch.programs[p].loads) for p in ids]
     stores = [_bytes(launch.programs[p].stores) for p in ids]
     name = launch.kernel
@@ -158,8 +159,8 @@ def _check(launch: Launch, allow: frozenset[str]) -> None:
         outside = touched[~spans.inside(touched)]
         if outside.size:
             raise RaceError(f"{name}: program {p} accesses {spans.describe(int(outside[0]))}")
-    owner = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, s in enumerate(stores)] or [np.empty(0, int)])
-    written = np.concatenate(stores) if stores else np.empty(0, dtype=np.int64)
+    owner = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, s in enumerate(stores)])
+    written = np.concatenate(stores)
     order = np.argsort(written, kind="stable")
     written, owner = written[order], owner[order]
     twice = np.flatnonzero(written[1:] == written[:-1])
@@ -228,7 +229,6 @@ def race_checked(
         picked = int(launch.order[(x * gy + y) * gz + z])
         pid = (picked // (gy * gz), (picked // gz) % gy, picked % gz)
         launch.current = launch.programs.setdefault(pid, _Program())
-        launch.current_id = pid
         return originals["set_grid_idx"](*pid)
 
     def masked_load(ptrs, mask, other, cache_policy, is_volatile):

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...environment import PIN_ENV as PIN_ENV
 from ...environment import pinned_config
 from ...tuning.cache import TuningCache, default_cache
 
